@@ -1,0 +1,5 @@
+"""Allow `python -m selfinstruct`."""
+
+from selfinstruct.cli import main
+
+main()

@@ -1,0 +1,152 @@
+"""The run directory: append-only JSONL files plus an atomically rewritten manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, TextIO
+
+from selfinstruct.errors import InputError, OutputError
+
+RECORDS = "records.jsonl"
+REJECTED = "rejected.jsonl"
+LEDGER = "requests.jsonl"
+MANIFEST = "manifest.json"
+
+
+def dump_line(obj: Any) -> str:
+    """One JSON line, UTF-8 text kept readable."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Read a JSONL file; a torn last line (from kill -9) is dropped, and cut off when `repair`."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    rows: list[dict] = []
+    good_end = 0
+    pos = 0
+    line_no = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        end = len(data) if nl < 0 else nl + 1
+        line_no += 1
+        raw = data[pos:end]
+        last = end >= len(data)
+        if raw.strip():
+            try:
+                obj = json.loads(raw)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                if last:
+                    break  # torn write of the final line: the process died mid-append
+                raise InputError(
+                    f"{path}:{line_no}: not a JSON object ({exc})",
+                    "the run directory was edited by hand; fix or delete that line",
+                ) from None
+            if last and nl < 0:
+                break  # complete JSON but no newline: the write was cut, treat as torn
+            rows.append(obj)
+        good_end = end
+        pos = end
+    if repair and good_end < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+    return rows
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file and rename it over `path`, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, ensure_ascii=False, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    """Owns the files of one run; every append is flushed before it returns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._handles: dict[str, TextIO] = {}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists() or (self.path / LEDGER).exists()
+
+    def prepare(self) -> None:
+        """Create the directory and prove it is writable before any money is spent."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-probe"
+            probe.write_text("ok", encoding="utf-8")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: cannot write the run directory ({exc.strerror or exc})",
+                "choose another --out or fix the directory's permissions",
+            ) from None
+
+    def load(self, name: str) -> list[dict]:
+        """Read one of the run's JSONL files, cutting off a torn last line."""
+        return read_jsonl(self.path / name, repair=True)
+
+    def load_manifest(self) -> dict | None:
+        if not self.manifest_path.exists():
+            return None
+        try:
+            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InputError(
+                f"{self.manifest_path}: not valid JSON ({exc})",
+                "the manifest is rebuilt from the JSONL files; delete it and re-run",
+            ) from None
+
+    def append(self, name: str, rows: Iterable[dict]) -> None:
+        """Append rows to a JSONL file and flush them to the OS (survives kill -9)."""
+        fh = self._handles.get(name)
+        try:
+            if fh is None:
+                fh = open(self.path / name, "a", encoding="utf-8")
+                self._handles[name] = fh
+            for row in rows:
+                fh.write(dump_line(row))
+            fh.flush()
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path / name}: cannot append ({exc.strerror or exc})",
+                "free disk space or fix permissions, then re-run the same command to resume",
+            ) from None
+
+    def write_manifest(self, manifest: dict) -> None:
+        try:
+            write_json_atomic(self.manifest_path, manifest)
+        except OSError as exc:
+            raise OutputError(
+                f"{self.manifest_path}: cannot write ({exc.strerror or exc})",
+                "free disk space or fix permissions, then re-run the same command to resume",
+            ) from None
+
+    def close(self) -> None:
+        for fh in self._handles.values():
+            try:
+                fh.flush()
+                os.fsync(fh.fileno())
+            except OSError:
+                pass
+            fh.close()
+        self._handles.clear()
