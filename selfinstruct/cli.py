@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import os
+import re
+import shlex
+import signal
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from selfinstruct import __version__
-from selfinstruct.errors import UserError
+from selfinstruct.errors import ConfigError, RunStopped, UserError
 
 app = typer.Typer(
     name="selfinstruct",
@@ -36,6 +43,14 @@ def root(
     """selfinstruct: seeds → teacher → parsed, filtered, deduplicated records."""
     global _debug
     _debug = debug
+
+
+_SECRET_LIKE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+
+
+def command_line() -> str:
+    """The command as typed, with anything that looks like a key masked."""
+    return _SECRET_LIKE.sub("***", "selfinstruct " + shlex.join(sys.argv[1:]))
 
 
 def fail(exc: UserError) -> None:
@@ -70,3 +85,177 @@ def main() -> None:
             raise
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (hint: re-run with --debug and report it)", err=True)
         sys.exit(1)
+
+
+def _default_out(seeds: Path, model: str) -> Path:
+    """outputs/<seed file>-<model>: the same command resumes into the same directory."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
+    return Path("outputs") / f"{seeds.stem}-{slug}"
+
+
+def _infer_lang(seeds) -> str:
+    """zh, zh-Hant or en from the seed instructions (and a Hant/TW hint in the file name)."""
+    from selfinstruct.rules import script_of
+
+    scripts = [script_of(t.instruction) for t in seeds.tasks]
+    if scripts.count("zh") * 2 >= len(scripts):
+        stem = seeds.path.stem.lower()
+        return "zh-Hant" if ("hant" in stem or "tw" in stem.split("_") or stem.endswith("-tw")) else "zh"
+    return "en"
+
+
+def _print_summary(gen, console) -> None:
+    from rich.table import Table
+
+    t = gen.tally
+    table = Table(title=f"selfinstruct generate: {gen.status}", show_header=False)
+    table.add_row("run directory", str(gen.run.path))
+    table.add_row("kept", f"{t.kept:,} / {gen.cfg.n:,}")
+    for reason, count in t.rejected.most_common():
+        table.add_row(f"rejected: {reason}", f"{count:,}")
+    table.add_row("requests", f"{t.requests:,} ({t.failed_requests:,} failed)")
+    estimated = " (some estimated)" if t.estimated_requests else ""
+    table.add_row("tokens", f"{t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion{estimated}")
+    table.add_row("cost", f"${gen.usd:.4f}" if gen.price else "unknown (no price for this model; pass --price-in/--price-out)")
+    console.print(table)
+
+
+@app.command()
+def generate(
+    seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed file: Self-Instruct/BELLE JSONL or Alpaca JSON/JSONL."),
+    n: Optional[int] = typer.Option(None, "--n", help="Records to keep (default 1000)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default outputs/<seeds>-<model>)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en (default: from the seeds)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default gpt-4o-mini)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    template: Optional[str] = typer.Option(None, "--template", help="Jinja template path (default prompts/generate_<lang>.jinja)."),
+    json_mode: Optional[bool] = typer.Option(None, "--json-mode/--no-json-mode", help="Ask for JSON replies (response_format)."),
+    num_examples: Optional[int] = typer.Option(None, "--num-examples", help="Seed tasks shown per request (default 3)."),
+    per_request: Optional[int] = typer.Option(None, "--per-request", help="New tasks asked per request (default 10)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 42)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request (default 120)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Reply token limit (default 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 at or above which an instruction is a near-duplicate (default 0.7)."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
+    max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Hard cap on requests (default 10x what --n needs)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a filter rule off (repeatable)."),
+    seeds_license: Optional[str] = typer.Option(None, "--seeds-license", help="Licence of the seed text, for the dataset card."),
+    evol_rounds: Optional[int] = typer.Option(None, "--evol-rounds", help="Evol-Instruct rounds after generation (default 0)."),
+    push_to: Optional[str] = typer.Option(None, "--push-to", help="Push to this Hub dataset repo when the run completes."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print projected requests, tokens and cost, call nothing."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
+) -> None:
+    """Generate instruction data from seed tasks with a teacher model. Re-run the same command to resume."""
+    flags = {k: v for k, v in locals().items() if k != "config"}
+    from rich.console import Console
+
+    from selfinstruct.config import resolve
+    from selfinstruct.generate import Generation, check_resumable, project
+    from selfinstruct.pricing import endpoint_kind, resolve_price
+    from selfinstruct.progress import ProgressView
+    from selfinstruct.prompts import generation_template_name, load_template
+    from selfinstruct.rundir import RunDir
+    from selfinstruct.seeds import read_seeds
+    from selfinstruct.teacher import Teacher, TeacherSettings
+
+    cfg = resolve(flags, config)
+    console = Console(stderr=True)
+    seed_set = read_seeds(cfg.seeds, cfg.seeds_license)
+    cfg = dataclasses.replace(cfg, lang=cfg.lang or _infer_lang(seed_set), out=cfg.out or _default_out(cfg.seeds, cfg.model))
+    tpl = load_template(cfg.template or generation_template_name(cfg.lang))
+    kind = endpoint_kind(cfg.base_url)
+    price = resolve_price(cfg.model, kind, cfg.price_in, cfg.price_out)
+    if price is None:
+        if cfg.max_cost is not None:
+            raise ConfigError(
+                f"--max-cost needs a price, and {cfg.model!r} is not in the price table",
+                "pass --price-in and --price-out (USD per 1M tokens)",
+            )
+        console.print(f"[yellow]warning:[/] no price known for {cfg.model!r}; cost will be reported as unknown (pass --price-in/--price-out)")
+    if cfg.dry_run:
+        projection = project(cfg, seed_set, tpl, price)
+        usd = f"${projection['usd']:.2f}" if projection["usd"] is not None else "unknown (no price)"
+        typer.echo(
+            f"dry run: {cfg.n:,} records ≈ {projection['requests']:,} requests "
+            f"(assuming {projection['assumed_yield']:.0%} of {cfg.per_request} tasks per request are kept), "
+            f"≈ {projection['prompt_tokens']:,} prompt + {projection['completion_tokens']:,} completion tokens, ≈ {usd}"
+        )
+        return
+    api_key = os.environ.get(cfg.api_key_env)
+    if not api_key and kind != "local":
+        raise ConfigError(
+            f"no API key: ${cfg.api_key_env} is not set for {cfg.base_url or 'the OpenAI API'}",
+            f"export {cfg.api_key_env}=..., or pass --api-key-env NAME, or --base-url for a local server",
+        )
+    run = RunDir(cfg.out)
+    run.prepare()
+    check_resumable(run, cfg, seed_set, tpl)
+    gen = Generation(cfg, seed_set, tpl, run, price, command_line())
+    replayed = gen.load()
+    if gen.tally.requests and not cfg.quiet:
+        console.print(f"resuming {run.path}: {gen.tally.kept:,} kept from {gen.tally.requests:,} requests" + (f", {replayed} records recovered from the ledger" if replayed else ""))
+    settings = TeacherSettings(
+        model=cfg.model, base_url=cfg.base_url, timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency,
+        rpm=cfg.rpm, tpm=cfg.tpm, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+    )
+    exit_code = 0
+    with ProgressView(cfg.n, quiet=cfg.quiet, console=console) as view:
+        gen.on_progress = lambda g: view.update(g, g.tally.kept)
+        try:
+            exit_code = asyncio.run(_drive(gen, settings, api_key))
+        except RunStopped as stop:
+            view.__exit__(None, None, None)
+            console.print(f"[yellow]stopped:[/] {stop.message}")
+            exit_code = stop.exit_code
+        finally:
+            run.close()
+    if not cfg.quiet or exit_code:
+        _print_summary(gen, console)
+    if exit_code in (130, 143):
+        console.print(f"interrupted; everything finished is saved. Resume with: {gen.command}")
+    if exit_code:
+        raise typer.Exit(exit_code)
+
+
+async def _drive(gen, settings, api_key) -> int:
+    """Run the generation with signal handling: first SIGINT/SIGTERM stops gracefully, a second one hard."""
+    from selfinstruct.teacher import Teacher
+
+    loop = asyncio.get_running_loop()
+    teacher = Teacher(settings, api_key)
+    received: list[int] = []
+    main_task = asyncio.current_task()
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            gen.request_stop("interrupted" if signum == signal.SIGINT else "terminated")
+        elif main_task is not None:
+            main_task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signum, on_signal, signum)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
+            pass
+    try:
+        await gen.run_async(teacher)
+    except RunStopped:
+        if received:
+            return 128 + received[0]
+        raise
+    except asyncio.CancelledError:
+        return 128 + received[0] if received else 130
+    finally:
+        await teacher.aclose()
+    return 128 + received[0] if received else 0

@@ -1,0 +1,194 @@
+"""Run configuration: resolved once at the CLI edge (defaults < file < env < flags), then frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from selfinstruct.errors import ConfigError, InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "SELFINSTRUCT_"
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Everything a generate run depends on. The API key is not here: only the variable's name."""
+
+    seeds: Path = Path("seeds/zh.jsonl")
+    n: int = 1000
+    out: Path | None = None
+    lang: str | None = None  # zh, zh-Hant, en; None: inferred from the seeds
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    template: str | None = None
+    json_mode: bool = False
+    num_examples: int = 3
+    per_request: int = 10
+    seed: int = 42
+    concurrency: int = 16
+    rpm: int | None = None
+    tpm: int | None = None
+    timeout: float = 120.0
+    retries: int = 6
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    max_tokens: int | None = 3072
+    similarity: float = 0.7
+    max_cost: float | None = None
+    price_in: float | None = None
+    price_out: float | None = None
+    max_requests: int | None = None
+    min_yield: float = 0.1
+    yield_window: int = 50
+    no_rule: tuple[str, ...] = ()
+    seeds_license: str | None = None
+    evol_rounds: int = 0
+    evol_ops: tuple[str, ...] = ()
+    push_to: str | None = None
+    quiet: bool = False
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the manifest (paths as strings, tuples as lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """The concrete type of a field annotation and whether None is allowed."""
+    hint = typing.get_type_hints(GenerateConfig)[annotation] if isinstance(annotation, str) else annotation
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    if typing.get_origin(hint) is tuple:
+        return tuple, False
+    return hint, False
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Convert a config-file or environment value to the field's type, or fail naming where it came from."""
+    kind, nullable = _base_type(name)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null") and nullable):
+        if nullable:
+            return None
+        raise ConfigError(f"{where}: `{name}` cannot be empty", "give it a value or remove it")
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind is tuple:
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(str(v) for v in value)
+        if kind is int and isinstance(value, float):
+            raise ValueError(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{where}: `{name}` must be {kind.__name__}, got {value!r}", "fix the value's type"
+        ) from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Keys from a TOML config file (top level or a [generate] table); unknown keys are errors."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such config file", "pass --config with an existing TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: invalid TOML ({exc})", "fix the TOML syntax") from None
+    if isinstance(data.get("generate"), dict):
+        data = {**{k: v for k, v in data.items() if k != "generate"}, **data["generate"]}
+    values = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(
+                f"{path}: unknown key `{key}`",
+                f"known keys: {', '.join(sorted(_FIELDS))}",
+            )
+        values[name] = _coerce(name, value, str(path))
+    return values
+
+
+def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Values from SELFINSTRUCT_<FIELD> environment variables."""
+    values = {}
+    for name in _FIELDS:
+        key = ENV_PREFIX + name.upper()
+        if key in environ:
+            values[name] = _coerce(name, environ[key], key)
+    return values
+
+
+def resolve(
+    flags: Mapping[str, Any], config_file: Path | None = None, environ: Mapping[str, str] | None = None
+) -> GenerateConfig:
+    """Merge defaults < config file < environment < flags (flags given as None are unset)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(read_config_file(config_file))
+    values.update(read_env(os.environ if environ is None else environ))
+    for name, value in flags.items():
+        if value is not None:
+            values[name] = tuple(value) if isinstance(value, list) else value
+    for name in ("seeds", "out"):
+        if isinstance(values.get(name), str):
+            values[name] = Path(values[name])
+    cfg = GenerateConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: GenerateConfig) -> None:
+    """Reject values no run can use, naming the flag."""
+    checks = [
+        (cfg.n >= 1, "--n must be at least 1", "ask for the number of records you want, e.g. --n 1000"),
+        (cfg.per_request >= 1, "--per-request must be at least 1", "the default is 10"),
+        (cfg.num_examples >= 0, "--num-examples cannot be negative", "the default is 3"),
+        (cfg.concurrency >= 1, "--concurrency must be at least 1", "try 16"),
+        (0.0 < cfg.similarity <= 1.0, "--similarity must be in (0, 1]", "0.7 is the Self-Instruct threshold"),
+        (cfg.timeout > 0, "--timeout must be positive", "seconds per request, e.g. 120"),
+        (cfg.retries >= 0, "--retries cannot be negative", "the default is 6"),
+        (cfg.rpm is None or cfg.rpm >= 1, "--rpm must be at least 1", "leave it out for no limit"),
+        (cfg.tpm is None or cfg.tpm >= 1, "--tpm must be at least 1", "leave it out for no limit"),
+        (cfg.max_cost is None or cfg.max_cost > 0, "--max-cost must be positive", "a budget in USD, e.g. 5"),
+        (cfg.lang in (None, "zh", "zh-Hant", "en"), f"--lang {cfg.lang!r} is not supported", "use zh, zh-Hant or en"),
+        (cfg.evol_rounds >= 0, "--evol-rounds cannot be negative", "0 switches evolution off"),
+        (0.0 <= cfg.min_yield < 1.0, "--min-yield must be in [0, 1)", "the default is 0.1"),
+    ]
+    for ok, message, hint in checks:
+        if not ok:
+            raise ConfigError(message, hint)

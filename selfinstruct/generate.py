@@ -1,0 +1,501 @@
+"""The generate run: seeds → prompts → teacher → parse → rules → dedup → run directory."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from selfinstruct import __version__
+from selfinstruct.config import GenerateConfig
+from selfinstruct.errors import OutputError, RunStopped
+from selfinstruct.parsing import ParsedItem, parse_reply
+from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens
+from selfinstruct.prompts import Template
+from selfinstruct.rules import RuleSettings, check
+from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
+from selfinstruct.seeds import SeedSet, SeedTask
+from selfinstruct.similarity import DedupIndex
+from selfinstruct.teacher import Completion, RequestFailed, Teacher
+
+# Until a few requests are back, assume half the asked-for tasks survive the filters.
+PRIOR_YIELD = 0.5
+# Stop when this many requests in a row failed after retries: the teacher is down.
+MAX_CONSECUTIVE_FAILURES = 20
+
+
+def request_rng(seed: int, request_no: int) -> random.Random:
+    """The rng of one request, derived from the run seed so sampling survives resume and reordering."""
+    return random.Random(f"{seed}:{request_no}")
+
+
+def sample_examples(seeds: SeedSet, k: int, rng: random.Random) -> list[SeedTask]:
+    """k distinct seed tasks for one prompt."""
+    return rng.sample(list(seeds.tasks), min(k, len(seeds.tasks)))
+
+
+def render_prompt(template: Template, examples: list[SeedTask], cfg: GenerateConfig, rng: random.Random) -> list[dict[str, str]]:
+    """Chat messages asking for cfg.per_request new tasks, showing one instance of each example."""
+    shown = []
+    for task in examples:
+        inst = rng.choice(task.instances)
+        shown.append({"instruction": task.instruction, "input": inst.input, "output": inst.output})
+    return template.render(examples=shown, num_tasks=cfg.per_request, start_index=1, json_mode=cfg.json_mode)
+
+
+def apply_rules(item: ParsedItem, settings: RuleSettings) -> tuple[str, str] | None:
+    """The rejection (reason, detail) for a parsed item, or None when it passes."""
+    if item.problem:
+        return item.problem, item.detail
+    return check(item.instruction, item.input, item.output, settings)
+
+
+@dataclass
+class Tally:
+    """Running counts for the manifest and the progress line."""
+
+    kept: int = 0
+    rejected: collections.Counter = field(default_factory=collections.Counter)
+    requests: int = 0
+    failed_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated_requests: int = 0
+    items: int = 0
+
+    def add_usage(self, entry: dict) -> None:
+        for key in ("usage", "wasted"):
+            usage = entry.get(key) or {}
+            self.prompt_tokens += int(usage.get("prompt_tokens", 0))
+            self.completion_tokens += int(usage.get("completion_tokens", 0))
+        if (entry.get("usage") or {}).get("estimated"):
+            self.estimated_requests += 1
+
+
+class Generation:
+    """One generate run over a run directory; owns the counters, the dedup index and the files."""
+
+    def __init__(
+        self,
+        cfg: GenerateConfig,
+        seeds: SeedSet,
+        template: Template,
+        run: RunDir,
+        price: Price | None,
+        command: str,
+        on_progress: Callable[["Generation"], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.seeds = seeds
+        self.template = template
+        self.run = run
+        self.price = price
+        self.command = command
+        self.on_progress = on_progress
+        self.lang = cfg.lang or "zh"
+        self.rules = RuleSettings(lang=self.lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
+        self.index = DedupIndex(cfg.similarity)
+        self.tally = Tally()
+        self.next_request = 1
+        self.status = "running"
+        self.stop_reason: str | None = None
+        self.started = time.monotonic()
+        self.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        self.recent: collections.deque[int] = collections.deque(maxlen=cfg.yield_window)
+        self.consecutive_failures = 0
+        self.sample_reply = ""
+        self._inflight_worst_usd = 0.0
+        self._stop_requested: str | None = None
+        self._last_manifest = 0.0
+
+    # ---- resume -------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Reload an earlier attempt: index seeds and kept records, finish half-processed replies."""
+        for task in self.seeds.tasks:
+            self.index.add(f"seed:{task.id}", task.instruction)
+        previous = self.run.load_manifest()
+        if previous:
+            self.created = previous.get("created", self.created)
+        ledger = self.run.load(LEDGER)
+        kept = self.run.load(RECORDS)
+        rejected = self.run.load(REJECTED)
+        done = set()
+        for rec in kept:
+            self.index.add(rec["id"], rec["instruction"])
+            done.add(rec["id"])
+        self.tally.kept = len(kept)
+        for rec in rejected:
+            self.tally.rejected[rec.get("reason", "unknown")] += 1
+            done.add(rec["id"])
+        self.tally.items = len(done)
+        replayed = 0
+        for entry in ledger:
+            self.next_request = max(self.next_request, int(entry["request_no"]) + 1)
+            self.tally.requests += 1
+            self.tally.add_usage(entry)
+            if entry.get("status") != "ok":
+                self.tally.failed_requests += 1
+                rid = entry["request_id"]
+                if f"{rid}.0" not in done:
+                    self._write([], [self._failed_record(entry)])
+                continue
+            # A reply logged before a kill but not fully written: finish it from the ledger.
+            replayed += self._process(entry, skip=done)
+        return replayed
+
+    # ---- one reply ----------------------------------------------------------------------
+
+    def _failed_record(self, entry: dict) -> dict:
+        """A failed request, kept in rejected.jsonl so nothing it cost goes unseen."""
+        return {
+            "id": f"{entry['request_id']}.0",
+            "instruction": "",
+            "input": "",
+            "output": "",
+            "reason": "request-failed",
+            "detail": entry.get("error", ""),
+            "meta": self._meta(entry, None, 1),
+        }
+
+    def _meta(self, entry: dict, item: ParsedItem | None, share: int) -> dict:
+        usage = entry.get("usage") or {}
+        return {
+            "seed_ids": entry.get("seed_ids", []),
+            "template": self.template.name,
+            "template_sha256": self.template.sha256,
+            "model": self.cfg.model,
+            "request_id": entry["request_id"],
+            "response_id": entry.get("response_id"),
+            "finish_reason": entry.get("finish_reason"),
+            "usage": {
+                "prompt_tokens": round(usage.get("prompt_tokens", 0) / share, 3),
+                "completion_tokens": round(usage.get("completion_tokens", 0) / share, 3),
+                "estimated": bool(usage.get("estimated", False)),
+            },
+            "round": 0,
+            "stage": "generate",
+            "raw": item.raw if item else "",
+        }
+
+    def _process(self, entry: dict, skip: set[str] | frozenset = frozenset()) -> int:
+        """Parse, filter and deduplicate one logged reply; append what is new. Returns items written."""
+        items = parse_reply(entry.get("content", ""), entry.get("finish_reason"), self.cfg.json_mode)
+        share = max(1, len(items))
+        kept, rejected = [], []
+        for item in items:
+            rid = f"{entry['request_id']}.{item.index}"
+            if rid in skip:
+                continue
+            record = {
+                "id": rid,
+                "instruction": item.instruction,
+                "input": item.input,
+                "output": item.output,
+                "meta": self._meta(entry, item, share),
+            }
+            verdict = apply_rules(item, self.rules)
+            if verdict is None and self.tally.kept + len(kept) >= self.cfg.n:
+                verdict = ("surplus", f"--n {self.cfg.n} already reached")
+            if verdict is None and "near-duplicate" not in self.cfg.no_rule:
+                match = self.index.add_if_novel(rid, item.instruction)
+                if match is not None:
+                    verdict = ("near-duplicate", f"ROUGE-L {match.score:.3f} with {match.key}")
+                    record["duplicate_of"] = match.key
+                    record["duplicate_text"] = match.text
+                    record["score"] = round(match.score, 4)
+            elif verdict is None:
+                self.index.add(rid, item.instruction)
+            if verdict is None:
+                kept.append(record)
+            else:
+                record["reason"], record["detail"] = verdict
+                rejected.append(record)
+        self._write(kept, rejected)
+        return len(kept) + len(rejected)
+
+    def _write(self, kept: list[dict], rejected: list[dict]) -> None:
+        if kept:
+            self.run.append(RECORDS, kept)
+        if rejected:
+            self.run.append(REJECTED, rejected)
+        self.tally.kept += len(kept)
+        self.tally.items += len(kept) + len(rejected)
+        for rec in rejected:
+            self.tally.rejected[rec["reason"]] += 1
+
+    def handle(self, request_no: int, seed_ids: list[str], result: Completion | RequestFailed) -> None:
+        """Log a finished request to the ledger first (the source of truth), then its records."""
+        rid = f"r{request_no:06d}"
+        entry: dict = {"request_id": rid, "request_no": request_no, "seed_ids": seed_ids, "stage": "generate"}
+        if isinstance(result, RequestFailed):
+            entry.update(
+                status="failed",
+                error=result.message,
+                error_kind=result.kind,
+                http_status=result.status,
+                attempts=result.attempts,
+                usage={"prompt_tokens": 0, "completion_tokens": 0, "estimated": False},
+                wasted=vars(result.wasted),
+            )
+        else:
+            entry.update(
+                status="ok",
+                response_id=result.response_id,
+                finish_reason=result.finish_reason,
+                usage=vars(result.usage),
+                wasted=vars(result.wasted),
+                attempts=result.attempts,
+                latency=round(result.latency, 3),
+                content=result.content,
+            )
+        self.run.append(LEDGER, [entry])
+        self.tally.requests += 1
+        self.tally.add_usage(entry)
+        kept_before = self.tally.kept
+        if isinstance(result, RequestFailed):
+            self.tally.failed_requests += 1
+            self.consecutive_failures += 1
+            self._write([], [self._failed_record(entry)])
+        else:
+            self.consecutive_failures = 0
+            self._process(entry)
+            if self.tally.kept == kept_before:
+                self.sample_reply = result.content
+        self.recent.append(self.tally.kept - kept_before)
+
+    # ---- money --------------------------------------------------------------------------
+
+    @property
+    def usd(self) -> float:
+        return self.price.usd(self.tally.prompt_tokens, self.tally.completion_tokens) if self.price else 0.0
+
+    def worst_case_usd(self, messages: list[dict[str, str]]) -> float:
+        """The most one request can cost: its prompt plus a full max_tokens reply, on every retry's last try."""
+        if not self.price:
+            return 0.0
+        completion = self.cfg.max_tokens or 4096
+        # Estimates can undershoot real tokenisers on CJK text; pad the prompt by half.
+        return self.price.usd(estimate_prompt_tokens(messages) * 1.5, completion)
+
+    # ---- stopping -----------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the run to stop dispatching (signal handlers call this)."""
+        self._stop_requested = reason
+
+    def yield_estimate(self) -> float:
+        ok = self.tally.requests - self.tally.failed_requests
+        if ok < 5:
+            return self.cfg.per_request * PRIOR_YIELD
+        return max(self.tally.kept / ok, 0.05)
+
+    def check_health(self) -> None:
+        """Stop a run that only spends: collapsed yield or a dead teacher."""
+        window = self.cfg.yield_window
+        if len(self.recent) >= window and self.tally.kept < self.cfg.n:
+            useful = sum(1 for k in self.recent if k > 0)
+            if useful < self.cfg.min_yield * window:
+                sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+                raise RunStopped(
+                    "low-yield",
+                    f"only {useful} of the last {window} requests gave a usable record; stopping instead of spending on. "
+                    f"A sample reply: {sample!r} (hint: check the model, --template and --json-mode, then re-run to resume)",
+                    exit_code=1,
+                )
+        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+            raise RunStopped(
+                "teacher-unavailable",
+                f"the last {self.consecutive_failures} requests failed after retries "
+                f"(hint: check the teacher at --base-url; re-run the same command to resume)",
+                exit_code=1,
+            )
+
+    def max_requests(self) -> int:
+        """A hard cap on requests, so no run loops without bound."""
+        if self.cfg.max_requests:
+            return self.cfg.max_requests
+        return math.ceil(self.cfg.n / self.cfg.per_request) * 10 + 100
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    async def run_async(self, teacher: Teacher) -> None:
+        """Dispatch requests until --n records are kept, the budget is spent or a stop is asked."""
+        pending: dict[asyncio.Task, float] = {}
+        self.save_manifest(force=True)
+        try:
+            while True:
+                self.check_health()
+                while self._can_dispatch(len(pending)):
+                    request_no = self.next_request
+                    rng = request_rng(self.cfg.seed, request_no)
+                    examples = sample_examples(self.seeds, self.cfg.num_examples, rng)
+                    messages = render_prompt(self.template, examples, self.cfg, rng)
+                    worst = self.worst_case_usd(messages)
+                    if self.cfg.max_cost is not None and self.usd + sum(pending.values()) + worst > self.cfg.max_cost:
+                        if not pending:
+                            raise RunStopped(
+                                "budget",
+                                f"stopped at ${self.usd:.4f}: one more request could pass --max-cost ${self.cfg.max_cost:g} "
+                                f"(hint: raise --max-cost and re-run the same command to resume)",
+                                exit_code=3,
+                            )
+                        break
+                    self.next_request += 1
+                    task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages))
+                    pending[task] = worst
+                if not pending:
+                    break
+                done, _ = await asyncio.wait(list(pending), timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    pending.pop(task)
+                    self.handle(*task.result())
+                self.save_manifest()
+                if self.on_progress:
+                    self.on_progress(self)
+            if self._stop_requested:
+                raise RunStopped(self._stop_requested, "stopped on request")
+            self.status = "completed" if self.tally.kept >= self.cfg.n else "stopped"
+            if self.status == "stopped":
+                self.stop_reason = "max-requests"
+        except RunStopped as stop:
+            self.status = "stopped"
+            self.stop_reason = stop.reason
+            await self._drain(pending)
+            raise
+        except BaseException:
+            self.status = "failed"
+            await self._drain(pending, cancel=True)
+            raise
+        finally:
+            self.save_manifest(force=True)
+
+    async def _drain(self, pending: dict[asyncio.Task, float], cancel: bool = False, grace: float = 10.0) -> None:
+        """Let in-flight requests land (their replies are paid for) for a few seconds, then cancel the rest."""
+        if not pending:
+            return
+        if not cancel:
+            done, _ = await asyncio.wait(list(pending), timeout=grace)
+            for task in done:
+                pending.pop(task)
+                if not task.cancelled() and task.exception() is None:
+                    self.handle(*task.result())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        pending.clear()
+
+    def _can_dispatch(self, in_flight: int) -> bool:
+        if self._stop_requested or self.tally.kept >= self.cfg.n:
+            return False
+        if in_flight >= self.cfg.concurrency or self.tally.requests + in_flight >= self.max_requests():
+            return False
+        # Don't launch requests whose records the target can no longer use.
+        return self.tally.kept + in_flight * self.yield_estimate() < self.cfg.n
+
+    async def _call(self, teacher: Teacher, request_no: int, seed_ids: list[str], messages: list[dict[str, str]]):
+        try:
+            result: Completion | RequestFailed = await teacher.complete(messages, json_mode=self.cfg.json_mode)
+        except RequestFailed as failed:
+            result = failed
+        return request_no, seed_ids, result
+
+    # ---- manifest -----------------------------------------------------------------------
+
+    def manifest(self) -> dict:
+        t = self.tally
+        usage = {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens, "estimated": t.estimated_requests > 0,
+                 "estimated_requests": t.estimated_requests}
+        cost = {
+            "usd": round(self.usd, 6),
+            "priced": self.price is not None,
+            "price_in_per_1m": self.price.input if self.price else None,
+            "price_out_per_1m": self.price.output if self.price else None,
+            "price_source": self.price.source if self.price else None,
+        }
+        return {
+            "selfinstruct_version": __version__,
+            "command": self.command,
+            "created": self.created,
+            "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "status": self.status,
+            "stop_reason": self.stop_reason,
+            "config": self.cfg.to_dict() | {"lang": self.lang, "base_url": public_url(self.cfg.base_url)},
+            "seeds": {"path": self.seeds.path.name, "count": len(self.seeds.tasks), "sha256": self.seeds.sha256, "license": self.seeds.license},
+            "templates": {"generate": {"name": self.template.name, "sha256": self.template.sha256}},
+            "teacher": {"model": self.cfg.model, "endpoint_kind": endpoint_kind(self.cfg.base_url)},
+            "filters": {"similarity": self.cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang},
+            "counts": {"kept": t.kept, "rejected": dict(sorted(t.rejected.items())), "requests": t.requests, "failed_requests": t.failed_requests},
+            "usage": usage,
+            "cost": cost,
+            "stages": {"generate": {"requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens, "usd": cost["usd"]}},
+            "elapsed_seconds": round(time.monotonic() - self.started, 1),
+        }
+
+    def save_manifest(self, force: bool = False) -> None:
+        """Rewrite the manifest atomically, at most once a second unless forced."""
+        now = time.monotonic()
+        if force or now - self._last_manifest >= 1.0:
+            self.run.write_manifest(self.manifest())
+            self._last_manifest = now
+
+
+def public_url(base_url: str | None) -> str | None:
+    """A base URL without credentials or query strings (which sometimes carry keys)."""
+    if not base_url:
+        return None
+    from urllib.parse import urlparse
+
+    parts = urlparse(base_url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+def project(cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Price | None) -> dict:
+    """The --dry-run projection: requests, tokens and dollars for --n, without calling the teacher."""
+    rng = request_rng(cfg.seed, 1)
+    messages = render_prompt(template, sample_examples(seeds, cfg.num_examples, rng), cfg, rng)
+    prompt_tokens = estimate_prompt_tokens(messages)
+    per_task = sum(
+        estimate_tokens(t.instruction + t.instances[0].input + t.instances[0].output) + 12 for t in seeds.tasks
+    ) / len(seeds.tasks)
+    completion_tokens = per_task * cfg.per_request
+    if cfg.max_tokens:
+        completion_tokens = min(completion_tokens, cfg.max_tokens)
+    requests = math.ceil(cfg.n / (cfg.per_request * PRIOR_YIELD * 1.4))  # assumes ~70% of items kept
+    totals = {"prompt_tokens": int(requests * prompt_tokens), "completion_tokens": int(requests * completion_tokens)}
+    return {
+        "requests": requests,
+        "prompt_tokens_per_request": prompt_tokens,
+        "completion_tokens_per_request": int(completion_tokens),
+        **totals,
+        "usd": price.usd(totals["prompt_tokens"], totals["completion_tokens"]) if price else None,
+        "assumed_yield": PRIOR_YIELD * 1.4,
+    }
+
+
+def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: Template) -> None:
+    """Refuse to resume into a directory made from other seeds, template or language."""
+    previous = run.load_manifest()
+    if not previous:
+        return
+    old = previous.get("config", {})
+    mismatches = []
+    if previous.get("seeds", {}).get("sha256") not in (None, seeds.sha256):
+        mismatches.append("seed file contents")
+    if previous.get("templates", {}).get("generate", {}).get("sha256") not in (None, template.sha256):
+        mismatches.append("template")
+    for key in ("lang", "json_mode", "similarity", "per_request"):
+        if key in old and old[key] != getattr(cfg, key) and not (key == "lang" and cfg.lang is None):
+            mismatches.append(f"--{key.replace('_', '-')}")
+    if mismatches:
+        raise OutputError(
+            f"{run.path}: holds a run made with a different {', '.join(mismatches)}",
+            "re-run with the original settings to resume, or choose a new --out",
+        )

@@ -1,0 +1,76 @@
+"""Progress display: a rich bar on a terminal, a plain line every few seconds otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class RunState(Protocol):
+    """What the display reads from a run."""
+
+    tally: object
+    usd: float
+    started: float
+
+
+def describe(state: RunState) -> str:
+    """One line: rejected by reason, requests/s, tokens and dollars so far."""
+    t = state.tally
+    elapsed = max(time.monotonic() - state.started, 1e-6)
+    top = ", ".join(f"{r} {n}" for r, n in t.rejected.most_common(4)) or "none"
+    tokens = t.prompt_tokens + t.completion_tokens
+    return (
+        f"rejected: {top} | {t.requests} req ({t.failed_requests} failed) {t.requests / elapsed:.1f}/s | "
+        f"{tokens:,} tok | ${state.usd:.4f}"
+    )
+
+
+class ProgressView:
+    """Shows kept/target with ETA; `quiet` shows nothing, a non-TTY gets plain lines."""
+
+    def __init__(self, target: int, label: str = "kept", quiet: bool = False, console: Console | None = None, every: float = 10.0) -> None:
+        self.target = target
+        self.label = label
+        self.quiet = quiet
+        self.console = console or Console(stderr=True)
+        self.every = every
+        self._last_line = 0.0
+        self._progress: Progress | None = None
+        self._task = None
+
+    def __enter__(self) -> "ProgressView":
+        if not self.quiet and self.console.is_terminal:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[detail]}"),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=self.target, detail="")
+        return self
+
+    def update(self, state: RunState, done: int) -> None:
+        if self.quiet:
+            return
+        if self._progress is not None:
+            self._progress.update(self._task, completed=min(done, self.target), detail=describe(state))
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.every:
+            self._last_line = now
+            print(f"{self.label} {done}/{self.target} | {describe(state)}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()

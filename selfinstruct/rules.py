@@ -1,0 +1,173 @@
+"""Built-in rule filters; each rule is named by the rejection reason it writes."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from selfinstruct.similarity import CJK_RE, HAN_RE, TOKEN_RE
+
+# Tasks a text-only model cannot do. English words match whole words; Chinese match substrings.
+BLACKLIST_WORDS = (
+    "image", "images", "picture", "pictures", "photo", "photos", "photograph", "video", "videos",
+    "audio", "recording", "file", "files", "attachment", "map", "maps", "draw", "drawing", "sketch",
+    "plot", "chart", "diagram", "flowchart", "screenshot", "go to",
+)
+BLACKLIST_ZH = (
+    "图片", "图像", "照片", "视频", "音频", "录音", "画一", "画出", "绘制", "流程图", "地图", "文件",
+    "附件", "截图", "图表", "網址", "圖片", "圖像", "影片", "視頻", "音訊", "音頻", "錄音", "畫一",
+    "畫出", "繪製", "流程圖", "地圖", "檔案", "截圖", "圖表",
+)
+REFUSALS = (
+    "as an ai language model", "as an ai assistant", "as a language model", "as an ai,", "i'm an ai",
+    "i am an ai", "i'm sorry, but i can", "i am sorry, but i can", "sorry, i can't", "sorry, i cannot",
+    "i cannot fulfill", "i can't assist", "i cannot assist", "i'm unable to help",
+    "作为一个ai", "作为ai语言模型", "作为一名ai", "作为人工智能", "作为一个人工智能", "我是一个ai",
+    "我是一个人工智能", "作為一個ai", "作為ai", "作為一個人工智慧", "作為人工智慧",
+    "抱歉,我无法", "抱歉,我不能", "对不起,我无法", "对不起,我不能", "很抱歉,我无法", "很抱歉,我不能",
+    "抱歉,我無法", "抱歉,我不能", "對不起,我無法", "對不起,我不能", "我无法回答", "我無法回答",
+)
+
+REASONS = (
+    "empty",
+    "too-short",
+    "too-long",
+    "starts-with-punctuation",
+    "wrong-language",
+    "blacklist",
+    "refusal",
+    "output-equals-input",
+)
+# Reasons written by other stages, accepted by --rules / --no-rule where they apply.
+OTHER_REASONS = ("unparseable", "truncated", "near-duplicate", "surplus")
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """What the rules need to know: target language, length limits, which rules run."""
+
+    lang: str = "zh"
+    min_chars: int = 4
+    max_chars: int = 300
+    min_words: int = 3
+    max_words: int = 150
+    enabled: frozenset[str] = frozenset(REASONS)
+
+
+def fold(text: str) -> str:
+    """Compare-friendly form: NFKC (full-width to half-width), lower-case, no whitespace."""
+    return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text).lower())
+
+
+_REFUSALS = tuple(fold(p) for p in REFUSALS)
+_BLACKLIST_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in BLACKLIST_WORDS) + r")\b", re.IGNORECASE)
+
+
+def script_of(text: str) -> str:
+    """The main script of a text: zh, ja, ko, latin or none, by token counts."""
+    tokens = TOKEN_RE.findall(text.lower())
+    if not tokens:
+        return "none"
+    cjk = [t for t in tokens if CJK_RE.fullmatch(t)]
+    if len(cjk) * 2 < len(tokens):
+        return "latin"
+    han = sum(1 for t in cjk if HAN_RE.fullmatch(t))
+    kana = sum(1 for t in cjk if "\u3040" <= t <= "\u30ff" or "\u31f0" <= t <= "\u31ff" or "\uff66" <= t <= "\uff9f")
+    if kana * 10 >= len(cjk):
+        return "ja"
+    if len(cjk) - han - kana > han:
+        return "ko"
+    return "zh"
+
+
+def expected_script(lang: str) -> str:
+    """The script a run in `lang` should produce."""
+    base = lang.split("-")[0].lower()
+    return {"zh": "zh", "ja": "ja", "ko": "ko"}.get(base, "latin")
+
+
+def measure(text: str) -> tuple[int, str]:
+    """Length in the unit that fits the script: characters for CJK text, words otherwise."""
+    if script_of(text) in ("zh", "ja", "ko"):
+        return len(re.sub(r"\s+", "", text)), "chars"
+    return len(text.split()), "words"
+
+
+def _empty(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    if not ins.strip():
+        return "instruction is empty"
+    if not out.strip():
+        return "output is empty"
+    return None
+
+
+def _too_short(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    n, unit = measure(ins)
+    low = s.min_chars if unit == "chars" else s.min_words
+    return f"instruction has {n} {unit}, under {low}" if n < low else None
+
+
+def _too_long(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    n, unit = measure(ins)
+    high = s.max_chars if unit == "chars" else s.max_words
+    return f"instruction has {n} {unit}, over {high}" if n > high else None
+
+
+def _starts_with_punctuation(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    first = ins.strip()[:1]
+    # Opening brackets and quotes start real instructions (“静夜思”的作者是谁？); other punctuation does not.
+    if first and unicodedata.category(first) in ("Po", "Pd", "Pe", "Pf", "Pc"):
+        return f"instruction starts with {first!r}"
+    return None
+
+
+def _wrong_language(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    want, got = expected_script(s.lang), script_of(ins)
+    return f"instruction is mainly {got}, the run is {s.lang}" if got != want else None
+
+
+def _blacklist(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    m = _BLACKLIST_RE.search(ins)
+    if m:
+        return f"instruction mentions {m.group(0)!r}"
+    for word in BLACKLIST_ZH:
+        if word in ins:
+            return f"instruction mentions {word!r}"
+    return None
+
+
+def _refusal(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    for field, text in (("output", out), ("instruction", ins)):
+        folded = fold(text)
+        for pattern in _REFUSALS:
+            if pattern in folded:
+                return f"{field} contains {pattern!r}"
+    return None
+
+
+def _output_equals_input(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    return "output repeats the input" if inp.strip() and fold(inp) == fold(out) else None
+
+
+RULES: Mapping[str, Callable[[str, str, str, RuleSettings], str | None]] = {
+    "empty": _empty,
+    "too-short": _too_short,
+    "too-long": _too_long,
+    "starts-with-punctuation": _starts_with_punctuation,
+    "wrong-language": _wrong_language,
+    "blacklist": _blacklist,
+    "refusal": _refusal,
+    "output-equals-input": _output_equals_input,
+}
+
+
+def check(instruction: str, input: str, output: str, settings: RuleSettings) -> tuple[str, str] | None:
+    """The first rule the record breaks, as (reason, detail), or None if it passes them all."""
+    for reason, rule in RULES.items():
+        if reason in settings.enabled:
+            detail = rule(instruction, input, output, settings)
+            if detail is not None:
+                return reason, detail
+    return None

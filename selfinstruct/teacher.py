@@ -1,0 +1,306 @@
+"""The teacher client: the only module that talks to the OpenAI-compatible API."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from dataclasses import dataclass, field
+
+import openai
+from openai import AsyncOpenAI
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from selfinstruct.errors import TeacherError
+from selfinstruct.pricing import estimate_prompt_tokens, estimate_tokens
+
+# Longest we will sleep on a server's Retry-After before trying again.
+MAX_RETRY_AFTER = 120.0
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """How to reach and drive the teacher; the key travels separately and is never stored."""
+
+    model: str
+    base_url: str | None = None
+    timeout: float = 120.0
+    retries: int = 6
+    concurrency: int = 16
+    rpm: int | None = None
+    tpm: int | None = None
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    max_tokens: int | None = 3072
+
+
+@dataclass
+class Usage:
+    """Token counts of one request; `estimated` when the server did not report them."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+    def add(self, other: "Usage") -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.estimated = self.estimated or other.estimated
+
+
+@dataclass
+class Completion:
+    """A reply the teacher sent, with what it cost and how hard it was to get."""
+
+    content: str
+    finish_reason: str | None
+    usage: Usage
+    response_id: str | None
+    attempts: int
+    latency: float
+    # Tokens of earlier attempts that came back unusable (billed all the same).
+    wasted: Usage = field(default_factory=Usage)
+
+
+class RequestFailed(Exception):
+    """A request that still failed after all retries; the run records it and goes on."""
+
+    def __init__(self, kind: str, message: str, attempts: int, status: int | None, wasted: Usage) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.attempts = attempts
+        self.status = status
+        self.wasted = wasted
+
+
+class MalformedReply(Exception):
+    """A 200 reply without usable choices; worth another try."""
+
+    def __init__(self, message: str, usage: Usage | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedReply)):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
+    # A 200 whose body is not JSON surfaces as a decode error from the SDK.
+    return isinstance(exc, ValueError)
+
+
+def retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait (`retry-after-ms` or `Retry-After`), if any."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000.0
+        if headers.get("retry-after"):
+            return float(headers["retry-after"])
+    except ValueError:
+        return None  # an HTTP date; fall back to our own backoff
+    return None
+
+
+class _Backoff:
+    """Exponential backoff with jitter, replaced by the server's Retry-After when it sends one."""
+
+    def __init__(self) -> None:
+        self._exp = wait_exponential_jitter(initial=1.0, max=60.0, jitter=1.0)
+
+    def __call__(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        asked = retry_after(exc)
+        if asked is not None:
+            return min(max(asked, 0.0), MAX_RETRY_AFTER)
+        return self._exp(state)
+
+
+class RateLimiter:
+    """Keeps requests per minute and tokens per minute under their caps over any 60 s window."""
+
+    def __init__(self, rpm: int | None, tpm: int | None) -> None:
+        self.rpm = rpm
+        self.tpm = tpm
+        self._next_start = 0.0
+        self._tokens: collections.deque[list[float]] = collections.deque()  # [time, tokens]
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, tokens: int) -> list[float] | None:
+        """Wait for a slot; returns the token entry so the real count can replace the estimate."""
+        if not self.rpm and not self.tpm:
+            return None
+        async with self._lock:
+            now = time.monotonic()
+            if self.rpm:
+                # Even spacing, not bursts: 60/rpm seconds between request starts.
+                wait = self._next_start - now
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    now = time.monotonic()
+                self._next_start = max(now, self._next_start) + 60.0 / self.rpm
+            entry = None
+            if self.tpm:
+                tokens = min(tokens, self.tpm)
+                while True:
+                    while self._tokens and self._tokens[0][0] <= now - 60.0:
+                        self._tokens.popleft()
+                    used = sum(e[1] for e in self._tokens)
+                    if used + tokens <= self.tpm or not self._tokens:
+                        break
+                    await asyncio.sleep(max(0.01, self._tokens[0][0] + 60.0 - now))
+                    now = time.monotonic()
+                entry = [now, float(tokens)]
+                self._tokens.append(entry)
+            return entry
+
+    @staticmethod
+    def settle(entry: list[float] | None, tokens: int) -> None:
+        """Replace a request's estimated tokens by the real count."""
+        if entry is not None:
+            entry[1] = float(tokens)
+
+
+def _usage_from(response: object, messages: list[dict[str, str]], content: str) -> Usage:
+    """The server's usage, or an offline estimate when it is missing or clearly wrong."""
+    usage = getattr(response, "usage", None)
+    prompt = getattr(usage, "prompt_tokens", None) if usage is not None else None
+    completion = getattr(usage, "completion_tokens", None) if usage is not None else None
+    plausible = (
+        isinstance(prompt, int)
+        and isinstance(completion, int)
+        and prompt > 0
+        # Some local servers report completion_tokens 0 or 1 for any reply.
+        and not (completion <= 1 and len(content) > 8)
+    )
+    if plausible:
+        return Usage(prompt, completion, False)
+    return Usage(estimate_prompt_tokens(messages), estimate_tokens(content), True)
+
+
+class Teacher:
+    """Sends chat requests with bounded concurrency, rate limits, retries and usage capture."""
+
+    def __init__(self, settings: TeacherSettings, api_key: str | None) -> None:
+        self.settings = settings
+        self._secret = api_key
+        self._client = AsyncOpenAI(
+            api_key=api_key or "not-needed",  # local servers ignore it; the SDK insists on one
+            base_url=settings.base_url,
+            timeout=settings.timeout,
+            max_retries=0,  # retries are ours: the SDK's would hide attempts and ignore our budget
+        )
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._limiter = RateLimiter(settings.rpm, settings.tpm)
+        # Newer hosted models reject max_tokens; learned once, then used for every request.
+        self._token_param = "max_tokens"
+        self.in_flight = 0
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    def _params(self, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None) -> dict:
+        s = self.settings
+        params: dict = {"model": s.model, "messages": messages}
+        if s.temperature is not None:
+            params["temperature"] = s.temperature
+        if s.top_p is not None:
+            params["top_p"] = s.top_p
+        limit = max_tokens or s.max_tokens
+        if limit:
+            params[self._token_param] = limit
+        if json_mode:
+            params["response_format"] = {"type": "json_object"}
+        return params
+
+    async def _attempt(self, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None) -> tuple[object, str]:
+        params = self._params(messages, json_mode, max_tokens)
+        try:
+            response = await self._client.chat.completions.create(**params)
+        except openai.BadRequestError as exc:
+            if self._token_param == "max_tokens" and "max_completion_tokens" in str(exc):
+                self._token_param = "max_completion_tokens"
+                params[self._token_param] = params.pop("max_tokens")
+                response = await self._client.chat.completions.create(**params)
+            else:
+                raise
+        choices = getattr(response, "choices", None)
+        if not choices or getattr(choices[0], "message", None) is None:
+            usage = getattr(response, "usage", None)
+            wasted = Usage(getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0) if usage else None
+            raise MalformedReply("reply has no choices", wasted)
+        return response, choices[0].message.content or ""
+
+    async def complete(
+        self, messages: list[dict[str, str]], json_mode: bool = False, max_tokens: int | None = None
+    ) -> Completion:
+        """One chat completion, retried on transient failures; raises RequestFailed or TeacherError."""
+        wasted = Usage()
+        attempts = 0
+        started = time.monotonic()
+        estimate = estimate_prompt_tokens(messages) + (max_tokens or self.settings.max_tokens or 1024) // 2
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.settings.retries + 1),
+            wait=_Backoff(),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    entry = await self._limiter.acquire(estimate)
+                    async with self._slots:
+                        self.in_flight += 1
+                        try:
+                            response, content = await self._attempt(messages, json_mode, max_tokens)
+                        except MalformedReply as exc:
+                            if exc.usage:
+                                wasted.add(exc.usage)
+                            raise
+                        finally:
+                            self.in_flight -= 1
+                    usage = _usage_from(response, messages, content)
+                    RateLimiter.settle(entry, usage.prompt_tokens + usage.completion_tokens)
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise TeacherError(
+                f"the teacher refused the API key (HTTP {exc.status_code})",
+                "check the key in the environment variable named by --api-key-env and its access to --model",
+            ) from None
+        except openai.NotFoundError as exc:
+            raise TeacherError(
+                f"the teacher does not know model {self.settings.model!r} or the URL path (HTTP {exc.status_code})",
+                "check --model and --base-url (it usually ends in /v1)",
+            ) from None
+        except Exception as exc:  # every other failure is recorded in the ledger, not raised
+            status = getattr(exc, "status_code", None)
+            raise RequestFailed(type(exc).__name__, self._describe(exc), attempts, status, wasted) from None
+        choice = response.choices[0]
+        return Completion(
+            content=content,
+            finish_reason=getattr(choice, "finish_reason", None),
+            usage=usage,
+            response_id=getattr(response, "id", None),
+            attempts=attempts,
+            latency=time.monotonic() - started,
+            wasted=wasted,
+        )
+
+    def _describe(self, exc: BaseException) -> str:
+        """A short description of a failure, with the key cut out should a server echo it."""
+        status = getattr(exc, "status_code", None)
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return f"HTTP {status}: {text}" if status else text
