@@ -38,22 +38,22 @@ class Template:
         try:
             text = self.compiled.render(**variables)
         except jinja2.UndefinedError as exc:
-            line = _error_line(exc)
+            line = _error_line(exc, str(self.path))
             raise InputError(
                 f"{self.path}{line}: undefined variable in template ({exc.message})",
                 f"templates may use: {', '.join(sorted(variables))}",
             ) from None
         except jinja2.TemplateError as exc:
-            raise InputError(f"{self.path}{_error_line(exc)}: template error ({exc})", "fix the template") from None
+            raise InputError(f"{self.path}{_error_line(exc, str(self.path))}: template error ({exc})", "fix the template") from None
         return split_messages(text)
 
 
-def _error_line(exc: Exception) -> str:
+def _error_line(exc: Exception, filename: str) -> str:
     """The template line of a render error, read from the traceback Jinja rewrites."""
     lineno = getattr(exc, "lineno", None)
     tb = exc.__traceback__
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename == "<template>":
+        if tb.tb_frame.f_code.co_filename in (filename, "<template>"):
             lineno = tb.tb_lineno
         tb = tb.tb_next
     return f":{lineno}" if lineno else ""
