@@ -259,3 +259,50 @@ async def _drive(gen, settings, api_key) -> int:
     finally:
         await teacher.aclose()
     return 128 + received[0] if received else 0
+
+
+seeds_app = typer.Typer(help="Seed files: check and profile them.", no_args_is_help=True)
+app.add_typer(seeds_app, name="seeds")
+
+
+@seeds_app.command("check")
+def seeds_check(
+    files: list[Path] = typer.Argument(..., help="Seed files to check."),
+    similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 at which two instructions are near-copies."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
+) -> None:
+    """Validate seed files and print their profile; exit 1 if any has problems."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from selfinstruct.seed_profile import profile
+    from selfinstruct.seeds import read_seeds
+
+    console = Console()
+    failed = False
+    for path in files:
+        prof = profile(read_seeds(path), similarity)
+        failed = failed or bool(prof.problems)
+        if as_json:
+            typer.echo(json.dumps(dataclasses.asdict(prof), ensure_ascii=False, indent=2))
+            continue
+        table = Table(title=f"{path}", show_header=False)
+        table.add_row("tasks", str(prof.count))
+        table.add_row("families", ", ".join(f"{k} {v}" for k, v in prof.families.items()))
+        table.add_row("with input", f"{prof.with_input_share:.0%}")
+        table.add_row("classification", f"{prof.classification_share:.0%}")
+        for label, stats in (("instruction length", prof.instruction_length), ("output length", prof.output_length)):
+            table.add_row(label, f"min {stats['min']} / median {stats['median']} / mean {stats['mean']} / max {stats['max']} {stats['unit']}")
+        table.add_row("scripts", ", ".join(f"{k} {v}" for k, v in prof.scripts.items()))
+        if prof.variants:
+            table.add_row("Han variant", ", ".join(f"{k} {v}" for k, v in prof.variants.items()))
+        table.add_row(f"pairs at ROUGE-L ≥ {similarity}", str(len(prof.near_pairs)))
+        console.print(table)
+        for problem in prof.problems:
+            console.print(f"[red]problem:[/] {problem}", highlight=False)
+        if not prof.problems:
+            console.print("[green]ok[/]")
+    if failed:
+        raise typer.Exit(1)
