@@ -130,9 +130,10 @@ class _Backoff:
 class RateLimiter:
     """Keeps requests per minute and tokens per minute under their caps over any 60 s window."""
 
-    def __init__(self, rpm: int | None, tpm: int | None) -> None:
+    def __init__(self, rpm: int | None, tpm: int | None, window: float = 60.0) -> None:
         self.rpm = rpm
         self.tpm = tpm
+        self.window = window
         self._next_start = 0.0
         self._tokens: collections.deque[list[float]] = collections.deque()  # [time, tokens]
         self._lock = asyncio.Lock()
@@ -149,17 +150,17 @@ class RateLimiter:
                 if wait > 0:
                     await asyncio.sleep(wait)
                     now = time.monotonic()
-                self._next_start = max(now, self._next_start) + 60.0 / self.rpm
+                self._next_start = max(now, self._next_start) + self.window / self.rpm
             entry = None
             if self.tpm:
                 tokens = min(tokens, self.tpm)
                 while True:
-                    while self._tokens and self._tokens[0][0] <= now - 60.0:
+                    while self._tokens and self._tokens[0][0] <= now - self.window:
                         self._tokens.popleft()
                     used = sum(e[1] for e in self._tokens)
                     if used + tokens <= self.tpm or not self._tokens:
                         break
-                    await asyncio.sleep(max(0.01, self._tokens[0][0] + 60.0 - now))
+                    await asyncio.sleep(max(0.01, self._tokens[0][0] + self.window - now))
                     now = time.monotonic()
                 entry = [now, float(tokens)]
                 self._tokens.append(entry)

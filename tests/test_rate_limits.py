@@ -1,0 +1,62 @@
+"""The rate limiter alone: even spacing for requests, a sliding window for tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+
+try:  # openai 3.x ships on httpx2; older releases on httpx
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
+
+from selfinstruct.teacher import RateLimiter, retry_after
+
+
+def test_requests_are_spaced_evenly():
+    async def go():
+        limiter = RateLimiter(rpm=100, tpm=None, window=1.0)  # 100 per "minute" of 1 s
+        starts = []
+        for _ in range(30):
+            await limiter.acquire(1)
+            starts.append(time.monotonic())
+        return starts
+
+    starts = asyncio.run(go())
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert min(gaps) >= 0.009
+    assert 0.27 <= starts[-1] - starts[0] <= 0.45
+
+
+def test_tokens_stay_under_the_cap_in_every_window():
+    async def go():
+        limiter = RateLimiter(rpm=None, tpm=1000, window=0.5)
+        log = []
+        async def one():
+            entry = await limiter.acquire(300)
+            log.append((time.monotonic(), 300))
+            RateLimiter.settle(entry, 300)
+        await asyncio.gather(*(one() for _ in range(10)))
+        return log
+
+    log = asyncio.run(go())
+    times = [t for t, _ in log]
+    for t0 in times:
+        in_window = sum(tok for t, tok in log if t0 <= t < t0 + 0.5)
+        assert in_window <= 1000
+    assert times[-1] - times[0] >= 1.0  # 3000 tokens at 1000 per 0.5 s needs at least two more windows
+
+
+def _status_error(status: int, headers: dict) -> openai.APIStatusError:
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    response = httpx.Response(status, headers=headers, request=request)
+    return openai.APIStatusError("x", response=response, body=None)
+
+
+def test_retry_after_headers():
+    assert retry_after(_status_error(429, {"retry-after": "3"})) == 3.0
+    assert retry_after(_status_error(429, {"retry-after-ms": "250"})) == 0.25
+    assert retry_after(_status_error(429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
+    assert retry_after(_status_error(500, {})) is None
