@@ -491,7 +491,7 @@ def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: 
         mismatches.append("seed file contents")
     if previous.get("templates", {}).get("generate", {}).get("sha256") not in (None, template.sha256):
         mismatches.append("template")
-    for key in ("lang", "json_mode", "similarity", "per_request"):
+    for key in ("lang", "json_mode", "similarity"):
         if key in old and old[key] != getattr(cfg, key) and not (key == "lang" and cfg.lang is None):
             mismatches.append(f"--{key.replace('_', '-')}")
     if mismatches:
