@@ -1,0 +1,328 @@
+"""Exports: a run's kept records as alpaca, sharegpt or messages rows, split, written through `datasets`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from selfinstruct.errors import ConfigError, InputError, OutputError
+from selfinstruct.rundir import MANIFEST, RECORDS, read_jsonl
+
+FORMATS = ("alpaca", "sharegpt", "messages")
+LINEAGE = ("id", "seed_ids", "evol_ops", "model")
+DATA_DIR = "data"  # the layout push_to_hub uses, so an export folder uploads as-is
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@dataclass
+class Build:
+    """A run converted to rows: the splits, their format and the manifest they came from."""
+
+    run_dir: Path
+    fmt: str
+    splits: dict[str, list[dict]]
+    manifest: dict
+    slim: bool = False
+    system: str | None = None
+    seed: int = 42
+    test_size: float | None = None
+    evol_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(rows) for rows in self.splits.values())
+
+    def features(self):
+        """The `datasets` schema; explicit, so empty lists still get a string type."""
+        from datasets import Features, List, Value
+
+        text = Value("string")
+        columns: dict[str, Any] = {
+            "alpaca": {"instruction": text, "input": text, "output": text},
+            "sharegpt": {"conversations": List({"from": text, "value": text})},
+            "messages": {"messages": List({"role": text, "content": text})},
+        }[self.fmt]
+        if not self.slim:
+            columns |= {"id": text, "seed_ids": List(text), "evol_ops": List(text), "model": text}
+        return Features(columns)
+
+    def dataset_dict(self):
+        """The splits as a `datasets.DatasetDict`."""
+        from datasets import Dataset, DatasetDict
+
+        features = self.features()
+        return DatasetDict({name: Dataset.from_list(rows, features=features) for name, rows in self.splits.items()})
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}", "pass --format alpaca, sharegpt or messages")
+    return fmt
+
+
+def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The manifest (empty if missing) and kept records of a run, read without modifying anything."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run directory", "pass the --out directory of a generate run")
+    records_path = run_dir / RECORDS
+    if not records_path.exists():
+        raise InputError(f"{run_dir}: no {RECORDS} here", "pass the --out directory of a generate run")
+    manifest: dict = {}
+    manifest_path = run_dir / MANIFEST
+    if manifest_path.exists():
+        try:
+            loaded = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InputError(f"{manifest_path}: not valid JSON ({exc})", "re-run generate to rewrite it") from None
+        manifest = loaded if isinstance(loaded, dict) else {}
+    # repair=False: exporting must never truncate a run that may still be writing.
+    records = read_jsonl(records_path, repair=False)
+    if not records:
+        raise InputError(f"{records_path}: no kept records to export", "let the run finish, or check rejected.jsonl")
+    for line_no, rec in enumerate(records, 1):
+        if not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip() or not isinstance(rec.get("output"), str):
+            raise InputError(f"{records_path}:{line_no}: record has no instruction or output", "the file was edited by hand; fix or delete that line")
+    return manifest, records
+
+
+def _meta(rec: dict) -> dict:
+    meta = rec.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _evol_ops(rec: dict) -> list[str]:
+    steps = _meta(rec).get("evol") or []
+    return [str(s["op"]) for s in steps if isinstance(s, dict) and s.get("op")]
+
+
+def prompt_text(instruction: str, input_text: str) -> str:
+    """The user turn of a chat format: the instruction, then the input after a blank line."""
+    return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+
+
+def convert(rec: dict, fmt: str, *, system: str | None = None, slim: bool = False, default_model: str = "") -> dict:
+    """One kept record as a row of `fmt`, with lineage columns unless `slim`."""
+    instruction = rec["instruction"]
+    input_text = rec.get("input") if isinstance(rec.get("input"), str) else ""
+    output = rec["output"]
+    if fmt == "alpaca":
+        row: dict[str, Any] = {"instruction": instruction, "input": input_text, "output": output}
+    elif fmt == "sharegpt":
+        turns = [{"from": "system", "value": system}] if system else []
+        turns += [{"from": "human", "value": prompt_text(instruction, input_text)}, {"from": "gpt", "value": output}]
+        row = {"conversations": turns}
+    else:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": prompt_text(instruction, input_text)}, {"role": "assistant", "content": output}]
+        row = {"messages": messages}
+    if not slim:
+        meta = _meta(rec)
+        row |= {
+            "id": str(rec.get("id", "")),
+            "seed_ids": [str(s) for s in meta.get("seed_ids") or []],
+            "evol_ops": _evol_ops(rec),
+            "model": str(meta.get("model") or default_model),
+        }
+    return row
+
+
+def _lineage_root(rec: dict) -> str:
+    """The record an evolved record descends from, so a task and its variants share a split."""
+    steps = _meta(rec).get("evol") or []
+    if steps and isinstance(steps[0], dict) and steps[0].get("parent_id"):
+        return str(steps[0]["parent_id"])
+    return str(rec.get("id", id(rec)))
+
+
+def holdout_count(test_size: float, n: int) -> int:
+    """--test-size as a row count: a fraction below 1, a whole number of rows from 1 up."""
+    if 0 < test_size < 1:
+        k = max(1, round(n * test_size))
+    elif test_size >= 1 and float(test_size).is_integer():
+        k = int(test_size)
+    else:
+        raise ConfigError(f"--test-size {test_size:g} is neither a fraction in (0, 1) nor a whole number of rows", "pass e.g. --test-size 0.05 or --test-size 500")
+    if k >= n:
+        raise ConfigError(f"--test-size {test_size:g} leaves no training rows out of {n:,}", "pass a smaller --test-size")
+    return k
+
+
+def split(records: list[dict], test_size: float | None, seed: int) -> dict[str, list[dict]]:
+    """Seeded shuffle, then a test split grouped by lineage so evolved variants never straddle splits."""
+    rng = random.Random(seed)
+    if not test_size:
+        rows = list(records)
+        rng.shuffle(rows)
+        return {"train": rows}
+    k = holdout_count(test_size, len(records))
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(_lineage_root(rec), []).append(rec)
+    roots = sorted(groups)
+    rng.shuffle(roots)
+    test: list[dict] = []
+    train: list[dict] = []
+    for root in roots:
+        (test if len(test) < k else train).extend(groups[root])
+    if not train:
+        raise ConfigError(f"--test-size {test_size:g} leaves no training rows (records are grouped by lineage)", "pass a smaller --test-size")
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return {"train": train, "test": test}
+
+
+def build(
+    run_dir: Path,
+    fmt: str = "alpaca",
+    *,
+    test_size: float | None = None,
+    seed: int = 42,
+    slim: bool = False,
+    system: str | None = None,
+) -> Build:
+    """Read a run and convert its kept records into split rows of one format."""
+    check_format(fmt)
+    if system is not None and fmt == "alpaca":
+        raise ConfigError("--system needs a chat format; alpaca has no system field", "pass --format messages or --format sharegpt")
+    manifest, records = load_run(run_dir)
+    model = str((manifest.get("teacher") or {}).get("model") or (manifest.get("config") or {}).get("model") or "")
+    ops: dict[str, int] = {}
+    for rec in records:
+        for op in _evol_ops(rec):
+            ops[op] = ops.get(op, 0) + 1
+    splits = {
+        name: [convert(rec, fmt, system=system, slim=slim, default_model=model) for rec in rows]
+        for name, rows in split(records, test_size, seed).items()
+    }
+    return Build(Path(run_dir), fmt, splits, manifest, slim=slim, system=system, seed=seed, test_size=test_size, evol_ops=ops)
+
+
+def infer_lang(build: Build) -> str:
+    """The run's language: from the manifest, else from how much of the text is Chinese."""
+    cfg = build.manifest.get("config") or {}
+    lang = cfg.get("lang") or (build.manifest.get("filters") or {}).get("lang")
+    if isinstance(lang, str) and lang:
+        return lang
+    rows = [r for rows in build.splits.values() for r in rows][:200]
+    text = [json.dumps(r, ensure_ascii=False) for r in rows]
+    return "zh" if sum(bool(_CJK.search(t)) for t in text) * 2 >= max(1, len(text)) else "en"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What an export wrote."""
+
+    path: Path
+    files: list[Path]
+    rows: dict[str, int]
+
+
+_OURS = re.compile(r"^(data/[A-Za-z0-9_.-]+-\d{5}-of-\d{5}\.parquet|[A-Za-z0-9_.-]+\.jsonl|README\.md)$")
+
+
+def _previous_export(to: Path) -> bool:
+    """Whether `to` holds only what an earlier export wrote, so it may be replaced."""
+    from selfinstruct.card import is_generated
+
+    readme = to / "README.md"
+    if not readme.exists() or not is_generated(readme.read_text(encoding="utf-8", errors="replace")):
+        return False
+    for path in to.rglob("*"):
+        if path.is_file() and not _OURS.match(path.relative_to(to).as_posix()):
+            return False
+    return True
+
+
+def _check_target(run_dir: Path, to: Path) -> None:
+    if to.resolve() == Path(run_dir).resolve():
+        raise OutputError(f"{to}: is the run directory itself", "export to another directory, e.g. --to exports/<name>")
+    if to.exists() and not to.is_dir():
+        raise OutputError(f"{to}: exists and is not a directory", "choose another --to")
+    if to.is_dir() and any(to.iterdir()) and not _previous_export(to):
+        raise OutputError(f"{to}: is not empty and was not written by selfinstruct export", "choose an empty or new --to directory")
+
+
+def export_run(
+    run_dir: Path,
+    to: Path,
+    fmt: str = "alpaca",
+    *,
+    jsonl: bool = False,
+    test_size: float | None = None,
+    seed: int = 42,
+    slim: bool = False,
+    system: str | None = None,
+    license: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Write parquet shards (and JSONL) plus a dataset card to `to`, laid out the way the Hub stores them."""
+    from selfinstruct.card import local_card
+
+    check_format(fmt)
+    to = Path(to)
+    _check_target(run_dir, to)
+    b = build(run_dir, fmt, test_size=test_size, seed=seed, slim=slim, system=system)
+    quiet_datasets()
+    dd = b.dataset_dict()
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        # Write next to the target and move into place: a failed export leaves no half-written shards.
+        stage = Path(tempfile.mkdtemp(prefix=f".{to.name}.", dir=to.parent))
+    except OSError as exc:
+        raise OutputError(f"{to}: cannot write ({exc.strerror or exc})", "choose another --to or fix permissions") from None
+    try:
+        written: list[str] = []
+        sizes: dict[str, int] = {}
+        (stage / DATA_DIR).mkdir()
+        for name, ds in dd.items():
+            rel = f"{DATA_DIR}/{name}-00000-of-00001.parquet"
+            ds.to_parquet(str(stage / rel))
+            sizes[name] = (stage / rel).stat().st_size
+            written.append(rel)
+            if jsonl:
+                ds.to_json(str(stage / f"{name}.jsonl"), lines=True, force_ascii=False)
+                written.append(f"{name}.jsonl")
+        existing = (to / "README.md").read_text(encoding="utf-8") if (to / "README.md").exists() else None
+        (stage / "README.md").write_text(local_card(b, dd, sizes, to, existing=existing, license=license), encoding="utf-8")
+        written.append("README.md")
+        to.mkdir(exist_ok=True)
+        for old in list(to.rglob("*")):  # only our files are left here: _check_target made sure
+            if old.is_file() and old.relative_to(to).as_posix() not in written:
+                old.unlink()
+        for rel in written:
+            (to / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(stage / rel, to / rel)
+    except OSError as exc:
+        raise OutputError(f"{to}: cannot write the export ({exc.strerror or exc})", "free disk space or fix permissions, then re-run") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    if echo:
+        for line in status_note(b):
+            echo(line)
+    return ExportResult(to, [to / rel for rel in written], {name: len(rows) for name, rows in b.splits.items()})
+
+
+def status_note(b: Build) -> list[str]:
+    status = b.manifest.get("status")
+    if status and status != "completed":
+        return [f"note: the run's status is {status!r}; exported the {b.rows:,} records kept so far"]
+    return []
+
+
+def quiet_datasets() -> None:
+    """Keep `datasets` and the Hub client from drawing bars and logging internals into a CLI's output."""
+    import datasets
+    from huggingface_hub.utils import disable_progress_bars
+
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    disable_progress_bars()
