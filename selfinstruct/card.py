@@ -1,0 +1,417 @@
+"""The dataset card: YAML front matter and a body rendered from the run's manifest, merged into any existing card."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import jinja2
+
+from selfinstruct.errors import PublishError
+
+BEGIN = "<!-- selfinstruct:begin (generated from manifest.json; replaced on every push) -->"
+END = "<!-- selfinstruct:end -->"
+_BLOCK = re.compile(r"<!-- selfinstruct:begin\b.*?-->.*?<!-- selfinstruct:end -->\n?", re.DOTALL)
+_FRONT = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")  # the Hub's own regex
+
+_SECRET_LIKE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+_SECRET_FLAG = re.compile(r"(--[\w-]*(?:key|token|secret|password)[\w-]*)(=|\s+)(?!-)(\S+)", re.IGNORECASE)
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+
+LANGUAGES = {"zh": ("zh", "Simplified Chinese"), "zh-Hans": ("zh", "Simplified Chinese"), "zh-Hant": ("zh", "Traditional Chinese"), "en": ("en", "English")}
+ENDPOINTS = {"openai": "the OpenAI API", "hosted": "a hosted OpenAI-compatible API", "local": "a self-hosted OpenAI-compatible server"}
+FILTERS = {
+    "empty": "instruction or output is empty",
+    "too-short": "instruction under the minimum length",
+    "too-long": "instruction over the maximum length",
+    "starts-with-punctuation": "instruction starts with punctuation",
+    "wrong-language": "instruction is not mainly in the run's language",
+    "blacklist": "instruction mentions a blacklisted word (images, files, …)",
+    "refusal": "the teacher refused or deflected",
+    "output-equals-input": "output repeats the input",
+    "near-duplicate": "too similar to a seed or an already kept instruction",
+    "request-failed": "the teacher request failed after retries",
+}
+STAGES = ("generate", "evolve", "respond")
+SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"),
+         (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
+TAGS = ["synthetic", "self-instruct"]
+
+
+def is_generated(text: str) -> bool:
+    """Whether a card holds a selfinstruct-generated block."""
+    return bool(_BLOCK.search(text))
+
+
+def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """Mask the given secrets, anything shaped like a key, and values of key/token flags."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = _SECRET_FLAG.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    return _SECRET_LIKE.sub("***", text)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """A command line fit for a public card: secrets masked, every URL hidden (endpoints can be private), ~ for home."""
+    text = _URL.sub("<endpoint>", mask_secrets(text, secrets))
+    home = str(Path.home())
+    return text.replace(home, "~") if len(home) > 1 else text
+
+
+def size_category(n: int) -> str:
+    for limit, name in SIZES:
+        if n < limit:
+            return name
+    return "n>1B"
+
+
+def license_metadata(declared: str | None) -> dict[str, str]:
+    """Front-matter licence keys: a Hub licence id as-is, anything else as `other` with a name."""
+    if not declared or not declared.strip():
+        return {"license": "unknown"}
+    value = declared.strip().lower()
+    if re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", value):
+        return {"license": value}
+    return {"license": "other", "license_name": re.sub(r"[^a-z0-9]+", "-", value).strip("-") or "custom"}
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "—"
+    return f"{round(value):,}"
+
+
+def _usd(value: Any, priced: bool) -> str:
+    if not priced or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "unknown"
+    return f"${value:,.4f}"
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _cell(text: Any) -> str:
+    """A value safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _truncate(value: Any, limit: int = 240) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "…"
+    if isinstance(value, list):
+        return [_truncate(v, limit) for v in value]
+    if isinstance(value, dict):
+        return {k: _truncate(v, limit) for k, v in value.items()}
+    return value
+
+
+def _evol_ops(build) -> dict[str, int]:
+    evol = _dict(build.manifest.get("evol"))
+    ops = evol.get("ops")
+    if isinstance(ops, dict) and ops:
+        return {str(k): v for k, v in ops.items()}
+    if isinstance(ops, list) and ops:
+        return {str(op): None for op in ops}
+    return dict(build.evol_ops)
+
+
+def _evol_rounds(build) -> int:
+    evol = _dict(build.manifest.get("evol"))
+    rounds = evol.get("rounds", _dict(build.manifest.get("config")).get("evol_rounds"))
+    return rounds if isinstance(rounds, int) and not isinstance(rounds, bool) else 0
+
+
+def uses_evol(build) -> bool:
+    return _evol_rounds(build) > 0 or bool(build.evol_ops)
+
+
+def metadata(build, *, license: str | None = None, existing: dict | None = None, repo_id: str | None = None) -> dict:
+    """The front-matter keys selfinstruct owns; `configs`/`dataset_info` are left to `datasets`."""
+    existing = existing or {}
+    declared = license or _dict(build.manifest.get("seeds")).get("license")
+    lic = license_metadata(declared)
+    if lic["license"] == "unknown" and existing.get("license") not in (None, "unknown"):
+        lic = {k: existing[k] for k in ("license", "license_name", "license_link") if k in existing}
+    code, _ = LANGUAGES.get(_lang(build), (_lang(build).split("-")[0], ""))
+    tags = TAGS + (["evol-instruct"] if uses_evol(build) else [])
+    old_tags = existing.get("tags") if isinstance(existing.get("tags"), list) else []
+    out: dict[str, Any] = {
+        "language": [code],
+        **lic,
+        "task_categories": ["text-generation"],
+        "tags": list(dict.fromkeys([*old_tags, *tags])),
+        "size_categories": [size_category(build.rows)],
+    }
+    if repo_id and not existing.get("pretty_name"):
+        out["pretty_name"] = repo_id.split("/")[-1]
+    return out
+
+
+def _lang(build) -> str:
+    from selfinstruct.export import infer_lang
+
+    return infer_lang(build)
+
+
+def _columns(build) -> list[dict[str, str]]:
+    if build.fmt == "alpaca":
+        cols = [
+            {"name": "instruction", "type": "string", "meaning": "the task"},
+            {"name": "input", "type": "string", "meaning": "optional context for the task (empty when none)"},
+            {"name": "output", "type": "string", "meaning": "the teacher's answer"},
+        ]
+    elif build.fmt == "sharegpt":
+        cols = [{"name": "conversations", "type": "list of {from, value}",
+                 "meaning": ("a `system` turn, then " if build.system else "") + "`human` (instruction, blank line, input) then `gpt` (answer)"}]
+    else:
+        cols = [{"name": "messages", "type": "list of {role, content}",
+                 "meaning": ("a `system` message, then " if build.system else "") + "`user` (instruction, blank line, input) then `assistant` (answer)"}]
+    if not build.slim:
+        cols += [
+            {"name": "id", "type": "string", "meaning": "record id in the run (`r<request>.<item>`)"},
+            {"name": "seed_ids", "type": "list of string", "meaning": "seed tasks shown to the teacher in the prompt"},
+            {"name": "evol_ops", "type": "list of string", "meaning": "Evol-Instruct operations applied, in order (empty if none)"},
+            {"name": "model", "type": "string", "meaning": "teacher model that wrote the row"},
+        ]
+    return cols
+
+
+def _filters(m: dict) -> tuple[list[dict[str, str]], int]:
+    filters = _dict(m.get("filters"))
+    rejected = {str(k): v for k, v in _dict(_dict(m.get("counts")).get("rejected")).items() if isinstance(v, (int, float))}
+    names = [str(r) for r in filters.get("rules") or [] if isinstance(r, str)]
+    if "similarity" in filters and "near-duplicate" not in names:
+        names.append("near-duplicate")
+    names += [r for r in rejected if r not in names]
+    rows = []
+    for name in names:
+        what = FILTERS.get(name, "")
+        if name == "near-duplicate" and isinstance(filters.get("similarity"), (int, float)):
+            what = f"ROUGE-L F1 ≥ {filters['similarity']:g} with a seed or an already kept instruction"
+        rows.append({"name": name, "what": _cell(what), "count": _num(rejected.get(name, 0))})
+    return rows, int(sum(rejected.values()))
+
+
+def _stages(m: dict) -> tuple[list[dict[str, str]], dict[str, str]]:
+    priced = bool(_dict(m.get("cost")).get("priced", False))
+    stages = _dict(m.get("stages"))
+    names = [s for s in STAGES if s in stages] + [s for s in stages if s not in STAGES]
+    rows = []
+    for name in names:
+        s = _dict(stages[name])
+        rows.append({"name": name, "requests": _num(s.get("requests")), "prompt_tokens": _num(s.get("prompt_tokens")),
+                     "completion_tokens": _num(s.get("completion_tokens")), "usd": _usd(s.get("usd"), priced)})
+    usage = _dict(m.get("usage"))
+    total = {
+        "requests": _num(_dict(m.get("counts")).get("requests", sum(_dict(stages[n]).get("requests", 0) or 0 for n in names))),
+        "prompt_tokens": _num(usage.get("prompt_tokens")),
+        "completion_tokens": _num(usage.get("completion_tokens")),
+        "usd": _usd(_dict(m.get("cost")).get("usd"), priced),
+    }
+    return rows, total
+
+
+def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str | None, secrets: Iterable[str], private: bool | None) -> dict:
+    m = build.manifest
+    cfg, seeds, teacher, counts = (_dict(m.get(k)) for k in ("config", "seeds", "teacher", "counts"))
+    lang = _lang(build)
+    language_name = LANGUAGES.get(lang, (lang, lang))[1]
+    model = teacher.get("model") or cfg.get("model") or "unknown"
+    kind = teacher.get("endpoint_kind")
+    declared = license or seeds.get("license")
+
+    seed_parts = [f"`{seeds['path']}`" if seeds.get("path") else "seed file not recorded"]
+    if isinstance(seeds.get("count"), int):
+        seed_parts.append(f"{seeds['count']:,} tasks")
+    if seeds.get("sha256"):
+        seed_parts.append(f"sha256 `{seeds['sha256']}`")
+    templates = [{"stage": _cell(stage), "name": _cell(_dict(t).get("name", "?")), "sha256": _dict(t).get("sha256", "not recorded")}
+                 for stage, t in _dict(m.get("templates")).items()]
+
+    decoding = []
+    for key, label in (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "max_tokens"),
+                       ("per_request", "tasks per request"), ("num_examples", "seed examples per prompt"),
+                       ("json_mode", "JSON mode"), ("seed", "random seed")):
+        if key in cfg:
+            value = cfg[key]
+            shown = "default" if value is None else ("on" if value is True else "off" if value is False else value)
+            decoding.append(f"{label} {shown}")
+
+    ops = _evol_ops(build)
+    rounds = _evol_rounds(build)
+    if rounds or ops:
+        op_text = ", ".join(f"{op} ×{n:,}" if isinstance(n, int) else op for op, n in ops.items()) or "ops not recorded"
+        evol = f"{rounds} round{'s' if rounds != 1 else ''}; {op_text}" if rounds else op_text
+    else:
+        evol = "not used"
+
+    sim = _dict(m.get("filters")).get("similarity", cfg.get("similarity"))
+    near = f"ROUGE-L F1 ≥ {sim:g} (CJK-aware tokens)" if isinstance(sim, (int, float)) else "not recorded"
+    filters, rejected_total = _filters(m)
+    kept = counts.get("kept", build.rows)
+    candidates = (kept if isinstance(kept, int) else 0) + rejected_total
+    yield_line = (f"{_num(kept)} of {candidates:,} candidates kept ({kept / candidates:.1%})."
+                  if isinstance(kept, int) and candidates else "")
+    stages, total = _stages(m)
+    usage = _dict(m.get("usage"))
+    cost = _dict(m.get("cost"))
+    notes = []
+    if usage.get("estimated"):
+        notes.append("Some token counts are estimates: the endpoint did not report usage for every request.")
+    if not cost.get("priced", False):
+        notes.append("Cost is unknown: no price was known for this model.")
+    elif cost.get("price_in_per_1m") is not None:
+        notes.append(f"Priced at ${cost['price_in_per_1m']:g} / ${cost.get('price_out_per_1m', 0):g} per 1M prompt / completion tokens"
+                     + (f" ({cost['price_source']})." if cost.get("price_source") else "."))
+
+    split_sizes = ", ".join(f"{name} {len(rows):,}" for name, rows in build.splits.items())
+    rows_line = f"{build.rows:,} rows ({split_sizes}), `{build.fmt}` format" + (", lineage columns included." if not build.slim else ".")
+    run_bits = [f"status {m.get('status', 'unknown')}"]
+    if m.get("stop_reason"):
+        run_bits.append(f"stop reason {m['stop_reason']}")
+    if m.get("created"):
+        run_bits.append(f"started {m['created']}")
+    if m.get("updated"):
+        run_bits.append(f"last updated {m['updated']}")
+    export_bits = [f"format {build.fmt}", f"shuffle seed {build.seed}"]
+    if build.test_size:
+        export_bits.append(f"test split {build.test_size:g} (grouped by lineage, so evolved variants of one task share a split)")
+    if build.system:
+        export_bits.append("with a system prompt")
+    if build.slim:
+        export_bits.append("lineage columns dropped")
+
+    first = next(iter(build.splits.values()), [])
+    examples = [json.dumps(_truncate(row), ensure_ascii=False, indent=2) for row in first[:3]]
+    if repo_id:
+        load_code = f'from datasets import load_dataset\n\nds = load_dataset("{repo_id}")\nprint(ds)'
+        load_note = "The repository is private: log in first (`hf auth login`) or set `HF_TOKEN`." if private is not False else ""
+    else:
+        target = local_dir.as_posix() if local_dir else "."
+        load_code = f'from datasets import load_dataset\n\nds = load_dataset("{target}")  # this folder\nprint(ds)'
+        load_note = "After `selfinstruct push`, load it by repository id instead."
+    if build.fmt == "messages":
+        load_note = (load_note + " The `messages` column feeds TRL's `SFTTrainer` and `tokenizer.apply_chat_template` directly.").strip()
+
+    if declared:
+        license_line = f"The seed tasks are declared as `{_cell(declared)}`; the card's `license` field follows it."
+    else:
+        license_line = "The seed file declared no licence (pass `--license` or `--seeds-license` to record one); check the seeds' source before reuse."
+
+    command = redact(str(m.get("command") or "not recorded"), secrets)
+    title = repo_id.split("/")[-1] if repo_id else (Path(build.run_dir).resolve().name or "selfinstruct dataset")
+    return {
+        "begin": BEGIN, "end": END, "title": title, "version": m.get("selfinstruct_version", "unknown"),
+        "language_name": language_name or lang, "rows_line": rows_line,
+        "teacher": {"model": _cell(model), "endpoint": ENDPOINTS.get(kind, "an endpoint of unrecorded kind")},
+        "seeds": {"count": f"{seeds['count']:,}" if isinstance(seeds.get("count"), int) else "an unrecorded number of",
+                  "line": _cell(", ".join(seed_parts)), "license": f"`{_cell(declared)}`" if declared else "not declared"},
+        "templates": templates or [{"stage": "generate", "name": "not recorded", "sha256": "not recorded"}],
+        "decoding": _cell(", ".join(decoding) or "not recorded"), "evol": _cell(evol), "near_duplicate": near,
+        "requests": f"{_num(counts.get('requests'))} ({_num(counts.get('failed_requests'))} failed)",
+        "run_line": _cell(", ".join(run_bits)), "export_line": _cell(", ".join(export_bits)),
+        "command": command, "filters": filters, "rejected_total": f"{rejected_total:,}", "yield_line": yield_line,
+        "stages": stages, "total": total, "cost_note": " ".join(notes),
+        "format_line": {"alpaca": "Alpaca style: one task per row.", "sharegpt": "ShareGPT style: one conversation per row.",
+                        "messages": "OpenAI chat style: one conversation per row."}[build.fmt],
+        "columns": _columns(build), "examples": examples, "load_code": load_code, "load_note": load_note,
+        "license_line": license_line,
+    }
+
+
+def _template() -> jinja2.Template:
+    from selfinstruct.prompts import prompts_dir
+
+    path = prompts_dir() / "card.md.jinja"
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    return env.from_string(path.read_text(encoding="utf-8"))
+
+
+def body(build, *, repo_id: str | None = None, local_dir: Path | None = None, license: str | None = None,
+         secrets: Iterable[str] = (), private: bool | None = None) -> str:
+    """The generated Markdown block, between the selfinstruct markers."""
+    secrets = [s for s in secrets if s]
+    text = _template().render(**_context(build, repo_id=repo_id, local_dir=local_dir, license=license, secrets=secrets, private=private))
+    for secret in secrets:  # belt and braces: the data itself is left as it is otherwise
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def split_card(text: str | None) -> tuple[dict, str]:
+    """Front matter (as a dict) and the Markdown body of a card."""
+    import yaml
+
+    if not text:
+        return {}, ""
+    match = _FRONT.search(text)
+    if not match:
+        return {}, text
+    try:
+        data = yaml.safe_load(match.group(2)) or {}
+    except yaml.YAMLError as exc:
+        raise PublishError(f"the existing README.md has invalid YAML front matter ({str(exc).splitlines()[0]})",
+                           "fix the card's YAML on the Hub (or delete the README.md), then push again") from None
+    if not isinstance(data, dict):
+        raise PublishError("the existing README.md front matter is not a YAML mapping", "fix the card's YAML, then push again")
+    return data, text[match.end():]
+
+
+def merge(existing: str | None, meta: dict, block: str) -> str:
+    """Our keys over the existing front matter; our block replaced in place, user text kept around it."""
+    from huggingface_hub import DatasetCardData
+
+    data, text = split_card(existing)
+    merged = {**data, **meta}
+    # Our keys first, then the user's own, then what `datasets` maintains (it appends those anyway).
+    tail = [k for k in ("configs", "dataset_info") if k in merged]
+    order = [k for k in meta if k not in tail] + [k for k in data if k not in meta and k not in tail] + tail
+    yaml_text = DatasetCardData(**{k: merged[k] for k in order}, ignore_metadata_errors=True).to_yaml(original_order=order)
+    block = block.rstrip("\n") + "\n"
+    if _BLOCK.search(text):
+        text = _BLOCK.sub(lambda _: block, text, count=1)
+    elif text.strip():
+        text = text.rstrip("\n") + "\n\n" + block
+    else:
+        text = block
+    return f"---\n{yaml_text}\n---\n\n{text.lstrip(chr(10))}"
+
+
+def datasets_yaml(build, dd, sizes: dict[str, int]) -> dict:
+    """`configs` and `dataset_info` exactly as `datasets.push_to_hub` writes them, for a local export."""
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    from selfinstruct.export import DATA_DIR
+
+    info = DatasetInfo(config_name="default", features=build.features(), splits=SplitDict(), download_size=0, dataset_size=0)
+    for name, ds in dd.items():
+        nbytes = ds._estimate_nbytes()
+        info.splits.add(SplitInfo(name=name, num_bytes=nbytes, num_examples=len(ds)))
+        info.download_size += sizes.get(name, 0)
+        info.dataset_size += nbytes
+    info.size_in_bytes = info.download_size + info.dataset_size
+    card_data = DatasetCardData()
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    MetadataConfigs({"default": {"data_files": [{"split": name, "path": f"{DATA_DIR}/{name}-*"} for name in dd]}}).to_dataset_card_data(card_data)
+    return card_data.to_dict()
+
+
+def local_card(build, dd, sizes: dict[str, int], to: Path, *, existing: str | None = None, license: str | None = None) -> str:
+    """The README.md of an export folder."""
+    data, _ = split_card(existing)
+    meta = metadata(build, license=license, existing=data) | datasets_yaml(build, dd, sizes)
+    return merge(existing, meta, body(build, local_dir=Path(to), license=license))
+
+
+def hub_card(build, existing: str | None, repo_id: str, *, license: str | None = None, secrets: Iterable[str] = (), private: bool | None = None) -> str:
+    """The README.md of a Hub repo, merged into the card `datasets` just wrote (which holds configs/dataset_info)."""
+    data, _ = split_card(existing)
+    meta = metadata(build, license=license, existing=data, repo_id=repo_id)
+    return merge(existing, meta, body(build, repo_id=repo_id, license=license, secrets=secrets, private=private))
