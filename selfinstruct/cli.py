@@ -306,3 +306,53 @@ def seeds_check(
             console.print("[green]ok[/]")
     if failed:
         raise typer.Exit(1)
+
+
+def _stderr(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory (generate's --out)."),
+    to: Path = typer.Option(..., "--to", help="Output directory: parquet under data/, a README.md dataset card."),
+    fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Also write <split>.jsonl files."),
+    test_size: Optional[float] = typer.Option(None, "--test-size", help="Hold out a test split: a fraction (0.05) or a row count (500)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and the split."),
+    slim: bool = typer.Option(False, "--slim", help="Drop the lineage columns (id, seed_ids, evol_ops, model)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt to start each sharegpt/messages conversation."),
+    license: Optional[str] = typer.Option(None, "--license", help="Licence id for the card (default: the seeds' declared licence)."),
+) -> None:
+    """Write a run's kept records as parquet (and JSONL) with a dataset card, ready to upload."""
+    from selfinstruct.export import export_run
+
+    result = export_run(run_dir, to, fmt, jsonl=jsonl, test_size=test_size, seed=seed, slim=slim, system=system, license=license, echo=_stderr)
+    splits = ", ".join(f"{name} {n:,}" for name, n in result.rows.items())
+    typer.echo(f"exported {sum(result.rows.values()):,} rows ({splits}) as {fmt} to {result.path}")
+
+
+@app.command()
+def push(
+    run_dir: Path = typer.Argument(..., help="A run directory (generate's --out)."),
+    repo: str = typer.Option(..., "--repo", help="Hub dataset repo, OWNER/NAME."),
+    public: bool = typer.Option(False, "--public", help="Create the repo public (default: private)."),
+    fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages."),
+    test_size: Optional[float] = typer.Option(None, "--test-size", help="Hold out a test split: a fraction (0.05) or a row count (500)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and the split."),
+    slim: bool = typer.Option(False, "--slim", help="Drop the lineage columns (id, seed_ids, evol_ops, model)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt to start each sharegpt/messages conversation."),
+    license: Optional[str] = typer.Option(None, "--license", help="Licence id for the card (default: the seeds' declared licence)."),
+    revision: Optional[str] = typer.Option(None, "--revision", "--branch", help="Branch to push to, created if missing (default main)."),
+    commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Message of the data commit."),
+    retries: int = typer.Option(5, "--retries", help="Attempts per Hub step on 429, 5xx and network errors."),
+) -> None:
+    """Push a run to a Hugging Face Hub dataset repo (private by default) with a dataset card. Token: HF_TOKEN or `hf auth login`."""
+    from selfinstruct.hub import push_run
+
+    result = push_run(
+        run_dir, repo, private=not public, fmt=fmt, test_size=test_size, seed=seed, slim=slim, system=system,
+        revision=revision, commit_message=commit_message, license=license, retries=retries, echo=_stderr,
+    )
+    splits = ", ".join(f"{name} {n:,}" for name, n in result.rows.items())
+    typer.echo(f"pushed {sum(result.rows.values()):,} rows ({splits}) to {result.url} ({'private' if result.private else 'public'})")
