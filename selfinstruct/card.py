@@ -50,7 +50,8 @@ def mask_secrets(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = _SECRET_FLAG.sub(lambda m: f"{m.group(1)}{m.group(2)}***", text)
+    # --api-key-env NAME names a variable, not a secret: keep it so the command stays reproducible.
+    text = _SECRET_FLAG.sub(lambda m: m.group(0) if m.group(1).endswith("-env") else f"{m.group(1)}{m.group(2)}***", text)
     return _SECRET_LIKE.sub("***", text)
 
 
