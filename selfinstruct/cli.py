@@ -345,7 +345,7 @@ def push(
     license: Optional[str] = typer.Option(None, "--license", help="Licence id for the card (default: the seeds' declared licence)."),
     revision: Optional[str] = typer.Option(None, "--revision", "--branch", help="Branch to push to, created if missing (default main)."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Message of the data commit."),
-    retries: int = typer.Option(5, "--retries", help="Attempts per Hub step on 429, 5xx and network errors."),
+    retries: int = typer.Option(4, "--retries", help="Retries per Hub step on 429, 5xx and network errors."),
 ) -> None:
     """Push a run to a Hugging Face Hub dataset repo (private by default) with a dataset card. Token: HF_TOKEN or `hf auth login`."""
     from selfinstruct.hub import push_run

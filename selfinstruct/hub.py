@@ -12,7 +12,7 @@ import tenacity
 
 from selfinstruct.errors import ConfigError, PublishError
 
-DEFAULT_RETRIES = 5
+DEFAULT_RETRIES = 4  # retries after the first attempt, like generate's --retries
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_WAIT = 60.0
 TOKEN_PAGE = "https://huggingface.co/settings/tokens"
@@ -191,11 +191,10 @@ def publish_error(exc: BaseException, *, repo_id: str, token: str | None, attemp
                                 f"check the network or HF_ENDPOINT; {again}")
         return PublishError(_scrub(f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", token), again)
     server = ""
-    for e in _chain(exc):
-        if isinstance(e, HfHubHTTPError):
-            server = (getattr(e, "server_message", None) or "").strip().splitlines()[0:1]
-            server = f": {_scrub(server[0], token)}" if server else ""
-            break
+    hub_error = next((e for e in _chain(exc) if isinstance(e, HfHubHTTPError)), None)
+    lines = (getattr(hub_error, "server_message", None) or "").strip().splitlines()
+    if lines:
+        server = f": {_scrub(lines[0], token)}"
     if status == 401:
         return PublishError(f"{what}: the Hub rejected the token (401 Unauthorized{server})", f"HF_TOKEN or the saved login is invalid or expired; create a new write token at {TOKEN_PAGE}")
     if status == 403:
@@ -306,14 +305,15 @@ def push_run(
     from selfinstruct.export import build as build_rows, check_format, status_note
 
     check_format(fmt)
-    if retries < 1:
-        raise ConfigError(f"--retries {retries} must be at least 1", "pass --retries 5")
+    if retries < 0:
+        raise ConfigError(f"--retries {retries} must be 0 or more", "pass --retries 4")
+    attempts = retries + 1
     from huggingface_hub import HfApi
 
     token = token or get_token()
     api = HfApi(endpoint=endpoint(), token=token)
     b = build_rows(run_dir, fmt, test_size=test_size, seed=seed, slim=slim, system=system)  # local errors before any upload
-    repo_id, is_private = prepare_repo(api, repo, token=token, private=private, attempts=retries, echo=echo)
+    repo_id, is_private = prepare_repo(api, repo, token=token, private=private, attempts=attempts, echo=echo)
     if echo:
         for line in status_note(b):
             echo(line)
@@ -325,10 +325,10 @@ def push_run(
     message = commit_message or f"Upload {b.rows:,} {fmt} rows from selfinstruct"
     # datasets skips unchanged shards and replaces stale ones, so a retried or repeated push converges.
     _call(lambda: dd.push_to_hub(repo_id, private=private, token=token, revision=revision, commit_message=message),
-          what="uploading the data", repo_id=repo_id, token=token, attempts=retries, echo=echo)
+          what="uploading the data", repo_id=repo_id, token=token, attempts=attempts, echo=echo)
     if echo:
         echo("writing the dataset card")
     _call(lambda: push_card(api, b, repo_id, token=token, revision=revision, license=license, private=is_private),
-          what="writing the dataset card", repo_id=repo_id, token=token, attempts=retries, echo=echo)
+          what="writing the dataset card", repo_id=repo_id, token=token, attempts=attempts, echo=echo)
     url = f"{endpoint()}/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
     return PushResult(repo_id, url, revision or "main", is_private, {k: len(v) for k, v in b.splits.items()})

@@ -153,7 +153,7 @@ def test_transient_500_and_429_are_retried_then_push_succeeds(hub, run, tmp_path
 def test_failed_push_leaves_run_untouched_and_can_be_repeated(hub, run, tmp_path):
     before = snapshot(run)
     hub.fail("POST", r"/commit/", 503, times=10, headers={"Retry-After": "0"})
-    proc = cli(hub.url, tmp_path, str(run), "--repo", "alice/flaky", "--retries", "2")
+    proc = cli(hub.url, tmp_path, str(run), "--repo", "alice/flaky", "--retries", "1")
     assert_one_line_error(proc, "uploading the data", "HTTP 503", "after 2 attempt(s)", "re-run the same command")
     assert snapshot(run) == before
     assert not any(p.startswith("data/") for p in hub.files("alice/flaky"))
@@ -260,7 +260,7 @@ def test_network_down(run, inproc):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
     before = snapshot(run)
-    proc = inproc(str(run), "--repo", "alice/x", "--retries", "2", endpoint=f"http://127.0.0.1:{port}")
+    proc = inproc(str(run), "--repo", "alice/x", "--retries", "1", endpoint=f"http://127.0.0.1:{port}")
     assert_one_line_error(proc, "cannot reach the Hub", f"127.0.0.1:{port}", "after 2 attempt(s)")
     assert "retrying" in proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr
@@ -273,3 +273,32 @@ def test_bad_arguments_fail_before_any_request(hub, run, tmp_path, inproc):
     proc = inproc(str(tmp_path / "missing"), "--repo", "alice/x")
     assert_one_line_error(proc, "no such run directory")
     assert [r for r in hub.requests if r[1] != "/api/agent-harnesses"] == []
+
+
+def test_retry_policy():
+    import httpx2
+    import tenacity
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from selfinstruct.hub import _wait, is_transient
+
+    def http_error(status: int, headers: dict | None = None) -> HfHubHTTPError:
+        request = httpx2.Request("POST", "http://127.0.0.1/api/datasets/a/b/commit/main")
+        return HfHubHTTPError("boom", response=httpx2.Response(status, headers=headers, request=request))
+
+    assert [is_transient(http_error(s)) for s in (429, 500, 502, 503, 504, 400, 401, 403, 404, 409, 412)] == [True] * 5 + [False] * 6
+    assert is_transient(httpx2.ConnectError("refused"))
+    wrapped = RuntimeError("Error while uploading 'data/train.parquet' to the Hub.")
+    wrapped.__cause__ = http_error(503)
+    assert is_transient(wrapped) and not is_transient(ValueError("bad yaml"))
+
+    def state(exc: BaseException, attempt: int) -> tenacity.RetryCallState:
+        s = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        s.attempt_number = attempt
+        s.set_exception((type(exc), exc, None))
+        return s
+
+    assert _wait(state(http_error(429, {"Retry-After": "7"}), 1)) == 7.0
+    assert _wait(state(http_error(503, {"Retry-After": "9999"}), 1)) == 60.0
+    assert 1.0 <= _wait(state(http_error(500), 1)) <= 1.25 and 4.0 <= _wait(state(http_error(500), 3)) <= 5.0
+    assert _wait(state(http_error(500), 10)) <= 30 * 1.25
