@@ -181,7 +181,8 @@ def _columns(build) -> list[dict[str, str]]:
     return cols
 
 
-def _filters(m: dict) -> tuple[list[dict[str, str]], int]:
+def _filters(m: dict) -> tuple[list[dict[str, str]], int, int]:
+    """The filter table rows, the total rejected, and how many of those were failed requests (not candidates)."""
     filters = _dict(m.get("filters"))
     rejected = {str(k): v for k, v in _dict(_dict(m.get("counts")).get("rejected")).items() if isinstance(v, (int, float))}
     names = [str(r) for r in filters.get("rules") or [] if isinstance(r, str)]
@@ -194,7 +195,7 @@ def _filters(m: dict) -> tuple[list[dict[str, str]], int]:
         if name == "near-duplicate" and isinstance(filters.get("similarity"), (int, float)):
             what = f"ROUGE-L F1 ≥ {filters['similarity']:g} with a seed or an already kept instruction"
         rows.append({"name": name, "what": _cell(what), "count": _num(rejected.get(name, 0))})
-    return rows, int(sum(rejected.values()))
+    return rows, int(sum(rejected.values())), int(rejected.get("request-failed", 0))
 
 
 def _stages(m: dict) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -252,9 +253,9 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
 
     sim = _dict(m.get("filters")).get("similarity", cfg.get("similarity"))
     near = f"ROUGE-L F1 ≥ {sim:g} (CJK-aware tokens)" if isinstance(sim, (int, float)) else "not recorded"
-    filters, rejected_total = _filters(m)
+    filters, rejected_total, failed = _filters(m)
     kept = counts.get("kept", build.rows)
-    candidates = (kept if isinstance(kept, int) else 0) + rejected_total
+    candidates = (kept if isinstance(kept, int) else 0) + rejected_total - failed
     yield_line = (f"{_num(kept)} of {candidates:,} candidates kept ({kept / candidates:.1%})."
                   if isinstance(kept, int) and candidates else "")
     stages, total = _stages(m)

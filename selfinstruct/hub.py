@@ -215,8 +215,6 @@ def _call(fn: Callable[[], T], *, what: str, repo_id: str, token: str, attempts:
     except PublishError:
         raise
     except Exception as exc:  # the Hub client raises many types; all end as one line for the user
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
         raise publish_error(exc, repo_id=repo_id, token=token, attempts=attempts if is_transient(exc) else 1, what=what) from None
     raise AssertionError("unreachable")  # pragma: no cover
 

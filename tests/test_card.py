@@ -125,3 +125,13 @@ def test_card_degrades_with_an_empty_manifest(tmp_path):
     card = hub_card(build(run, "alpaca"), None, "alice/x")
     assert front(card)["license"] == "unknown" and "not recorded" in card and "status running" in card
     assert "Simplified Chinese" in card  # language inferred from the text itself
+
+
+def test_failed_requests_are_listed_but_not_counted_as_candidates(tmp_path):
+    run = make_run(tmp_path / "run")
+    manifest = json.loads((run / "manifest.json").read_text(encoding="utf-8"))
+    manifest["counts"]["rejected"]["request-failed"] = 3
+    (run / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    card = hub_card(build(run, "alpaca"), None, "alice/x")
+    assert "| `request-failed` | the teacher request failed after retries | 3 |" in card
+    assert "12 of 14 candidates kept (85.7%)." in card and "**total** | | **5**" in card

@@ -58,12 +58,11 @@ class FileEntry:
     sha256: str
     size: int
     lfs: bool
+    sha1: str = ""  # git blob id of a regular file's content
 
     def oid(self) -> str:
-        """The git blob id the tree endpoint reports."""
+        """The git blob id the tree endpoint reports (of the pointer file, for LFS files)."""
         return git_blob_oid(lfs_pointer(self.sha256, self.size)) if self.lfs else self.sha1
-
-    sha1: str = ""
 
 
 @dataclass
