@@ -110,6 +110,16 @@ def _truncate(value: Any, limit: int = 240) -> Any:
     return value
 
 
+def _example(row: dict) -> str:
+    """A row as JSON with one key per line and one chat turn per line: short enough to read on a card."""
+    def value(v: Any) -> str:
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            return "[\n" + ",\n".join("    " + json.dumps(x, ensure_ascii=False) for x in v) + "\n  ]"
+        return json.dumps(v, ensure_ascii=False)
+
+    return "{\n" + ",\n".join(f"  {json.dumps(k, ensure_ascii=False)}: {value(v)}" for k, v in row.items()) + "\n}"
+
+
 def _evol_ops(build) -> dict[str, int]:
     evol = _dict(build.manifest.get("evol"))
     ops = evol.get("ops")
@@ -288,7 +298,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
         export_bits.append("lineage columns dropped")
 
     first = next(iter(build.splits.values()), [])
-    examples = [json.dumps(_truncate(row), ensure_ascii=False, indent=2) for row in first[:3]]
+    examples = [_example(_truncate(row)) for row in first[:3]]
     if repo_id:
         load_code = f'from datasets import load_dataset\n\nds = load_dataset("{repo_id}")\nprint(ds)'
         load_note = "The repository is private: log in first (`hf auth login`) or set `HF_TOKEN`." if private is not False else ""
