@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import random
 import re
 from dataclasses import dataclass
@@ -112,11 +114,22 @@ def _status(exc: BaseException) -> int | None:
     return None
 
 
-def _network_error(exc: BaseException) -> BaseException | None:
-    import httpx2
+@functools.lru_cache(maxsize=1)
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Network error types of whichever HTTP client this huggingface_hub uses (httpx2, httpx or requests)."""
+    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"), ("requests", "Timeout")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
+
+def _network_error(exc: BaseException) -> BaseException | None:
+    errors = _transport_errors()
     for e in _chain(exc):
-        if isinstance(e, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        if isinstance(e, errors):
             return e
     return None
 
