@@ -225,6 +225,11 @@ def generate(
         console.print(f"interrupted; everything finished is saved. Resume with: {gen.command}")
     if exit_code:
         raise typer.Exit(exit_code)
+    if cfg.push_to:
+        from selfinstruct.hub import push_run
+
+        # Re-running a finished run goes straight here, so a failed push is retried by the same command.
+        push_run(run.path, cfg.push_to, private=True, license=seed_set.license, echo=_stderr)
 
 
 async def _drive(gen, settings, api_key) -> int:

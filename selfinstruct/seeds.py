@@ -146,4 +146,15 @@ def read_seeds(path: Path, license: str | None = None) -> SeedSet:
         if task.id in seen:
             raise InputError(f"{path}:{task.line}: duplicate id {task.id!r} (first at line {seen[task.id].line})", _HINT)
         seen[task.id] = task
-    return SeedSet(path=path, tasks=tuple(tasks), sha256=hashlib.sha256(data).hexdigest(), license=license)
+    return SeedSet(path=path, tasks=tuple(tasks), sha256=hashlib.sha256(data).hexdigest(), license=license or declared_license(path))
+
+
+def declared_license(path: Path) -> str | None:
+    """The SPDX id in a REUSE-style sidecar `<seed file>.license`, if there is one."""
+    sidecar = path.with_name(path.name + ".license")
+    if not sidecar.exists():
+        return None
+    for line in sidecar.read_text(encoding="utf-8").splitlines():
+        if "SPDX-License-Identifier:" in line:
+            return line.split("SPDX-License-Identifier:", 1)[1].strip() or None
+    return None
