@@ -62,7 +62,10 @@ def fail(exc: UserError) -> None:
 def main() -> None:
     """Console-script entry point."""
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode click returns typer.Exit's code instead of raising it.
+        result = app(standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool):
+            sys.exit(result)
     except UserError as exc:
         if _debug:
             raise
