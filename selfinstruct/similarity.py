@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
 
 from rapidfuzz import process
 from rapidfuzz.distance import Indel
@@ -63,6 +67,16 @@ class Match:
     key: str
     text: str
     score: float
+
+
+def cutoff(threshold: float) -> float:
+    """The score_cutoff to hand rapidfuzz for a `>= threshold` test.
+
+    With a cutoff, rapidfuzz turns it into a whole-number distance bound and can reject a pair
+    whose score, computed without one, is exactly the threshold (F1 3/10 at 0.3); so ask for a
+    hair less and compare the returned score, the same float `rouge_l` gives, ourselves.
+    """
+    return max(0.0, threshold - 1e-6)
 
 
 def partner_min_len(length: int, threshold: float) -> int:
@@ -196,9 +210,9 @@ class DedupIndex:
             code,
             [codes[i] for i in order],
             scorer=Indel.normalized_similarity,
-            score_cutoff=self.threshold,
+            score_cutoff=cutoff(self.threshold),
         )
-        if best is None:
+        if best is None or best[1] < self.threshold:
             return None
         _, score, pos = best
         i = order[pos]
@@ -234,3 +248,495 @@ class DedupIndex:
         if match is None:
             self._add(key, text, code, tagged)
         return match
+
+
+# ---- batch near-duplicate removal ------------------------------------------------------------
+#
+# When every record is known up front, the greedy keep-first answer can be computed in bulk:
+# encode all texts once, fix one global token order (rarest first), generate candidate pairs
+# with a vectorised prefix-filter join, verify them with rapidfuzz on all cores, then walk the
+# verified pairs in input order. Records are taken in blocks: each block is joined against the
+# records kept so far, then with itself, so the index only ever holds kept records and a block's
+# pair set stays bounded however many near-copies the data holds.
+
+# Bits below a join group's id in the sorted composite key; lengths must stay under 2**32.
+_LEN_BITS = 32
+# Pairs generated per slice of a join (bounds temporary memory).
+_PAIR_CHUNK = 4_000_000
+# Split a block in two when its self-join would generate more raw pairs than this.
+_BLOCK_PAIR_BUDGET = 40_000_000
+# Prefix combinations (k tokens each) a record may emit; longer records fall back to single tokens.
+_COMBO_BUDGET = 512
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Greedy keep-first verdicts: for record i, `duplicate_of[i]` is the kept record it repeats, or -1."""
+
+    duplicate_of: np.ndarray
+    score: np.ndarray
+    candidates: int
+    pairs: int
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.duplicate_of < 0
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads consecutive ids over 64 bits (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return h ^ (h >> np.uint64(31))
+
+
+def _ceil(x: np.ndarray) -> np.ndarray:
+    # The slack only ever loosens a bound: a filter may keep a pair it could drop, never the reverse.
+    return np.ceil(x - 1e-9).astype(np.int64)
+
+
+def _lo(n: np.ndarray, t: float) -> np.ndarray:
+    return np.maximum(1, _ceil(n * (t / (2.0 - t))))
+
+
+def _hi(n: np.ndarray, t: float) -> np.ndarray:
+    return np.floor(n * ((2.0 - t) / t) + 1e-9).astype(np.int64)
+
+
+def _need(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
+    """Shared tokens two sequences of lengths a and b need for F1 >= t (LCS <= multiset overlap)."""
+    return np.maximum(1, _ceil((a + b) * (t / 2.0)))
+
+
+class TokenTable:
+    """All records' tokens as one array: per record, tagged tokens sorted rarest first.
+
+    A token is tagged with its occurrence number ("的" twice becomes 的#0, 的#1), turning the
+    multiset into a set whose overlap bounds the LCS. Rarity is document frequency over the
+    whole batch, fixed once, so every prefix is taken under the same order (what prefix
+    filtering needs to be exact).
+    """
+
+    def __init__(self, codes: Sequence[str]) -> None:
+        self.lens = np.fromiter((len(c) for c in codes), dtype=np.int64, count=len(codes))
+        self.starts = np.zeros(len(codes), dtype=np.int64)
+        np.cumsum(self.lens[:-1], out=self.starts[1:])
+        tok = np.frombuffer("".join(codes).encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        rec = np.repeat(np.arange(len(codes), dtype=np.int64), self.lens)
+        order = np.lexsort((tok, rec))  # stable: equal tokens of a record keep text order
+        tok, rec = tok[order], rec[order]
+        del order
+        idx = np.arange(len(tok), dtype=np.int64)
+        new = np.ones(len(tok), dtype=bool)
+        new[1:] = (tok[1:] != tok[:-1]) | (rec[1:] != rec[:-1])
+        occ = idx - np.maximum.accumulate(np.where(new, idx, 0))
+        del new, idx
+        ids, inv = np.unique(tok * (1 << 32) + occ, return_inverse=True)
+        del tok, occ
+        df = np.bincount(inv.ravel(), minlength=len(ids))
+        rank = np.empty(len(ids), dtype=np.int64)
+        rank[np.lexsort((np.arange(len(ids)), df))] = np.arange(len(ids))
+        ranks = rank[inv.ravel()]
+        del inv, rank
+        # rec is already sorted, so a lexsort on (rank, rec) only reorders inside each record.
+        self.ranks = ranks[np.lexsort((ranks, rec))]
+        self.vocab = len(ids)
+
+
+@dataclass
+class _Side:
+    """Signature entries of some records, sorted for range look-ups by (signature, length)."""
+
+    keys: np.ndarray   # distinct signature hashes, sorted
+    comp: np.ndarray   # (group << 32) | length, sorted
+    rec: np.ndarray
+    rest: np.ndarray   # overlap bound of the positional filter
+
+    @classmethod
+    def build(cls, sig: np.ndarray, rec: np.ndarray, rest: np.ndarray, lens: np.ndarray) -> "_Side":
+        ln = lens[rec]
+        order = np.lexsort((ln, sig))
+        sig, rec, rest, ln = sig[order], rec[order], rest[order], ln[order]
+        new = np.ones(len(sig), dtype=bool)
+        new[1:] = sig[1:] != sig[:-1]
+        group = np.cumsum(new) - 1
+        return cls(sig[new], (group << _LEN_BITS) | ln, rec, rest)
+
+    def __len__(self) -> int:
+        return len(self.rec)
+
+    @classmethod
+    def empty(cls) -> "_Side":
+        z = np.zeros(0, dtype=np.int64)
+        return cls(np.zeros(0, dtype=np.uint64), z, z, z)
+
+
+class _Prefixes:
+    """Prefix signatures under one threshold: k-token combinations for short records, single tokens else.
+
+    Two sequences sharing at least o tagged tokens share their first k common tokens inside both
+    "k-prefixes" (the n-o+k rarest tokens), so a k-combination of prefix tokens is a signature
+    every true pair has in common, and much rarer than one token. A record emits k-combinations
+    while they stay few, and single tokens (k=1) when its partners could be too long for
+    combinations, or the pair could need fewer than k shared tokens; a pair is then always
+    covered by one family both records emit.
+    """
+
+    def __init__(self, table: TokenTable, threshold: float, k: int = 2) -> None:
+        self.table = table
+        self.t = threshold
+        self.k = k
+        n = np.arange(0, int(table.lens.max(initial=0)) + 2, dtype=np.int64)
+        self.need_min = _need(n, _lo(n, threshold), threshold)  # fewest shared tokens over all partners
+        combos_ok = (n >= k) & (self.need_min >= k)
+        p = n - np.maximum(self.need_min, k) + k
+        count = np.array([math.comb(int(x), k) if ok else 0 for x, ok in zip(p, combos_ok)], dtype=np.int64)
+        combos_ok &= count <= _COMBO_BUDGET
+        # A record emits single tokens when some possible partner emits only those...
+        alone = ~combos_ok
+        lo, hi = _lo(n, threshold), np.minimum(_hi(n, threshold), len(n) - 1)
+        mark = np.zeros(len(n) + 1, dtype=np.int64)
+        np.add.at(mark, lo[alone], 1)
+        np.add.at(mark, hi[alone] + 1, -1)
+        # ...or when a pair could need fewer than k shared tokens (a+b <= 2(k-1)/t: both are short).
+        tiny = n <= math.floor(2 * (k - 1) / threshold + 1e-9)
+        self.combos = combos_ok
+        self.singles = (np.cumsum(mark)[:-1] > 0) | tiny
+        self.combo_len = np.where(combos_ok, p, 0)
+
+    def signatures(self, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(signature, record, rest) for the given records' prefixes.
+
+        `rest` bounds the overlap of any pair for which this signature holds its first k common
+        tokens: k - 1 + tokens from the signature's last one to the record's end (positional filter).
+        """
+        tab = self.table
+        n = tab.lens[recs]
+        out_sig, out_rec, out_rest = [], [], []
+        r1 = recs[self.singles[n] & (n > 0)]
+        if len(r1):
+            n1 = tab.lens[r1]
+            p1 = n1 - self.need_min[n1] + 1
+            rec = np.repeat(r1, p1)
+            pos = np.arange(len(rec), dtype=np.int64) - np.repeat(np.cumsum(p1) - p1, p1)
+            ranks = tab.ranks[tab.starts[rec] + pos].astype(np.uint64)
+            out_sig.append(_mix(ranks) | np.uint64(1))  # odd: never equal to a combination's signature
+            out_rec.append(rec)
+            out_rest.append(tab.lens[rec] - pos)
+        rk = recs[self.combos[n]]
+        if len(rk):
+            plen = self.combo_len[tab.lens[rk]]
+            for p in np.unique(plen):
+                group = rk[plen == p]
+                cols = np.array(list(itertools.combinations(range(int(p)), self.k)), dtype=np.int64)
+                mat = tab.ranks[tab.starts[group][:, None] + np.arange(p)[None, :]].astype(np.uint64)
+                h = np.full((len(group), len(cols)), np.uint64(self.k), dtype=np.uint64)
+                with np.errstate(over="ignore"):
+                    for c in range(self.k):
+                        h = _mix(h * np.uint64(0x9E3779B97F4A7C15) + mat[:, cols[:, c]])
+                out_sig.append((h & ~np.uint64(1)).ravel())
+                out_rec.append(np.repeat(group, len(cols)))
+                out_rest.append((tab.lens[group][:, None] - cols[None, :, -1] + (self.k - 1)).ravel())
+        if not out_sig:
+            z = np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=np.uint64), z, z
+        return np.concatenate(out_sig), np.concatenate(out_rec), np.concatenate(out_rest)
+
+
+def _distinct(x: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (a plain sort: numpy's hash-based unique is slower on large int arrays)."""
+    x = np.sort(x)
+    if len(x) > 1:
+        x = x[np.concatenate(([True], x[1:] != x[:-1]))]
+    return x
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray, chunk: int = _PAIR_CHUNK):
+    """Yield (entry, partner) index arrays for partners lo[e] <= p < hi[e], a bounded slice at a time."""
+    counts = np.maximum(hi - lo, 0)
+    ends = np.cumsum(counts)
+    start = 0
+    while start < len(counts):
+        base = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + chunk, side="right")))
+        c = counts[start:stop]
+        total = int(c.sum())
+        if total:
+            src = np.repeat(np.arange(start, stop, dtype=np.int64), c)
+            offset = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(c) - c, c)
+            yield src, lo[src] + offset
+        start = stop
+
+
+def _self_ranges(side: _Side, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Partners of each entry within one side: later entries of its group up to the longest partner length."""
+    ln = side.comp & ((1 << _LEN_BITS) - 1)
+    group = side.comp >> _LEN_BITS
+    lo = np.arange(1, len(side) + 1, dtype=np.int64)
+    hi = np.searchsorted(side.comp, (group << _LEN_BITS) | _hi(ln, t), side="right")
+    # Partners found this way are at least as long, so the pair needs >= need(n, n) tokens.
+    return lo, np.where(side.rest >= _need(ln, ln, t), hi, lo)
+
+
+def _cross_ranges(sig: np.ndarray, ln: np.ndarray, side: _Side, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Partners of query entries in another side: same signature, length within the bounds."""
+    group = np.searchsorted(side.keys, sig)
+    found = group < len(side.keys)
+    found[found] = side.keys[group[found]] == sig[found]
+    group = np.where(found, group, 0)
+    lo = np.searchsorted(side.comp, (group << _LEN_BITS) | _lo(ln, t), side="left")
+    hi = np.searchsorted(side.comp, (group << _LEN_BITS) | _hi(ln, t), side="right")
+    return lo, np.where(found, hi, lo)
+
+
+def _verify(codes: np.ndarray, a: np.ndarray, b: np.ndarray, t: float, workers: int) -> np.ndarray:
+    """ROUGE-L F1 of each pair (0 well below t), computed by rapidfuzz on all cores."""
+    out = np.empty(len(a), dtype=np.float64)
+    step = 2_000_000
+    for s in range(0, len(a), step):
+        out[s : s + step] = process.cpdist(
+            codes[a[s : s + step]], codes[b[s : s + step]],
+            scorer=Indel.normalized_similarity, score_cutoff=cutoff(t), workers=workers, dtype=np.float64,
+        )
+    return out
+
+
+class BatchDedup:
+    """Greedy keep-first near-duplicate removal over a known set of texts, exactly as DedupIndex would decide.
+
+    `signer` yields each record's join signatures: prefix combinations (exact) or MinHash bands
+    (approximate recall). Either way every candidate pair is verified by ROUGE-L, so a record is
+    only ever dropped for a real match.
+    """
+
+    def __init__(self, threshold: float = 0.7, *, block_size: int = 1 << 16, workers: int = -1, method: str = "exact",
+                 on_progress: Callable[[int], None] | None = None) -> None:
+        if not 0.0 < threshold <= 1.0:
+            raise ValueError("threshold must be in (0, 1]")
+        if method not in ("exact", "minhash"):
+            raise ValueError("method must be exact or minhash")
+        self.threshold = threshold
+        self.block_size = block_size
+        self.workers = workers
+        self.method = method
+        self.on_progress = on_progress
+        self.candidates = 0
+        self.pairs = 0
+
+    def run(self, texts: Sequence[str]) -> BatchResult:
+        """Verdicts for `texts` in input order."""
+        vocab = Vocabulary()
+        return self.run_codes([vocab.encode(t) for t in texts])
+
+    def run_codes(self, codes: Sequence[str]) -> BatchResult:
+        """Verdicts for already encoded texts (see Vocabulary)."""
+        t = self.threshold
+        n = len(codes)
+        dup = np.full(n, -1, dtype=np.int64)
+        score = np.zeros(n, dtype=np.float64)
+        # Identical token sequences: only the first copy takes part; a copy shares its verdict.
+        first: dict[str, int] = {}
+        copy_of = np.fromiter((first.setdefault(c, i) for i, c in enumerate(codes)), dtype=np.int64, count=n)
+        distinct = np.flatnonzero(copy_of == np.arange(n))
+        if t < 1.0 and len(distinct) > 1:
+            uniq = [codes[i] for i in distinct]
+            table = TokenTable(uniq)
+            signer = _Prefixes(table, t) if self.method == "exact" else _MinHash(table, uniq, t)
+            local_dup, local_score = self._greedy_blocks(np.array(uniq, dtype=object), table, signer)
+            kept_dup = local_dup >= 0
+            dup[distinct[kept_dup]] = distinct[local_dup[kept_dup]]
+            score[distinct] = local_score
+        copies = np.flatnonzero(copy_of != np.arange(n))
+        if len(copies):
+            src = copy_of[copies]
+            # A copy repeats its first occurrence if that was kept, else whatever that one repeated.
+            dup[copies] = np.where(dup[src] < 0, src, dup[src])
+            score[copies] = np.where(dup[src] < 0, 1.0, score[src])
+        if self.on_progress:
+            self.on_progress(n)
+        return BatchResult(dup, score, self.candidates, self.pairs + len(copies))
+
+    def similar_pairs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair i < j with F1 >= threshold this method finds (no greedy pass): for measuring recall."""
+        vocab = Vocabulary()
+        codes = [vocab.encode(t) for t in texts]
+        table = TokenTable(codes)
+        signer = _Prefixes(table, self.threshold) if self.method == "exact" else _MinHash(table, codes, self.threshold)
+        sig, rec, rest = signer.signatures(np.arange(len(codes), dtype=np.int64))
+        side = _Side.build(sig, rec, rest, table.lens)
+        lo, hi = _self_ranges(side, self.threshold)
+        a, b, s = self._join(np.array(codes, dtype=object), table.lens, lo, hi, (side.rec, side.rest), (side.rec, side.rest), ordered=False)
+        empty = np.flatnonzero(table.lens == 0)
+        if len(empty) > 1:  # empty token lists are identical to each other (F1 1.0) and match nothing else
+            ea, eb = np.triu_indices(len(empty), 1)
+            a, b = np.concatenate([a, empty[ea]]), np.concatenate([b, empty[eb]])
+            s = np.concatenate([s, np.ones(len(ea))])
+        return a, b, s
+
+    def _greedy_blocks(self, codes: np.ndarray, table: TokenTable, signer) -> tuple[np.ndarray, np.ndarray]:
+        n = len(codes)
+        dup = np.full(n, -1, dtype=np.int64)
+        score = np.zeros(n, dtype=np.float64)
+        kept = _Side.empty()
+        kept_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        pending = [np.arange(s, min(s + self.block_size, n), dtype=np.int64) for s in range(0, n, self.block_size)]
+        pending.reverse()
+        done = 0
+        while pending:
+            block = pending.pop()
+            sig, rec, rest = signer.signatures(block)
+            side = _Side.build(sig, rec, rest, table.lens)
+            lo, hi = _self_ranges(side, self.threshold)
+            if int(np.maximum(hi - lo, 0).sum()) > _BLOCK_PAIR_BUDGET and len(block) > 1:
+                half = len(block) // 2
+                pending.extend([block[half:], block[:half]])
+                continue
+            # 1. against everything kept in earlier blocks
+            if len(kept):
+                lo_k, hi_k = _cross_ranges(sig, table.lens[rec], kept, self.threshold)
+                a, b, s = self._join(codes, table.lens, lo_k, hi_k, (rec, rest), (kept.rec, kept.rest))
+                if len(a):
+                    order = np.lexsort((b, -s, a))
+                    a, b, s = a[order], b[order], s[order]
+                    first = np.ones(len(a), dtype=bool)
+                    first[1:] = a[1:] != a[:-1]
+                    dup[a[first]], score[a[first]] = b[first], s[first]
+            # 2. within the block, among records still standing
+            standing = dup[rec] < 0
+            if not standing.all():
+                side = _Side.build(sig[standing], rec[standing], rest[standing], table.lens)
+                lo, hi = _self_ranges(side, self.threshold)
+            a, b, s = self._join(codes, table.lens, lo, hi, (side.rec, side.rest), (side.rec, side.rest), ordered=False)
+            if len(a):
+                self._walk(a, b, s, dup, score)
+            # 3. the block's kept records join the index
+            keep = dup[rec] < 0
+            kept_parts.append((sig[keep], rec[keep], rest[keep]))
+            if pending:
+                kept = _Side.build(*(np.concatenate(p) for p in zip(*kept_parts)), table.lens)
+            done += len(block)
+            if self.on_progress:
+                self.on_progress(done)
+        return dup, score
+
+    def _join(self, codes, lens, lo, hi, src, dst, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate pairs from entry ranges, deduplicated, verified: (a, b, score) with score >= t.
+
+        `ordered` False (a self-join) puts the earlier record first."""
+        width = len(codes)
+        (src_rec, src_rest), (dst_rec, dst_rest) = src, dst
+        keys = []
+        for i, j in _expand(lo, hi):
+            a, b = src_rec[i], dst_rec[j]
+            fits = np.minimum(src_rest[i], dst_rest[j]) >= _need(lens[a], lens[b], self.threshold)
+            a, b = a[fits], b[fits]
+            if not ordered:
+                a, b = np.minimum(a, b), np.maximum(a, b)
+            keys.append(_distinct(a * width + b))
+        if not keys:
+            e = np.zeros(0, dtype=np.int64)
+            return e, e, np.zeros(0)
+        pk = _distinct(np.concatenate(keys))
+        a, b = pk // width, pk % width
+        same = a != b
+        a, b = a[same], b[same]
+        self.candidates += len(a)
+        s = _verify(codes, a, b, self.threshold, self.workers)
+        ok = s >= self.threshold
+        self.pairs += int(ok.sum())
+        return a[ok], b[ok], s[ok]
+
+    @staticmethod
+    def _walk(a: np.ndarray, b: np.ndarray, s: np.ndarray, dup: np.ndarray, score: np.ndarray) -> None:
+        """Greedy keep-first over verified pairs a < b: b goes if its best earlier neighbour still stands."""
+        order = np.lexsort((a, -s, b))
+        a, b, s = a[order].tolist(), b[order].tolist(), s[order].tolist()
+        decided = -1
+        for x, y, sc in zip(a, b, s):
+            if y == decided:
+                continue
+            if dup[x] < 0:
+                dup[y], score[y] = x, sc
+                decided = y
+
+
+def lsh_bands(threshold: float, recall: float = 0.95, max_bands: int = 48) -> tuple[int, int]:
+    """(bands, rows) that make any pair with F1 >= threshold a candidate with probability >= recall.
+
+    Such a pair's tagged-token Jaccard is at least j = t/(2-t); a band of r rows matches with
+    probability j**r, so b bands miss it with (1 - j**r)**b. More rows cut false candidates;
+    take the most rows that still need no more than `max_bands` bands.
+    """
+    j = threshold / (2.0 - threshold)
+    best = (1, 1)
+    for rows in range(1, 9):
+        p = j**rows
+        bands = 1 if p >= 1.0 else math.ceil(math.log(1.0 - recall) / math.log(1.0 - p))
+        if bands <= max_bands:
+            best = (bands, rows)
+    return best
+
+
+class _MinHash:
+    """MinHash LSH signatures on token n-grams (characters, for Chinese): approximate recall, cheap at scale.
+
+    Defaults were chosen on the 52K Chinese Alpaca instructions at F1 0.7: single tagged tokens
+    (bigrams of 10-20 character texts share too little) and bands from `lsh_bands`: at 0.7,
+    35 bands of 4 rows make any true pair a candidate with probability >= 0.95 whatever the data.
+    """
+
+    def __init__(self, table: TokenTable, codes: Sequence[str], threshold: float, ngram: int = 1,
+                 bands: int | None = None, rows: int | None = None, seed: int = 1) -> None:
+        self.table = table
+        self.codes = codes
+        if bands is None or rows is None:
+            bands, rows = lsh_bands(threshold)
+        self.ngram, self.bands, self.rows = ngram, bands, rows
+        rng = np.random.default_rng(seed)
+        perms = bands * rows
+        self.mul = rng.integers(1, 1 << 61, size=perms, dtype=np.uint64) | np.uint64(1)
+        self.add = rng.integers(0, 1 << 61, size=perms, dtype=np.uint64)
+
+    def signatures(self, recs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tab = self.table
+        recs = recs[tab.lens[recs] > 0]
+        n = tab.lens[recs]
+        q = self.ngram
+        starts = np.zeros(len(recs), dtype=np.int64)
+        np.cumsum(n[:-1], out=starts[1:])
+        if q == 1:
+            # Tagged tokens (的#0, 的#1): their Jaccard is >= t/(2-t) for every true pair.
+            grams = n
+            at = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(starts, n)
+            h = _mix(tab.ranks[np.repeat(tab.starts[recs], n) + at].astype(np.uint64))
+        else:
+            # Token codes in text order (the table holds them rarest first, which n-grams must not use).
+            flat = np.frombuffer("".join(self.codes[i] for i in recs).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+            # n-grams starting at each position; a record shorter than q is one gram of itself.
+            grams = np.maximum(n - q + 1, 1)
+            rec_of = np.repeat(np.arange(len(recs), dtype=np.int64), grams)
+            at = np.arange(len(rec_of), dtype=np.int64) - np.repeat(np.cumsum(grams) - grams, grams)
+            h = np.zeros(len(rec_of), dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for k in range(q):
+                    p = starts[rec_of] + at + k
+                    valid = at + k < n[rec_of]
+                    h = _mix(h * np.uint64(0x100000001B3) + np.where(valid, flat[np.minimum(p, len(flat) - 1)] + np.uint64(1), np.uint64(0)))
+        offsets = np.zeros(len(recs), dtype=np.int64)
+        np.cumsum(grams[:-1], out=offsets[1:])
+        sig = np.empty((len(recs), self.bands * self.rows), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for j in range(self.bands * self.rows):
+                sig[:, j] = np.minimum.reduceat(h * self.mul[j] + self.add[j], offsets)
+        band = np.full((len(recs), self.bands), np.uint64(0), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for b in range(self.bands):
+                acc = np.full(len(recs), np.uint64(b + 1), dtype=np.uint64)
+                for r in range(self.rows):
+                    acc = _mix(acc * np.uint64(0x9E3779B97F4A7C15) + sig[:, b * self.rows + r])
+                band[:, b] = acc
+        rec = np.repeat(recs, self.bands)
+        # No positional bound: any band match is a candidate (the length filter still applies).
+        return band.ravel(), rec, np.full(len(rec), 1 << 40, dtype=np.int64)

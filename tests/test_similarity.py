@@ -1,0 +1,189 @@
+"""ROUGE-L and near-duplicate removal: the incremental index and the batch dedup both equal brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from selfinstruct.similarity import BatchDedup, DedupIndex, rouge_l, tokenize
+
+# Few distinct tokens, so random texts collide often enough to make near-duplicates.
+ZH = list("的一是我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会")[:12]
+EN = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "x1", "42"]
+PUNCT = ["，", "。", " ", "!", "?", "、", "\n"]
+
+
+def _text(draw, pool) -> str:
+    n = draw(st.integers(0, 12))
+    parts = []
+    for _ in range(n):
+        tok = draw(st.sampled_from(pool))
+        parts.append(tok)
+        parts.append(draw(st.sampled_from(PUNCT + [" "] * 3)))
+    return "".join(parts)
+
+
+@st.composite
+def corpora(draw):
+    pool = draw(st.sampled_from([ZH, EN, ZH + EN]))
+    base = [_text(draw, pool) for _ in range(draw(st.integers(1, 12)))]
+    out = list(base)
+    # Near-copies: edit a few tokens of earlier texts.
+    for _ in range(draw(st.integers(0, 25))):
+        src = tokenize(draw(st.sampled_from(out)))
+        if src and draw(st.booleans()):
+            i = draw(st.integers(0, len(src) - 1))
+            src[i] = draw(st.sampled_from(pool))
+        if draw(st.booleans()):
+            src.append(draw(st.sampled_from(pool)))
+        sep = "" if pool is ZH else " "
+        out.append(sep.join(src))
+    return draw(st.permutations(out))
+
+
+def brute_force(texts: list[str], t: float) -> list[int]:
+    """Greedy keep-first by all pairs: for each record, -1 or the index of a kept earlier record it repeats."""
+    verdict: list[int] = []
+    kept: list[int] = []
+    for j, text in enumerate(texts):
+        hit = next((i for i in kept if rouge_l(texts[i], text) >= t), None)
+        verdict.append(-1 if hit is None else hit)
+        if hit is None:
+            kept.append(j)
+    return verdict
+
+
+def check_matches(texts, dup, score, t):
+    """Every drop names an earlier kept record with the claimed score at or above t."""
+    for j, i in enumerate(dup):
+        if i >= 0:
+            assert i < j and dup[i] < 0
+            assert rouge_l(texts[i], texts[j]) == score[j]
+            assert score[j] >= t
+
+
+THRESHOLDS = st.sampled_from([0.5, 0.7, 1.0, 0.85, 0.3])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora(), THRESHOLDS)
+def test_batch_equals_brute_force(texts, t):
+    want = brute_force(texts, t)
+    got = BatchDedup(t).run(texts)
+    assert (got.duplicate_of < 0).tolist() == [v < 0 for v in want]
+    check_matches(texts, got.duplicate_of, got.score, t)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora(), THRESHOLDS, st.integers(1, 7))
+def test_batch_in_small_blocks_equals_brute_force(texts, t, block):
+    """Blocks joined against what earlier blocks kept give the same answer as one block."""
+    want = brute_force(texts, t)
+    got = BatchDedup(t, block_size=block).run(texts)
+    assert (got.duplicate_of < 0).tolist() == [v < 0 for v in want]
+    check_matches(texts, got.duplicate_of, got.score, t)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora(), THRESHOLDS)
+def test_incremental_index_equals_brute_force(texts, t):
+    index = DedupIndex(t)
+    want = brute_force(texts, t)
+    for j, text in enumerate(texts):
+        match = index.add_if_novel(str(j), text)
+        assert (match is None) == (want[j] < 0)
+        if match is not None:
+            assert match.score >= t
+            assert rouge_l(texts[int(match.key)], text) == match.score
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora(), st.sampled_from([0.5, 0.7, 0.9]))
+def test_similar_pairs_are_all_pairs(texts, t):
+    a, b, s = BatchDedup(t).similar_pairs(texts)
+    got = set(zip(a.tolist(), b.tolist()))
+    want = {(i, j) for j in range(len(texts)) for i in range(j) if rouge_l(texts[i], texts[j]) >= t}
+    assert got == want
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora(), st.sampled_from([0.5, 0.7]))
+def test_minhash_never_drops_a_non_duplicate(texts, t):
+    """MinHash may miss pairs (recall), but every pair it reports is verified: precision 1.0."""
+    got = BatchDedup(t, method="minhash").run(texts)
+    check_matches(texts, got.duplicate_of, got.score, t)
+    a, b, s = BatchDedup(t, method="minhash").similar_pairs(texts)
+    for i, j, score in zip(a.tolist(), b.tolist(), s.tolist()):
+        assert rouge_l(texts[i], texts[j]) == score and score >= t
+
+
+def test_tokenize_cjk_characters_and_ascii_runs():
+    assert tokenize("用Python写3个函数！") == ["用", "python", "写", "3", "个", "函", "数"]
+    assert tokenize("，。！") == []
+
+
+def test_rouge_l_chinese_and_english():
+    assert rouge_l("给出保持健康的三个建议。", "给出保持健康的三个建议") == 1.0
+    assert rouge_l("the cat sat", "the cat ran") == pytest.approx(2 / 3)
+    assert rouge_l("", "") == 1.0
+    assert rouge_l("", "猫") == 0.0
+
+
+def test_batch_handles_empty_and_identical_texts():
+    texts = ["", "。", "猫在垫子上", "猫在垫子上", "", "dog"]
+    got = BatchDedup(0.7).run(texts)
+    assert got.duplicate_of.tolist() == [-1, 0, -1, 2, 0, -1]
+    assert got.score.tolist() == [0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def test_similarity_one_keeps_everything_but_identical_token_sequences():
+    texts = ["猫在垫子上。", "猫在垫子上", "猫在垫子上了", "The cat", "the CAT!"]
+    got = BatchDedup(1.0).run(texts)
+    assert got.keep.tolist() == [True, False, True, True, False]
+
+
+def test_long_records_fall_back_to_single_tokens():
+    """Records too long for prefix combinations still find their partners."""
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)]
+    base = " ".join(rng.choice(words, 120))
+    edited = base.split()
+    for i in rng.choice(len(edited), 10, replace=False):
+        edited[i] = "zz"
+    texts = [base, " ".join(rng.choice(words, 120)), " ".join(edited)]
+    assert brute_force(texts, 0.7) == BatchDedup(0.7).run(texts).duplicate_of.tolist()
+    assert BatchDedup(0.7).run(texts).duplicate_of.tolist()[2] == 0
+
+
+def test_threshold_out_of_range_is_rejected():
+    with pytest.raises(ValueError):
+        BatchDedup(0.0)
+    with pytest.raises(ValueError):
+        BatchDedup(1.5)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(corpora(), THRESHOLDS)
+def test_tight_budgets_still_exact(monkeypatch, texts, t):
+    """Few prefix combinations per record (more single-token records) and blocks split in halves: same answer."""
+    import selfinstruct.similarity as sim
+
+    monkeypatch.setattr(sim, "_COMBO_BUDGET", 3)
+    monkeypatch.setattr(sim, "_BLOCK_PAIR_BUDGET", 5)
+    monkeypatch.setattr(sim, "_PAIR_CHUNK", 7)
+    want = brute_force(texts, t)
+    got = BatchDedup(t).run(texts)
+    assert (got.duplicate_of < 0).tolist() == [v < 0 for v in want]
+    check_matches(texts, got.duplicate_of, got.score, t)
+
+
+def test_score_exactly_at_the_threshold_is_a_duplicate():
+    """F1 3/10 at --similarity 0.3: rapidfuzz's own cutoff would reject it; rouge_l(a, b) >= t must win."""
+    texts = ["的" * 9, "的" * 3 + "一" * 8]
+    assert rouge_l(*texts) >= 0.3
+    assert BatchDedup(0.3).run(texts).duplicate_of.tolist() == [-1, 0]
+    index = DedupIndex(0.3)
+    index.add("a", texts[0])
+    assert index.search(texts[1]) is not None
