@@ -171,3 +171,137 @@ def check(instruction: str, input: str, output: str, settings: RuleSettings) -> 
             if detail is not None:
                 return reason, detail
     return None
+
+
+# ---- user rules (selfinstruct filter --rule-file) ----------------------------------------------
+
+USER_RULE_KEYS = ("name", "field", "regex", "min", "max", "unit", "lang", "description")
+_RULE_HINT = "a rule has name, field, and one check: regex = '...', min/max (+ unit = 'chars' or 'words'), or lang"
+
+
+@dataclass(frozen=True)
+class UserRule:
+    """A rule from the user's file: a regex, a length bound or a script check on one field."""
+
+    name: str
+    field: str = "instruction"
+    regex: re.Pattern | None = None
+    min: int | None = None
+    max: int | None = None
+    unit: str = "chars"
+    lang: str | None = None
+
+    def check(self, text: str) -> str | None:
+        """Why `text` (the rule's field) breaks the rule, or None."""
+        if self.regex is not None:
+            m = self.regex.search(text)
+            return f"{self.field} matches {self.regex.pattern!r} at {m.group(0)[:40]!r}" if m else None
+        if self.lang is not None:
+            got = script_of(text)
+            if got == "none":
+                return None  # nothing to judge; the empty rule speaks for empty fields
+            return f"{self.field} is mainly {got}, not {self.lang}" if got != expected_script(self.lang) else None
+        n = len(re.sub(r"\s+", "", text)) if self.unit == "chars" else len(text.split())
+        if self.min is not None and n < self.min:
+            return f"{self.field} has {n} {self.unit}, under {self.min}"
+        if self.max is not None and n > self.max:
+            return f"{self.field} has {n} {self.unit}, over {self.max}"
+        return None
+
+
+def load_rules(path, reserved: tuple[str, ...] = ()) -> list[UserRule]:
+    """Parse a TOML (or YAML) file of [[rule]] tables; any mistake is one InputError naming file and rule."""
+    from pathlib import Path
+
+    from selfinstruct.errors import InputError
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the rule file ({getattr(exc, 'strerror', None) or exc})", "check the path") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise InputError(f"{path}: YAML rule files need PyYAML", "pip install pyyaml, or write the rules as TOML") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: not valid YAML ({' '.join(str(exc).split())})", _RULE_HINT) from None
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"{path}: not valid TOML ({exc})", _RULE_HINT) from None
+    if isinstance(data, dict):
+        unknown = [k for k in data if k not in ("rule", "rules")]
+        if unknown:
+            raise InputError(f"{path}: unknown top-level key {unknown[0]!r}", "put each rule in a [[rule]] table")
+        items = data.get("rule", data.get("rules", []))
+    else:
+        items = data
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise InputError(f"{path}: expected a list of rules ([[rule]] tables)", _RULE_HINT)
+    rules: list[UserRule] = []
+    for k, item in enumerate(items, start=1):
+        rules.append(_user_rule(path, k, item, reserved, {r.name for r in rules}))
+    return rules
+
+
+def _user_rule(path, k: int, item: dict, reserved: tuple[str, ...], taken: set[str]) -> UserRule:
+    from selfinstruct.errors import InputError
+
+    name = item.get("name")
+    where = f"{path}: rule {name!r}" if isinstance(name, str) and name else f"{path}: rule #{k}"
+
+    def bad(what: str, hint: str = _RULE_HINT) -> InputError:
+        return InputError(f"{where}: {what}", hint)
+
+    unknown = [key for key in item if key not in USER_RULE_KEYS]
+    if unknown:
+        raise bad(f"unknown key {unknown[0]!r}", f"keys are {', '.join(USER_RULE_KEYS)}")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise bad("needs a name of letters, digits, '-', '_' or '.'")
+    if name in reserved:
+        raise bad(f"name {name!r} is a built-in rule", "choose another name; built-ins are switched with --rules/--no-rule")
+    if name in taken:
+        raise bad("the name is used twice")
+    field = item.get("field", "instruction")
+    if not isinstance(field, str) or not field:
+        raise bad("`field` must be a column name such as instruction, input or output")
+    kinds = [kind for kind, keys in (("regex", ("regex",)), ("length", ("min", "max")), ("lang", ("lang",))) if any(key in item for key in keys)]
+    if len(kinds) != 1:
+        raise bad("needs exactly one check" if not kinds else f"has {' and '.join(kinds)} checks; use one rule for each")
+    if "unit" in item and kinds != ["length"]:
+        raise bad("`unit` only goes with min/max")
+    if kinds == ["regex"]:
+        pattern = item["regex"]
+        if not isinstance(pattern, str) or not pattern:
+            raise bad("`regex` must be a non-empty string")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise bad(f"bad regex {pattern!r} ({exc})", "Python re syntax; in TOML use '...' quotes to keep backslashes") from None
+        return UserRule(name, field, regex=compiled)
+    if kinds == ["lang"]:
+        lang = item["lang"]
+        if not isinstance(lang, str) or not lang:
+            raise bad("`lang` must be a language code such as zh, en, ja, ko")
+        return UserRule(name, field, lang=lang)
+    bounds = {}
+    for key in ("min", "max"):
+        value = item.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise bad(f"`{key}` must be a whole number >= 0")
+        bounds[key] = value
+    if bounds["min"] is not None and bounds["max"] is not None and bounds["min"] > bounds["max"]:
+        raise bad("`min` is larger than `max`")
+    unit = item.get("unit", "chars")
+    if unit not in ("chars", "words"):
+        raise bad(f"`unit` must be 'chars' or 'words', not {unit!r}")
+    return UserRule(name, field, min=bounds["min"], max=bounds["max"], unit=unit)

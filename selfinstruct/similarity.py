@@ -558,6 +558,35 @@ class BatchDedup:
             self.on_progress(n)
         return BatchResult(dup, score, self.candidates, self.pairs + len(copies))
 
+    def nearest(self, texts: Sequence[str], reference: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """For each text, the most similar reference text with F1 >= threshold: (index or -1, score)."""
+        vocab = Vocabulary()
+        codes = [vocab.encode(t) for t in reference] + [vocab.encode(t) for t in texts]
+        r = len(reference)
+        best = np.full(len(texts), -1, dtype=np.int64)
+        score = np.zeros(len(texts), dtype=np.float64)
+        table = TokenTable(codes)
+        signer = _Prefixes(table, self.threshold) if self.method == "exact" else _MinHash(table, codes, self.threshold)
+        side = _Side.build(*signer.signatures(np.arange(r, dtype=np.int64)), table.lens)
+        code_arr = np.array(codes, dtype=object)
+        for start in range(r, len(codes), self.block_size):
+            sig, rec, rest = signer.signatures(np.arange(start, min(start + self.block_size, len(codes)), dtype=np.int64))
+            lo, hi = _cross_ranges(sig, table.lens[rec], side, self.threshold)
+            a, b, s = self._join(code_arr, table.lens, lo, hi, (rec, rest), (side.rec, side.rest))
+            if len(a):
+                order = np.lexsort((b, -s, a))
+                a, b, s = a[order], b[order], s[order]
+                first = np.ones(len(a), dtype=bool)
+                first[1:] = a[1:] != a[:-1]
+                best[a[first] - r], score[a[first] - r] = b[first], s[first]
+            if self.on_progress:
+                self.on_progress(min(start + self.block_size, len(codes)) - r)
+        empty_ref = np.flatnonzero(table.lens[:r] == 0)
+        if len(empty_ref):  # an empty token list is identical to another (F1 1.0), and to nothing else
+            empty = table.lens[r:] == 0
+            best[empty], score[empty] = empty_ref[0], 1.0
+        return best, score
+
     def similar_pairs(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every pair i < j with F1 >= threshold this method finds (no greedy pass): for measuring recall."""
         vocab = Vocabulary()

@@ -187,3 +187,16 @@ def test_score_exactly_at_the_threshold_is_a_duplicate():
     index = DedupIndex(0.3)
     index.add("a", texts[0])
     assert index.search(texts[1]) is not None
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(corpora(), corpora(), st.sampled_from([0.5, 0.7, 1.0]))
+def test_nearest_reference_is_the_best_match(texts, reference, t):
+    best, score = BatchDedup(t, block_size=5).nearest(texts, reference)
+    for j, text in enumerate(texts):
+        scores = [rouge_l(ref, text) for ref in reference]
+        top = max(scores, default=0.0)
+        if top >= t:
+            assert best[j] == scores.index(top) and score[j] == top
+        else:
+            assert best[j] == -1
