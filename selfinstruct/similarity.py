@@ -347,30 +347,37 @@ class TokenTable:
 
 @dataclass
 class _Side:
-    """Signature entries of some records, sorted for range look-ups by (signature, length)."""
+    """Signature entries of some records, sorted by (signature, length) for range look-ups."""
 
-    keys: np.ndarray   # distinct signature hashes, sorted
+    sig: np.ndarray    # per entry, sorted
+    keys: np.ndarray   # distinct signatures, sorted
     comp: np.ndarray   # (group << 32) | length, sorted
     rec: np.ndarray
     rest: np.ndarray   # overlap bound of the positional filter
 
     @classmethod
     def build(cls, sig: np.ndarray, rec: np.ndarray, rest: np.ndarray, lens: np.ndarray) -> "_Side":
-        ln = lens[rec]
-        order = np.lexsort((ln, sig))
-        sig, rec, rest, ln = sig[order], rec[order], rest[order], ln[order]
+        order = np.lexsort((lens[rec], sig))
+        return cls._sorted(sig[order], rec[order], rest[order], lens)
+
+    @classmethod
+    def _sorted(cls, sig: np.ndarray, rec: np.ndarray, rest: np.ndarray, lens: np.ndarray) -> "_Side":
         new = np.ones(len(sig), dtype=bool)
         new[1:] = sig[1:] != sig[:-1]
         group = np.cumsum(new) - 1
-        return cls(sig[new], (group << _LEN_BITS) | ln, rec, rest)
+        return cls(sig, sig[new], (group << _LEN_BITS) | lens[rec], rec, rest)
 
-    def __len__(self) -> int:
-        return len(self.rec)
+    def subset(self, mask: np.ndarray, lens: np.ndarray) -> "_Side":
+        """The entries under `mask`, still sorted (no new sort needed)."""
+        return _Side._sorted(self.sig[mask], self.rec[mask], self.rest[mask], lens)
 
     @classmethod
     def empty(cls) -> "_Side":
         z = np.zeros(0, dtype=np.int64)
-        return cls(np.zeros(0, dtype=np.uint64), z, z, z)
+        return cls(np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64), z, z, z)
+
+    def __len__(self) -> int:
+        return len(self.rec)
 
 
 class _Prefixes:
@@ -480,11 +487,15 @@ def _self_ranges(side: _Side, t: float) -> tuple[np.ndarray, np.ndarray]:
     return lo, np.where(side.rest >= _need(ln, ln, t), hi, lo)
 
 
-def _cross_ranges(sig: np.ndarray, ln: np.ndarray, side: _Side, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """Partners of query entries in another side: same signature, length within the bounds."""
-    group = np.searchsorted(side.keys, sig)
+def _cross_ranges(query: _Side, side: _Side, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """Partners of query entries in another side: same signature, length within the bounds.
+
+    Both sides are sorted by (signature, length), so the needles arrive in order and every
+    binary search starts where the last one ended."""
+    ln = query.comp & ((1 << _LEN_BITS) - 1)
+    group = np.searchsorted(side.keys, query.sig)
     found = group < len(side.keys)
-    found[found] = side.keys[group[found]] == sig[found]
+    found[found] = side.keys[group[found]] == query.sig[found]
     group = np.where(found, group, 0)
     lo = np.searchsorted(side.comp, (group << _LEN_BITS) | _lo(ln, t), side="left")
     hi = np.searchsorted(side.comp, (group << _LEN_BITS) | _hi(ln, t), side="right")
@@ -570,9 +581,9 @@ class BatchDedup:
         side = _Side.build(*signer.signatures(np.arange(r, dtype=np.int64)), table.lens)
         code_arr = np.array(codes, dtype=object)
         for start in range(r, len(codes), self.block_size):
-            sig, rec, rest = signer.signatures(np.arange(start, min(start + self.block_size, len(codes)), dtype=np.int64))
-            lo, hi = _cross_ranges(sig, table.lens[rec], side, self.threshold)
-            a, b, s = self._join(code_arr, table.lens, lo, hi, (rec, rest), (side.rec, side.rest))
+            query = _Side.build(*signer.signatures(np.arange(start, min(start + self.block_size, len(codes)), dtype=np.int64)), table.lens)
+            lo, hi = _cross_ranges(query, side, self.threshold)
+            a, b, s = self._join(code_arr, table.lens, lo, hi, (query.rec, query.rest), (side.rec, side.rest))
             if len(a):
                 order = np.lexsort((b, -s, a))
                 a, b, s = a[order], b[order], s[order]
@@ -624,8 +635,8 @@ class BatchDedup:
                 continue
             # 1. against everything kept in earlier blocks
             if len(kept):
-                lo_k, hi_k = _cross_ranges(sig, table.lens[rec], kept, self.threshold)
-                a, b, s = self._join(codes, table.lens, lo_k, hi_k, (rec, rest), (kept.rec, kept.rest))
+                lo_k, hi_k = _cross_ranges(side, kept, self.threshold)
+                a, b, s = self._join(codes, table.lens, lo_k, hi_k, (side.rec, side.rest), (kept.rec, kept.rest))
                 if len(a):
                     order = np.lexsort((b, -s, a))
                     a, b, s = a[order], b[order], s[order]
@@ -633,16 +644,16 @@ class BatchDedup:
                     first[1:] = a[1:] != a[:-1]
                     dup[a[first]], score[a[first]] = b[first], s[first]
             # 2. within the block, among records still standing
-            standing = dup[rec] < 0
+            standing = dup[side.rec] < 0
             if not standing.all():
-                side = _Side.build(sig[standing], rec[standing], rest[standing], table.lens)
+                side = side.subset(standing, table.lens)
                 lo, hi = _self_ranges(side, self.threshold)
             a, b, s = self._join(codes, table.lens, lo, hi, (side.rec, side.rest), (side.rec, side.rest), ordered=False)
             if len(a):
                 self._walk(a, b, s, dup, score)
             # 3. the block's kept records join the index
-            keep = dup[rec] < 0
-            kept_parts.append((sig[keep], rec[keep], rest[keep]))
+            keep = dup[side.rec] < 0
+            kept_parts.append((side.sig[keep], side.rec[keep], side.rest[keep]))
             if pending:
                 kept = _Side.build(*(np.concatenate(p) for p in zip(*kept_parts)), table.lens)
             done += len(block)
@@ -656,10 +667,12 @@ class BatchDedup:
         `ordered` False (a self-join) puts the earlier record first."""
         width = len(codes)
         (src_rec, src_rest), (dst_rec, dst_rest) = src, dst
+        # Shared tokens needed depend on a + b only: one table instead of float maths per pair.
+        need = _need(np.arange(2 * int(lens.max(initial=0)) + 1, dtype=np.int64), 0, self.threshold)
         keys = []
         for i, j in _expand(lo, hi):
             a, b = src_rec[i], dst_rec[j]
-            fits = np.minimum(src_rest[i], dst_rest[j]) >= _need(lens[a], lens[b], self.threshold)
+            fits = np.minimum(src_rest[i], dst_rest[j]) >= need[lens[a] + lens[b]]
             a, b = a[fits], b[fits]
             if not ordered:
                 a, b = np.minimum(a, b), np.maximum(a, b)

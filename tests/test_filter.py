@@ -1,0 +1,251 @@
+"""selfinstruct filter end to end: nothing lost, every rule named, duplicates linked, errors in one line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import sys
+
+import polars as pl
+import pytest
+from conftest import fixture_path
+
+from selfinstruct.filtering import FilterSettings, Filtering
+from selfinstruct.similarity import rouge_l
+
+ZH_TASKS = [
+    "解释一下光合作用的过程。",
+    "写一首关于秋天的五言绝句。",
+    "给出保持健康的三个建议。",
+    "把下面的句子翻译成英文。",
+    "列举三种常见的排序算法并比较它们。",
+    "描述一下你理想中的周末。",
+]
+EN_TASKS = [
+    "Explain how photosynthesis works in plants.",
+    "Write a short poem about autumn leaves.",
+    "Give three tips for staying healthy.",
+]
+
+
+def rec(instruction, output="这是一个足够长的回答，用来通过规则。", input="", **extra):
+    return {"instruction": instruction, "input": input, "output": output, **extra}
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """Five inputs of four formats and three shapes, with duplicates across them and rule breakers."""
+    a = jsonl(tmp_path / "a.jsonl", [rec(t) for t in ZH_TASKS] + [rec("写诗"), rec("根据这张图片描述场景。")])
+    b = tmp_path / "b.json.gz"
+    b.write_bytes(gzip.compress(json.dumps([
+        rec("给出保持健康的三个建议"),            # punctuation differs: a near-duplicate at ROUGE-L 1.0
+        rec("解释一下光合作用的过程吧。"),         # near-duplicate of a:1
+        rec("介绍一下长城的历史。", output="作为一个AI语言模型，我无法回答。"),
+    ], ensure_ascii=False).encode()))
+    c = tmp_path / "c.parquet"
+    pl.DataFrame([rec("比较猫和狗作为宠物的优缺点。"), rec("列举三种常见的排序算法 并比较它们。")]).write_parquet(c)
+    d = jsonl(tmp_path / "d.jsonl", [
+        {"id": "sg-1", "conversations": [{"from": "human", "value": "写一首关于秋天的五言绝句"}, {"from": "gpt", "value": "秋风起，落叶飞，雁南归。"}]},
+        {"id": "sg-2", "conversations": [{"from": "human", "value": "说说量子计算和经典计算的区别。"}, {"from": "gpt", "value": "量子计算利用叠加和纠缠。"}]},
+    ])
+    run = tmp_path / "run"
+    run.mkdir()
+    jsonl(run / "records.jsonl", [rec("描述一下你理想中的周末。", id="r000001.0"), rec("用三句话介绍杭州。", id="r000001.1")])
+    return [a, b, c, d, run]
+
+
+def run_filter(tmp_path, inputs, **kw):
+    settings = FilterSettings(inputs=tuple(inputs), out=tmp_path / "out", quiet=True, **kw)
+    report = Filtering(settings).run()
+    kept_path = tmp_path / "out" / f"kept.{settings.format}"
+    kept = pl.read_parquet(kept_path).to_dicts() if settings.format == "parquet" else read_jsonl(kept_path)
+    return report, kept, read_jsonl(tmp_path / "out" / "rejected.jsonl")
+
+
+def test_kept_plus_rejected_is_the_input(tmp_path, mixed):
+    report, kept, rejected = run_filter(tmp_path, mixed)
+    total = 8 + 3 + 2 + 2 + 2
+    assert report.total == total and len(kept) + len(rejected) == total
+    ids = [r["id"] for r in kept] + [r["id"] for r in rejected]
+    assert len(set(ids)) == total
+    reasons = {r["id"]: r["reason"] for r in rejected}
+    assert reasons["a.jsonl:7"] == "too-short"
+    assert reasons["a.jsonl:8"] == "blacklist"
+    assert reasons["b.json.gz:3"] == "refusal"
+    assert reasons["b.json.gz:2"] == "near-duplicate"
+    assert reasons["c.parquet:2"] == "exact-duplicate"  # only whitespace differs
+    assert reasons["r000001.0"] == "exact-duplicate"
+    assert reasons["b.json.gz:1"] == "near-duplicate"  # the final 。 differs: not the same text, same tokens
+    assert reasons["sg-1"] == "near-duplicate"
+    for r in rejected:
+        assert r["detail"]
+    report_json = json.loads((tmp_path / "out" / "filter_report.json").read_text(encoding="utf-8"))
+    assert report_json["kept"] + report_json["rejected"] == total
+    assert sum(report_json["rejected_by_rule"].values()) == len(rejected)
+    assert set(report_json["seconds"]) >= {"read", "rules", "exact-duplicate", "near-duplicate", "write"}
+    assert [i["records"] for i in report_json["inputs"]] == [8, 3, 2, 2, 2]
+
+
+def test_near_duplicates_name_a_kept_record_and_score(tmp_path, mixed):
+    _, kept, rejected = run_filter(tmp_path, mixed)
+    kept_by_id = {r["id"]: r for r in kept}
+    near = [r for r in rejected if r["reason"] == "near-duplicate"]
+    assert near
+    for r in near:
+        assert r["duplicate_of"] in kept_by_id
+        assert r["score"] == pytest.approx(rouge_l(r["instruction"], kept_by_id[r["duplicate_of"]]["instruction"]), abs=1e-4)
+        assert r["score"] >= 0.7
+        assert r["duplicate_text"] == kept_by_id[r["duplicate_of"]]["instruction"]
+    assert all(r["duplicate_of"] is None for r in rejected if r["reason"] not in ("near-duplicate", "exact-duplicate"))
+
+
+def test_only_the_near_duplicate_rule(tmp_path, mixed):
+    report, kept, rejected = run_filter(tmp_path, mixed, rules=("near-duplicate",))
+    assert {r["reason"] for r in rejected} == {"near-duplicate"}
+    assert "写诗" in {r["instruction"] for r in kept}  # too-short did not run
+    # The exact copies are now caught as near-duplicates (ROUGE-L 1.0 on tokens).
+    assert len(rejected) == 5
+    assert report.enabled == ["near-duplicate"]
+
+
+def test_no_rule_switches_one_off(tmp_path, mixed):
+    _, kept, rejected = run_filter(tmp_path, mixed, no_rules=("blacklist", "near-duplicate"))
+    reasons = {r["reason"] for r in rejected}
+    assert "blacklist" not in reasons and "near-duplicate" not in reasons
+    assert "根据这张图片描述场景。" in {r["instruction"] for r in kept}
+
+
+def test_field_instruction_plus_input(tmp_path):
+    path = jsonl(tmp_path / "x.jsonl", [
+        rec("把下面的句子翻译成英文。", input="今天天气很好。"),
+        rec("把下面的句子翻译成英文。", input="我喜欢读书和旅行，也喜欢音乐。"),
+    ])
+    _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",))
+    assert len(kept) == 1
+    _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",), field="instruction+input")
+    assert len(kept) == 2
+
+
+def test_similarity_one_removes_only_exact_token_matches(tmp_path):
+    path = jsonl(tmp_path / "x.jsonl", [rec("解释光合作用。"), rec("解释光合作用"), rec("解释一下光合作用")])
+    _, kept, rejected = run_filter(tmp_path, [path], rules=("near-duplicate",), similarity=1.0)
+    assert [r["instruction"] for r in kept] == ["解释光合作用。", "解释一下光合作用"]
+    assert rejected[0]["score"] == 1.0
+
+
+def test_against_removes_contamination(tmp_path, mixed):
+    bench = jsonl(tmp_path / "test_set.jsonl", [{"instruction": "Give three tips for staying healthy!", "output": "x"},
+                                                 {"instruction": "比较猫和狗作为宠物的优缺点", "output": "x"}])
+    extra = jsonl(tmp_path / "en.jsonl", [rec(t, output="A long enough answer for the rules.") for t in EN_TASKS])
+    _, kept, rejected = run_filter(tmp_path, [*mixed, extra], against=(bench,), no_rules=("wrong-language",))
+    contaminated = {r["instruction"]: r for r in rejected if r["reason"] == "contaminated"}
+    assert set(contaminated) == {"Give three tips for staying healthy.", "比较猫和狗作为宠物的优缺点。"}
+    assert contaminated["Give three tips for staying healthy."]["duplicate_of"] == "test_set.jsonl:1"
+    assert contaminated["Give three tips for staying healthy."]["score"] == 1.0
+
+
+def test_minhash_mode_and_parquet_output(tmp_path):
+    rows = [rec(t) for t in ZH_TASKS] + [rec(t[:-1] + "吧。") for t in ZH_TASKS]
+    path = jsonl(tmp_path / "x.jsonl", rows)
+    _, exact_kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",))
+    report, kept, rejected = run_filter(tmp_path, [path], rules=("near-duplicate",), dedup="minhash", format="parquet")
+    assert (tmp_path / "out" / "kept.parquet").exists()
+    assert len(kept) + len(rejected) == len(rows)
+    # Precision 1.0: minhash never drops what exact mode keeps... on this set it finds them all.
+    assert {r["id"] for r in kept} == {r["id"] for r in exact_kept}
+
+
+def test_user_rule_file(tmp_path, mixed):
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "no-autumn"\nfield = "output"\nregex = "秋风"\n', encoding="utf-8")
+    _, _, rejected = run_filter(tmp_path, mixed, rule_file=rules, no_rules=("exact-duplicate", "near-duplicate"))
+    hit = [r for r in rejected if r["reason"] == "no-autumn"]
+    assert [r["id"] for r in hit] == ["sg-1"] and "秋风" in hit[0]["detail"]
+
+
+def test_wrong_language_uses_the_data_language(tmp_path):
+    path = jsonl(tmp_path / "x.jsonl", [rec(t) for t in ZH_TASKS] + [rec(EN_TASKS[0])])
+    report, _, rejected = run_filter(tmp_path, [path], rules=("wrong-language",))
+    assert report.lang == "zh" and report.lang_inferred
+    assert [r["instruction"] for r in rejected] == [EN_TASKS[0]]
+    report, _, rejected = run_filter(tmp_path, [path], rules=("wrong-language",), lang="en")
+    assert len(rejected) == len(ZH_TASKS)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    from selfinstruct.cli import main
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["selfinstruct", "filter", *map(str, args)])
+        try:
+            main()
+        except SystemExit as exc:
+            return exc.code or 0, capsys.readouterr()
+        return 0, capsys.readouterr()
+
+    return call
+
+
+def test_cli_prints_a_summary(cli, tmp_path, mixed):
+    code, out = cli(*mixed, "--out", tmp_path / "o")
+    assert code == 0
+    assert "selfinstruct filter" in out.err and "near-duplicate" in out.err and "kept" in out.err
+    assert (tmp_path / "o" / "kept.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["missing.jsonl"], "error: missing.jsonl: no such file"),
+        (["{a}", "--rules", "nope"], "error: unknown rule 'nope'"),
+        (["{a}", "--similarity", "1.5"], "error: --similarity 1.5 is outside (0, 1]"),
+        (["{a}", "--dedup", "simhash"], "error: --dedup 'simhash'"),
+        (["{a}", "--format", "csv"], "error: --format 'csv'"),
+        (["{a}", "--rule-file", "{bad}"], "rule 'x': bad regex"),
+        (["{a}", "--rule-file", "{badfield}"], "rule 'y': no field 'answer' in the input"),
+        (["{a}", "--field", "instruction+context"], "error: --field 'instruction+context': no column 'context'"),
+        (["{a}", "--rules", "contaminated"], "error: the contaminated rule needs --against"),
+        (["{broken}"], "broken.jsonl:2: invalid JSON"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_2(cli, tmp_path, args, message):
+    paths = {
+        "a": jsonl(tmp_path / "a.jsonl", [rec(t) for t in ZH_TASKS]),
+        "bad": tmp_path / "bad.toml",
+        "badfield": tmp_path / "badfield.toml",
+        "broken": tmp_path / "broken.jsonl",
+    }
+    paths["bad"].write_text('[[rule]]\nname = "x"\nregex = "(["\n', encoding="utf-8")
+    paths["badfield"].write_text('[[rule]]\nname = "y"\nfield = "answer"\nmin = 3\n', encoding="utf-8")
+    paths["broken"].write_text('{"instruction": "a"}\n{"instruction":\n', encoding="utf-8")
+    argv = [a.format(**{k: str(v) for k, v in paths.items()}) for a in args]
+    code, out = cli(*argv, "--out", tmp_path / "o")
+    assert code == 2
+    assert message in out.err
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err
+
+
+def test_fixture_sample_equals_brute_force(tmp_path):
+    """A slice of the real 52K fixture: filter's near-duplicate verdicts are the all-pairs greedy answer."""
+    rows = json.loads(gzip.decompress(fixture_path("alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz").read_bytes()))[:1500]
+    path = jsonl(tmp_path / "slice.jsonl", rows)
+    _, kept, rejected = run_filter(tmp_path, [path], rules=("near-duplicate",))
+    texts = [r["instruction"] for r in rows]
+    keep = []
+    for j, t in enumerate(texts):
+        if not any(rouge_l(texts[i], t) >= 0.7 for i in keep):
+            keep.append(j)
+    assert [r["id"] for r in kept] == [f"slice.jsonl:{j + 1}" for j in keep]
