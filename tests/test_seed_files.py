@@ -76,3 +76,30 @@ def test_seeds_check_command_reports_and_fails_on_near_copies(tmp_path):
     broken.write_text('{"instruction": "x", "output": "y"}\n{bad\n', encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "selfinstruct", "seeds", "check", str(broken)], capture_output=True, text=True)
     assert done.returncode == 2 and f"{broken}:2: invalid JSON" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["seeds/zh.jsonl", "seeds/zh-Hant.jsonl", "seeds/en.jsonl", "fixture:BELLE__zh_seed_tasks.json", "fixture:stanford_alpaca__seed_tasks.jsonl"],
+)
+def test_generate_accepts_each_seed_file_unchanged(tmp_path, source):
+    from fakes.openai_server import FakeTeacher
+
+    path = fixture_path(source.split(":", 1)[1]) if source.startswith("fixture:") else REPO / source
+    out = tmp_path / "run"
+    with FakeTeacher(seed=1) as fake:
+        done = subprocess.run(
+            [sys.executable, "-m", "selfinstruct", "generate", "--seeds", str(path), "--n", "20", "--base-url", fake.base_url,
+             "--model", "m", "--out", str(out), "--quiet"],
+            capture_output=True, text=True, timeout=120,
+        )
+        prompts = fake.stats["requests_received"]
+    assert done.returncode == 0, done.stderr
+    assert prompts >= 2
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["counts"]["kept"] == 20
+    expected_lang = {"seeds/zh-Hant.jsonl": "zh-Hant", "seeds/en.jsonl": "en", "fixture:stanford_alpaca__seed_tasks.jsonl": "en"}.get(source, "zh")
+    assert manifest["config"]["lang"] == expected_lang
+    ids = {t.id for t in read_seeds(path).tasks}
+    first = json.loads((out / "records.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert set(first["meta"]["seed_ids"]) <= ids
