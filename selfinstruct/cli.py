@@ -309,7 +309,7 @@ def seeds_check(
         table.add_row(f"pairs at ROUGE-L ≥ {similarity}", str(len(prof.near_pairs)))
         console.print(table)
         for problem in prof.problems:
-            console.print(f"[red]problem:[/] {problem}", highlight=False)
+            console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
         if not prof.problems:
             console.print("[green]ok[/]")
     if failed:
