@@ -6,8 +6,10 @@ import sys
 import time
 from typing import Protocol
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 
 class RunState(Protocol):
@@ -41,6 +43,8 @@ class ProgressView:
         self.every = every
         self._last_line = 0.0
         self._progress: Progress | None = None
+        self._live: Live | None = None
+        self._detail = Text("", overflow="fold")
         self._task = None
 
     def __enter__(self) -> "ProgressView":
@@ -52,19 +56,20 @@ class ProgressView:
                 TimeElapsedColumn(),
                 TextColumn("eta"),
                 TimeRemainingColumn(),
-                TextColumn("{task.fields[detail]}"),
                 console=self.console,
-                transient=False,
             )
-            self._progress.start()
-            self._task = self._progress.add_task(self.label, total=self.target, detail="")
+            self._task = self._progress.add_task(self.label, total=self.target)
+            # The detail line goes under the bar, so a narrow terminal does not cut it off.
+            self._live = Live(Group(self._progress, self._detail), console=self.console, refresh_per_second=4)
+            self._live.start()
         return self
 
     def update(self, state: RunState, done: int) -> None:
         if self.quiet:
             return
         if self._progress is not None:
-            self._progress.update(self._task, completed=min(done, self.target), detail=describe(state))
+            self._progress.update(self._task, completed=min(done, self.target))
+            self._detail.plain = describe(state)
             return
         now = time.monotonic()
         if now - self._last_line >= self.every:
@@ -72,5 +77,6 @@ class ProgressView:
             print(f"{self.label} {done}/{self.target} | {describe(state)}", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
