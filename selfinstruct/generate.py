@@ -39,13 +39,16 @@ def sample_examples(seeds: SeedSet, k: int, rng: random.Random) -> list[SeedTask
     return rng.sample(list(seeds.tasks), min(k, len(seeds.tasks)))
 
 
-def render_prompt(template: Template, examples: list[SeedTask], cfg: GenerateConfig, rng: random.Random) -> list[dict[str, str]]:
+def render_prompt(
+    template: Template, examples: list[SeedTask], cfg: GenerateConfig, rng: random.Random, json_mode: bool | None = None
+) -> list[dict[str, str]]:
     """Chat messages asking for cfg.per_request new tasks, showing one instance of each example."""
     shown = []
     for task in examples:
         inst = rng.choice(task.instances)
         shown.append({"instruction": task.instruction, "input": inst.input, "output": inst.output})
-    return template.render(examples=shown, num_tasks=cfg.per_request, start_index=1, json_mode=cfg.json_mode)
+    json_mode = cfg.json_mode if json_mode is None else json_mode
+    return template.render(examples=shown, num_tasks=cfg.per_request, start_index=1, json_mode=json_mode)
 
 
 def apply_rules(item: ParsedItem, settings: RuleSettings) -> tuple[str, str] | None:
@@ -67,6 +70,9 @@ class Tally:
     completion_tokens: int = 0
     estimated_requests: int = 0
     items: int = 0
+    # Every HTTP request sent, retries included, and why the failed ones failed (timeout, http-429...).
+    attempts: int = 0
+    attempt_errors: collections.Counter = field(default_factory=collections.Counter)
 
     def add_usage(self, entry: dict) -> None:
         for key in ("usage", "wasted"):
@@ -75,6 +81,10 @@ class Tally:
             self.completion_tokens += int(usage.get("completion_tokens", 0))
         if (entry.get("usage") or {}).get("estimated"):
             self.estimated_requests += 1
+
+    def add_attempts(self, entry: dict) -> None:
+        self.attempts += int(entry.get("attempts", 1))
+        self.attempt_errors.update(entry.get("errors", []))
 
 
 class Generation:
@@ -109,6 +119,10 @@ class Generation:
         self.recent: collections.deque[int] = collections.deque(maxlen=cfg.yield_window)
         self.consecutive_failures = 0
         self.sample_reply = ""
+        self.sample_finish: str | None = None
+        self.last_error = ""
+        # The server's refusal of response_format, once seen: the run then asks in the text template.
+        self.json_fallback: str | None = None
         self._inflight_worst_usd = 0.0
         self._stop_requested: str | None = None
         self._last_manifest = 0.0
@@ -122,6 +136,7 @@ class Generation:
         previous = self.run.load_manifest()
         if previous:
             self.created = previous.get("created", self.created)
+            self.json_fallback = (previous.get("teacher") or {}).get("json_mode_fallback")
         ledger = self.run.load(LEDGER)
         kept = self.run.load(RECORDS)
         rejected = self.run.load(REJECTED)
@@ -139,6 +154,7 @@ class Generation:
             self.next_request = max(self.next_request, int(entry["request_no"]) + 1)
             self.tally.requests += 1
             self.tally.add_usage(entry)
+            self.tally.add_attempts(entry)
             if entry.get("status") != "ok":
                 self.tally.failed_requests += 1
                 rid = entry["request_id"]
@@ -185,7 +201,7 @@ class Generation:
 
     def _process(self, entry: dict, skip: set[str] | frozenset = frozenset()) -> int:
         """Parse, filter and deduplicate one logged reply; append what is new. Returns items written."""
-        items = parse_reply(entry.get("content", ""), entry.get("finish_reason"), self.cfg.json_mode)
+        items = parse_reply(entry.get("content", ""), entry.get("finish_reason"), entry.get("json_mode", self.cfg.json_mode))
         share = max(1, len(items))
         kept, rejected = [], []
         for item in items:
@@ -240,6 +256,7 @@ class Generation:
                 error_kind=result.kind,
                 http_status=result.status,
                 attempts=result.attempts,
+                errors=result.errors,
                 usage={"prompt_tokens": 0, "completion_tokens": 0, "estimated": False},
                 wasted=vars(result.wasted),
             )
@@ -251,22 +268,26 @@ class Generation:
                 usage=vars(result.usage),
                 wasted=vars(result.wasted),
                 attempts=result.attempts,
+                errors=result.errors,
+                json_mode=result.json_mode,
                 latency=round(result.latency, 3),
                 content=result.content,
             )
         self.run.append(LEDGER, [entry])
         self.tally.requests += 1
         self.tally.add_usage(entry)
+        self.tally.add_attempts(entry)
         kept_before = self.tally.kept
         if isinstance(result, RequestFailed):
             self.tally.failed_requests += 1
             self.consecutive_failures += 1
+            self.last_error = result.message
             self._write([], [self._failed_record(entry)])
         else:
             self.consecutive_failures = 0
             self._process(entry)
             if self.tally.kept == kept_before:
-                self.sample_reply = result.content
+                self.sample_reply, self.sample_finish = result.content, result.finish_reason
         self.recent.append(self.tally.kept - kept_before)
 
     # ---- money --------------------------------------------------------------------------
@@ -302,17 +323,21 @@ class Generation:
             useful = sum(1 for k in self.recent if k > 0)
             if useful < self.cfg.min_yield * window:
                 sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+                hint = "check the model, --template and --json-mode, then re-run to resume"
+                if not sample and self.sample_finish == "length":
+                    # Typical of reasoning models: the whole token budget went to <think>.
+                    hint = "the teacher used all of --max-tokens before answering; raise --max-tokens, then re-run to resume"
                 raise RunStopped(
                     "low-yield",
                     f"only {useful} of the last {window} requests gave a usable record; stopping instead of spending on. "
-                    f"A sample reply: {sample!r} (hint: check the model, --template and --json-mode, then re-run to resume)",
+                    f"A sample reply (finish_reason {self.sample_finish}): {sample!r} (hint: {hint})",
                     exit_code=1,
                 )
         if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
             raise RunStopped(
                 "teacher-unavailable",
-                f"the last {self.consecutive_failures} requests failed after retries "
-                f"(hint: check the teacher at --base-url; re-run the same command to resume)",
+                f"the last {self.consecutive_failures} requests failed after retries, the last with: {self.last_error[:300]} "
+                f"(hint: check the teacher at --base-url, or run `selfinstruct doctor`; re-run the same command to resume)",
                 exit_code=1,
             )
 
@@ -333,9 +358,10 @@ class Generation:
                 self.check_health()
                 while self._can_dispatch(len(pending)):
                     request_no = self.next_request
-                    rng = request_rng(self.cfg.seed, request_no)
-                    examples = sample_examples(self.seeds, self.cfg.num_examples, rng)
-                    messages = render_prompt(self.template, examples, self.cfg, rng)
+                    if teacher.json_mode_error:
+                        self.json_fallback = teacher.json_mode_error
+                    json_mode = self.cfg.json_mode and not self.json_fallback
+                    examples, messages = self._prompt(request_no, json_mode)
                     worst = self.worst_case_usd(messages)
                     if self.cfg.max_cost is not None and self.usd + sum(pending.values()) + worst > self.cfg.max_cost:
                         if not pending:
@@ -347,7 +373,7 @@ class Generation:
                             )
                         break
                     self.next_request += 1
-                    task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages))
+                    task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages, json_mode))
                     pending[task] = worst
                 if not pending:
                     break
@@ -360,9 +386,16 @@ class Generation:
                     self.on_progress(self)
             if self._stop_requested:
                 raise RunStopped(self._stop_requested, "stopped on request")
+            if teacher.json_mode_error:
+                self.json_fallback = teacher.json_mode_error
             self.status = "completed" if self.tally.kept >= self.cfg.n else "stopped"
             if self.status == "stopped":
-                self.stop_reason = "max-requests"
+                raise RunStopped(
+                    "max-requests",
+                    f"stopped after {self.tally.requests:,} requests (the --max-requests cap) with {self.tally.kept:,} of "
+                    f"{self.cfg.n:,} records kept (hint: raise --max-requests and re-run the same command to resume)",
+                    exit_code=3,
+                )
         except RunStopped as stop:
             self.status = "stopped"
             self.stop_reason = stop.reason
@@ -398,9 +431,17 @@ class Generation:
         # Don't launch requests whose records the target can no longer use.
         return self.tally.kept + in_flight * self.yield_estimate() < self.cfg.n
 
-    async def _call(self, teacher: Teacher, request_no: int, seed_ids: list[str], messages: list[dict[str, str]]):
+    def _prompt(self, request_no: int, json_mode: bool) -> tuple[list[SeedTask], list[dict[str, str]]]:
+        """The examples and messages of one request, the same on every call (the rng is the request's)."""
+        rng = request_rng(self.cfg.seed, request_no)
+        examples = sample_examples(self.seeds, self.cfg.num_examples, rng)
+        return examples, render_prompt(self.template, examples, self.cfg, rng, json_mode)
+
+    async def _call(self, teacher: Teacher, request_no: int, seed_ids: list[str], messages: list[dict[str, str]], json_mode: bool):
+        # A server without JSON mode gets the same request rendered as text (same seeds, same rng).
+        text = (lambda: self._prompt(request_no, False)[1]) if json_mode else None
         try:
-            result: Completion | RequestFailed = await teacher.complete(messages, json_mode=self.cfg.json_mode)
+            result: Completion | RequestFailed = await teacher.complete(messages, json_mode=json_mode, text_messages=text)
         except RequestFailed as failed:
             result = failed
         return request_no, seed_ids, result
@@ -428,9 +469,10 @@ class Generation:
             "config": self.cfg.to_dict() | {"lang": self.lang, "base_url": public_url(self.cfg.base_url)},
             "seeds": {"path": self.seeds.path.name, "count": len(self.seeds.tasks), "sha256": self.seeds.sha256, "license": self.seeds.license},
             "templates": {"generate": {"name": self.template.name, "sha256": self.template.sha256}},
-            "teacher": {"model": self.cfg.model, "endpoint_kind": endpoint_kind(self.cfg.base_url)},
+            "teacher": {"model": self.cfg.model, "endpoint_kind": endpoint_kind(self.cfg.base_url), "json_mode_fallback": self.json_fallback},
             "filters": {"similarity": self.cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang},
-            "counts": {"kept": t.kept, "rejected": dict(sorted(t.rejected.items())), "requests": t.requests, "failed_requests": t.failed_requests},
+            "counts": {"kept": t.kept, "rejected": dict(sorted(t.rejected.items())), "requests": t.requests, "failed_requests": t.failed_requests,
+                       "attempts": t.attempts, "attempt_errors": dict(sorted(t.attempt_errors.items()))},
             "usage": usage,
             "cost": cost,
             "stages": {"generate": {"requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens, "usd": cost["usd"]}},

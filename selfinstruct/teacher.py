@@ -6,6 +6,7 @@ import asyncio
 import collections
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import openai
 from openai import AsyncOpenAI
@@ -66,18 +67,25 @@ class Completion:
     latency: float
     # Tokens of earlier attempts that came back unusable (billed all the same).
     wasted: Usage = field(default_factory=Usage)
+    # What went wrong on each failed attempt before this one (error_kind), for the manifest.
+    errors: list[str] = field(default_factory=list)
+    # False when the server has no JSON mode and the request went out as the text template.
+    json_mode: bool = False
 
 
 class RequestFailed(Exception):
     """A request that still failed after all retries; the run records it and goes on."""
 
-    def __init__(self, kind: str, message: str, attempts: int, status: int | None, wasted: Usage) -> None:
+    def __init__(
+        self, kind: str, message: str, attempts: int, status: int | None, wasted: Usage, errors: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.attempts = attempts
         self.status = status
         self.wasted = wasted
+        self.errors = errors or []
 
 
 class MalformedReply(Exception):
@@ -88,8 +96,44 @@ class MalformedReply(Exception):
         self.usage = usage
 
 
+class ParameterRejected(Exception):
+    """A 400 for a parameter this server spells differently; the request is resent at once without it."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class JsonModeUnsupported(ParameterRejected):
+    """The server rejected `response_format`: it has no JSON mode, so the text template must be used."""
+
+
+def _rejects_json_mode(exc: BaseException) -> bool:
+    """A 400/422 that blames response_format (llama.cpp, older vLLM, many proxies)."""
+    if not isinstance(exc, (openai.BadRequestError, openai.UnprocessableEntityError)):
+        return False
+    text = str(exc).lower()
+    return "response_format" in text or "json_object" in text or "json mode" in text
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short name for why one attempt failed: timeout, connection, http-<status> or malformed."""
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http-{exc.status_code}"
+    if isinstance(exc, ParameterRejected):
+        return f"http-{exc.status}"
+    return "malformed"
+
+
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedReply)):
+    if isinstance(exc, JsonModeUnsupported):
+        return False  # only with a text rendering to fall back to; see Teacher.complete
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedReply, ParameterRejected)):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
@@ -121,6 +165,8 @@ class _Backoff:
 
     def __call__(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ParameterRejected):
+            return 0.0  # not a fault of the moment: resend at once, spelled the way the server wants
         asked = retry_after(exc)
         if asked is not None:
             return min(max(asked, 0.0), MAX_RETRY_AFTER)
@@ -178,16 +224,16 @@ def _usage_from(response: object, messages: list[dict[str, str]], content: str) 
     usage = getattr(response, "usage", None)
     prompt = getattr(usage, "prompt_tokens", None) if usage is not None else None
     completion = getattr(usage, "completion_tokens", None) if usage is not None else None
-    plausible = (
-        isinstance(prompt, int)
-        and isinstance(completion, int)
-        and prompt > 0
-        # Some local servers report completion_tokens 0 or 1 for any reply.
-        and not (completion <= 1 and len(content) > 8)
-    )
-    if plausible:
+    prompt_ok = isinstance(prompt, int) and prompt > 0
+    # Some local servers report completion_tokens 0 or 1 for any reply.
+    completion_ok = isinstance(completion, int) and not (completion <= 1 and len(content) > 8)
+    if prompt_ok and completion_ok:
         return Usage(prompt, completion, False)
-    return Usage(estimate_prompt_tokens(messages), estimate_tokens(content), True)
+    return Usage(
+        prompt if prompt_ok else estimate_prompt_tokens(messages),
+        completion if completion_ok else estimate_tokens(content),
+        True,
+    )
 
 
 class Teacher:
@@ -205,7 +251,9 @@ class Teacher:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._limiter = RateLimiter(settings.rpm, settings.tpm)
         # Newer hosted models reject max_tokens; learned once, then used for every request.
-        self._token_param = "max_tokens"
+        self.token_param = "max_tokens"
+        # The server's answer when it rejected response_format; later requests go out as text.
+        self.json_mode_error: str | None = None
         self.in_flight = 0
 
     async def aclose(self) -> None:
@@ -220,7 +268,7 @@ class Teacher:
             params["top_p"] = s.top_p
         limit = max_tokens or s.max_tokens
         if limit:
-            params[self._token_param] = limit
+            params[self.token_param] = limit
         if json_mode:
             params["response_format"] = {"type": "json_object"}
         return params
@@ -229,13 +277,16 @@ class Teacher:
         params = self._params(messages, json_mode, max_tokens)
         try:
             response = await self._client.chat.completions.create(**params)
-        except openai.BadRequestError as exc:
-            if self._token_param == "max_tokens" and "max_completion_tokens" in str(exc):
-                self._token_param = "max_completion_tokens"
-                params[self._token_param] = params.pop("max_tokens")
-                response = await self._client.chat.completions.create(**params)
-            else:
-                raise
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            # Judged on what this request sent, not on self.token_param: requests already in
+            # flight when the first 400 taught us the new name come back with the same 400.
+            if "max_tokens" in params and "max_completion_tokens" in str(exc):
+                self.token_param = "max_completion_tokens"
+                raise ParameterRejected(self._describe(exc), exc.status_code) from None
+            if "response_format" in params and _rejects_json_mode(exc):
+                self.json_mode_error = self._describe(exc)
+                raise JsonModeUnsupported(self.json_mode_error, exc.status_code) from None
+            raise
         choices = getattr(response, "choices", None)
         if not choices or getattr(choices[0], "message", None) is None:
             usage = getattr(response, "usage", None)
@@ -244,17 +295,26 @@ class Teacher:
         return response, choices[0].message.content or ""
 
     async def complete(
-        self, messages: list[dict[str, str]], json_mode: bool = False, max_tokens: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        json_mode: bool = False,
+        max_tokens: int | None = None,
+        text_messages: Callable[[], list[dict[str, str]]] | None = None,
     ) -> Completion:
-        """One chat completion, retried on transient failures; raises RequestFailed or TeacherError."""
+        """One chat completion, retried on transient failures; raises RequestFailed or TeacherError.
+
+        `text_messages` renders the same request without JSON mode, for a server that has none;
+        without it a server that rejects response_format raises JsonModeUnsupported.
+        """
         wasted = Usage()
         attempts = 0
+        errors: list[str] = []
         started = time.monotonic()
         estimate = estimate_prompt_tokens(messages) + (max_tokens or self.settings.max_tokens or 1024) // 2
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.retries + 1),
             wait=_Backoff(),
-            retry=retry_if_exception(_retryable),
+            retry=retry_if_exception(lambda e: _retryable(e) or (isinstance(e, JsonModeUnsupported) and text_messages is not None)),
             reraise=True,
         )
         try:
@@ -263,11 +323,15 @@ class Teacher:
                     attempts += 1
                     entry = await self._limiter.acquire(estimate)
                     async with self._slots:
+                        # Checked once a slot is ours: a refusal may have come back while we waited.
+                        if json_mode and self.json_mode_error and text_messages is not None:
+                            messages, json_mode = text_messages(), False
                         self.in_flight += 1
                         try:
                             response, content = await self._attempt(messages, json_mode, max_tokens)
-                        except MalformedReply as exc:
-                            if exc.usage:
+                        except Exception as exc:
+                            errors.append(error_kind(exc))
+                            if isinstance(exc, MalformedReply) and exc.usage:
                                 wasted.add(exc.usage)
                             raise
                         finally:
@@ -285,8 +349,10 @@ class Teacher:
                 "check --model and --base-url (it usually ends in /v1)",
             ) from None
         except Exception as exc:  # every other failure is recorded in the ledger, not raised
-            status = getattr(exc, "status_code", None)
-            raise RequestFailed(type(exc).__name__, self._describe(exc), attempts, status, wasted) from None
+            if isinstance(exc, JsonModeUnsupported) and text_messages is None:
+                raise  # nothing to fall back to: the caller (doctor) wants to know
+            status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
+            raise RequestFailed(type(exc).__name__, self._describe(exc), attempts, status, wasted, errors) from None
         choice = response.choices[0]
         return Completion(
             content=content,
@@ -296,6 +362,8 @@ class Teacher:
             attempts=attempts,
             latency=time.monotonic() - started,
             wasted=wasted,
+            errors=errors,
+            json_mode=json_mode,
         )
 
     def _describe(self, exc: BaseException) -> str:

@@ -55,7 +55,7 @@ class FakeTeacher:
             timeout_sleep=30.0, p_malformed=0.0, p_garbage=0.0, p_truncated=0.0, p_bad_items=0.0,
             p_near_duplicate=0.0, usage_mode="exact", think=False, code_fence=False, reject_max_tokens=False,
             no_json_mode=False, p_empty_length=0.0, api_key=None, models=None, forbidden=False, max_requests=None,
-            reply=None,
+            reply=None, overrun=0, keep_contents=True, log_times=False,
         )
         unknown = set(knobs) - set(defaults)
         if unknown:
@@ -64,7 +64,9 @@ class FakeTeacher:
         self._lock = threading.Lock()
         self._stats: dict[str, Any] = {
             "requests_received": 0, "by_status": {}, "responses_ok": 0, "prompt_tokens_sent": 0,
-            "completion_tokens_sent": 0, "sent_contents": [], "last_request": {}, "max_in_flight": 0,
+            "completion_tokens_sent": 0, "sent_contents": [], "sent_ids": [], "last_request": {}, "max_in_flight": 0,
+            # With log_times: wall-clock arrival of every chat request, and [time, tokens] of every reply.
+            "arrivals": [], "token_log": [],
         }
         self._in_flight = 0
         self._fault_rng = random.Random(f"faults:{self.knobs['seed']}")
@@ -187,7 +189,9 @@ class FakeTeacher:
         with self._lock:
             self._stats["requests_received"] += 1
             n_req = self._stats["requests_received"]
-            self._stats["last_request"] = {key: req.get(key) for key in ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "response_format")}
+            self._stats["last_request"] = {key: req.get(key) for key in ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "response_format", "n", "stop")}
+            if k["log_times"]:
+                self._stats["arrivals"].append(time.time())
             self._in_flight += 1
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._in_flight)
             roll = self._fault_rng.random()
@@ -257,6 +261,15 @@ class FakeTeacher:
                 content = "好的，我明白了你的要求，但我想先聊聊别的。" if zh else "Sure, but first let me say something unrelated."
             if rng.random() < k["p_empty_length"]:
                 content, finish = "", "length"
+            if k["overrun"] and not as_json:
+                # A server that ignores the asked count and stop sequences: more items, then an echo
+                # of the prompt's examples, cut mid-item by the token limit.
+                extra = [self._item(rng, zh) for _ in range(k["overrun"])]
+                tail = self._render(items + extra, zh, False).split("\n###\n", len(items))[-1]
+                marker = "示例1" if zh else "Example 1"
+                echo = user[user.find(marker):][:400] if marker in user else ""
+                content = content + "\n###\n" + tail + "\n\n" + echo
+                content, finish = content[: len(content) - 7], "length"
         if k["think"]:
             content = "<think>Let me plan the tasks first.</think>\n" + content
         if k["code_fence"]:
@@ -282,7 +295,11 @@ class FakeTeacher:
             self._stats["responses_ok"] += 1
             self._stats["prompt_tokens_sent"] += counted[0]
             self._stats["completion_tokens_sent"] += counted[1]
-            self._stats["sent_contents"].append(content)
+            if k["keep_contents"]:
+                self._stats["sent_contents"].append(content)
+                self._stats["sent_ids"].append(completion["id"])
+            if k["log_times"]:
+                self._stats["token_log"].append([time.time(), counted[0] + counted[1]])
         return 200, {}, json.dumps(completion, ensure_ascii=False).encode()
 
     def _item(self, rng: random.Random, zh: bool) -> tuple[str, str, str]:
