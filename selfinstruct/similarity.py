@@ -7,7 +7,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -174,18 +174,18 @@ class DedupIndex:
                 lens.insert(at, b)
                 items.insert(at, (i, max_n))
 
-    def search(self, text: str, code: str | None = None) -> Match | None:
-        """The best indexed entry with F1 >= threshold, or None."""
+    def search(self, text: str, code: str | None = None, exclude: Collection[str] = ()) -> Match | None:
+        """The best indexed entry with F1 >= threshold, or None; entries keyed in `exclude` are passed over."""
         code = self.vocab.encode(text) if code is None else code
-        return self._search(code, self._tagged(code))
+        return self._search(code, self._tagged(code), exclude)
 
-    def _search(self, code: str, tagged: list[tuple[str, int]]) -> Match | None:
+    def _search(self, code: str, tagged: list[tuple[str, int]], exclude: Collection[str] = ()) -> Match | None:
         n = len(code)
         if n == 0:
             # An empty token list only matches another empty one (identical: 1.0, as rapidfuzz says).
-            if self._empty:
-                i = self._empty[0]
-                return Match(self._keys[i], self._texts[i], 1.0)
+            for i in self._empty:
+                if self._keys[i] not in exclude:
+                    return Match(self._keys[i], self._texts[i], 1.0)
             return None
         lo, hi = partner_min_len(n, self.threshold), partner_max_len(n, self.threshold)
         t = self.threshold
@@ -202,6 +202,9 @@ class DedupIndex:
                 start = bisect.bisect_left(lens, lo)
                 stop = bisect.bisect_right(lens, bmax, start)
                 cands.update([i for i, max_n in items[start:stop] if max_n >= n])
+        if exclude:
+            # An evolved instruction may resemble its own ancestors; only others count as duplicates.
+            cands = {i for i in cands if self._keys[i] not in exclude}
         if not cands:
             return None
         order = sorted(cands)
