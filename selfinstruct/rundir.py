@@ -148,5 +148,8 @@ class RunDir:
                 os.fsync(fh.fileno())
             except OSError:
                 pass
-            fh.close()
+            try:
+                fh.close()  # flushes again: on a full disk it fails like the append that stopped the run
+            except OSError:
+                pass
         self._handles.clear()
