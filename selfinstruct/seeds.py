@@ -10,6 +10,9 @@ from pathlib import Path
 from selfinstruct.errors import InputError
 
 _HINT = "fix that line, or see seeds/README.md for the accepted schemas"
+# Characters of one seed task (instruction plus every input and output). Prompts show a few seed
+# tasks together, so a longer one cannot fit a teacher's context; a 10 MB line is a broken file.
+MAX_TASK_CHARS = 32_000
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,12 @@ def _task(obj: object, where: str, line: int, index: int, stem: str) -> SeedTask
                 _text(obj.get("output"), where, "output", required=True),
             )
         ]
+    size = len(instruction) + sum(len(i.input) + len(i.output) for i in instances)
+    if size > MAX_TASK_CHARS:
+        raise InputError(
+            f"{where}: seed task is {size:,} characters, over the {MAX_TASK_CHARS:,} that fit in a prompt with other examples",
+            "shorten or split that task",
+        )
     cls = obj.get("is_classification", False)
     if not isinstance(cls, bool):
         raise InputError(f"{where}: `is_classification` must be true or false", _HINT)

@@ -76,77 +76,8 @@ def max_pair_similarity(texts: list[str]) -> float:
     return float(matrix.max())
 
 
-def test_generates_2000_chinese_records_through_faults(tmp_path):
-    faults = dict(
-        latency=0.01, seed=7, p_429=0.05, retry_after=0.2, p_500=0.05, p_timeout=0.02, timeout_sleep=5.0,
-        p_malformed=0.03, p_truncated=0.05, p_bad_items=0.2, p_near_duplicate=0.15,
-    )
-    out = tmp_path / "run"
-    with FakeTeacher(**faults) as fake:
-        done = run_cli(
-            "generate", "--seeds", str(seeds_file(tmp_path)), "--n", "2000", "--base-url", fake.base_url,
-            "--model", "fake-model", "--out", str(out), "--concurrency", "16", "--timeout", "1", "--retries", "8",
-            "--price-in", "0.5", "--price-out", "1.5", "--quiet",
-        )
-        stats = fake.stats
-    assert done.returncode == 0, done.stderr
-    records = read_jsonl(out / "records.jsonl")
-    rejected = read_jsonl(out / "rejected.jsonl")
-    ledger = read_jsonl(out / "requests.jsonl")
-    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert len(records) == 2000 and len({r["id"] for r in records}) == 2000
-    assert max_pair_similarity([r["instruction"] for r in records]) < 0.7
-    reasons = {r["reason"] for r in rejected}
-    assert {"near-duplicate", "truncated"} <= reasons
-    assert reasons & {"blacklist", "refusal", "wrong-language", "empty", "output-equals-input"}
-    for rec in rejected:
-        if rec["reason"] == "near-duplicate":
-            assert rec["duplicate_of"] and rec["score"] >= 0.7
-    # Exact accounting: the manifest's tokens are the server's, the dollars are tokens x price.
-    assert manifest["usage"]["prompt_tokens"] == stats["prompt_tokens_sent"]
-    assert manifest["usage"]["completion_tokens"] == stats["completion_tokens_sent"]
-    expected_usd = (stats["prompt_tokens_sent"] * 0.5 + stats["completion_tokens_sent"] * 1.5) / 1e6
-    assert manifest["cost"]["usd"] == pytest.approx(expected_usd, abs=1e-6)
-    assert manifest["cost"]["priced"] is True
-    counts = manifest["counts"]
-    assert counts["kept"] == 2000 and counts["requests"] == len(ledger)
-    assert counts["failed_requests"] == sum(1 for e in ledger if e["status"] != "ok")
-    assert sum(counts["rejected"].values()) == len(rejected)
-    # Lineage on every record.
-    meta = records[0]["meta"]
-    assert meta["seed_ids"] and meta["template"] == "generate_zh.jinja" and meta["model"] == "fake-model"
-    assert meta["request_id"].startswith("r") and "usage" in meta and meta["raw"]
-
-
-def test_kill_minus_9_then_resume_loses_and_duplicates_nothing(tmp_path):
-    out = tmp_path / "run"
-    seeds = seeds_file(tmp_path)
-    with FakeTeacher(latency=0.03, seed=11, p_near_duplicate=0.1) as fake:
-        args = ("generate", "--seeds", str(seeds), "--n", "1500", "--base-url", fake.base_url, "--model", "m",
-                "--out", str(out), "--concurrency", "8", "--quiet")
-        for threshold in (300, 900):
-            proc = cli(*args)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                path = out / "records.jsonl"
-                if path.exists() and path.read_bytes().count(b"\n") >= threshold:
-                    break
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate()
-        done = run_cli(*args)
-        sent = fake.stats["sent_contents"]
-    assert done.returncode == 0, done.stderr
-    assert "resuming" not in done.stdout  # --quiet
-    records = read_jsonl(out / "records.jsonl")
-    assert len(records) == 1500
-    assert len({r["id"] for r in records}) == 1500
-    assert len({r["instruction"] for r in records}) == 1500
-    everything_sent = "\n".join(sent)
-    assert all(r["instruction"] in everything_sent for r in records)
-
-
-def test_sigint_stops_gracefully_with_resume_hint(tmp_path):
+@pytest.mark.parametrize("signum, code, reason", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_signal_stops_gracefully_with_resume_hint(tmp_path, signum, code, reason):
     out = tmp_path / "run"
     with FakeTeacher(latency=0.2, seed=3) as fake:
         proc = cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "100000", "--base-url", fake.base_url,
@@ -155,12 +86,12 @@ def test_sigint_stops_gracefully_with_resume_hint(tmp_path):
         while time.monotonic() < deadline and not (out / "records.jsonl").exists():
             time.sleep(0.05)
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
-    assert "Resume with: selfinstruct generate" in err
+    assert proc.returncode == code
+    assert "Resume with: selfinstruct generate" in err and "Traceback" not in err
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["status"] == "stopped" and manifest["stop_reason"] == "interrupted"
+    assert manifest["status"] == "stopped" and manifest["stop_reason"] == reason
     assert manifest["counts"]["kept"] == len(read_jsonl(out / "records.jsonl")) > 0
 
 
@@ -207,21 +138,10 @@ def test_bad_key_stops_at_once_without_leaking_it(tmp_path):
     assert KEY not in done.stderr + done.stdout
 
 
-def test_secrets_never_written(tmp_path):
-    out = tmp_path / "run"
-    with FakeTeacher(p_500=0.2, seed=9) as fake:
-        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "50", "--base-url", fake.base_url,
-                       "--model", "m", "--out", str(out), "--retries", "1")
-    assert done.returncode == 0, done.stderr
-    assert KEY not in done.stdout + done.stderr
-    for path in out.rglob("*"):
-        if path.is_file():
-            assert KEY.encode() not in path.read_bytes(), path
-
-
 @pytest.mark.parametrize(
     "case",
-    ["empty-seeds", "bad-json-line", "missing-instruction", "undefined-variable", "n-zero", "unwritable-out", "missing-key", "unknown-config-key"],
+    ["empty-seeds", "bad-json-line", "missing-instruction", "wrong-type", "ten-mb-line", "not-utf8-or-gbk", "undefined-variable",
+     "template-syntax", "n-zero", "unwritable-out", "missing-key", "unknown-config-key", "config-wrong-type", "config-bad-toml"],
 )
 def test_broken_inputs_give_one_line_and_exit_2(tmp_path, case):
     seeds = seeds_file(tmp_path)
@@ -237,11 +157,26 @@ def test_broken_inputs_give_one_line_and_exit_2(tmp_path, case):
     elif case == "missing-instruction":
         seeds.write_text('{"id": "x", "output": "y"}\n', encoding="utf-8")
         expect = f"{seeds}:1: missing `instruction`"
+    elif case == "wrong-type":
+        seeds.write_text('{"instruction": "写诗", "output": ["春眠不觉晓"]}\n', encoding="utf-8")
+        expect = f"{seeds}:1: `output` must be a string"
+    elif case == "ten-mb-line":
+        huge = json.dumps({"instruction": "总结下面的文章", "input": "长" * 10_000_000, "output": "短"}, ensure_ascii=False)
+        seeds.write_text(seeds.read_text(encoding="utf-8") + huge + "\n", encoding="utf-8")
+        expect = f"{seeds}:6: seed task is 10,000,008 characters"
+    elif case == "not-utf8-or-gbk":
+        seeds.write_bytes(b"\xff\xfe\x00\x81" * 64)
+        expect = f"{seeds}: not UTF-8 or GBK text"
     elif case == "undefined-variable":
         tpl = tmp_path / "t.jinja"
         tpl.write_text("<<user>>\n{{ examples }}\n{{ not_a_variable }}\n", encoding="utf-8")
         args += ["--template", str(tpl)]
         expect = f"{tpl}:3: undefined variable"
+    elif case == "template-syntax":
+        tpl = tmp_path / "t.jinja"
+        tpl.write_text("<<user>>\n{% for ex in examples %}\n{{ ex.instruction }\n", encoding="utf-8")
+        args += ["--template", str(tpl)]
+        expect = f"{tpl}:3: template syntax error"
     elif case == "n-zero":
         args[4] = "0"
         expect = "--n must be at least 1"
@@ -259,8 +194,40 @@ def test_broken_inputs_give_one_line_and_exit_2(tmp_path, case):
         cfg.write_text("concurency = 4\n", encoding="utf-8")
         args += ["--config", str(cfg)]
         expect = f"{cfg}: unknown key `concurency`"
+    elif case == "config-wrong-type":
+        cfg = tmp_path / "c.toml"
+        cfg.write_text('concurrency = "many"\n', encoding="utf-8")
+        args += ["--config", str(cfg)]
+        expect = f"{cfg}: `concurrency` must be int"
+    elif case == "config-bad-toml":
+        cfg = tmp_path / "c.toml"
+        cfg.write_text("n = \n", encoding="utf-8")
+        args += ["--config", str(cfg)]
+        expect = f"{cfg}: invalid TOML"
     done = run_cli(*args, env=env, timeout=60)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expect in lines[0], done.stderr
     assert "Traceback" not in done.stderr and "hint:" in lines[0]
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "gbk"])
+def test_bom_gbk_and_crlf_seed_files_run(tmp_path, encoding):
+    seeds = seeds_file(tmp_path)
+    seeds.write_bytes(seeds.read_text(encoding="utf-8").replace("\n", "\r\n").encode(encoding))
+    out = tmp_path / "run"
+    with FakeTeacher(latency=0.005) as fake:
+        done = run_cli("generate", "--seeds", str(seeds), "--n", "20", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["seeds"]["count"] == 5 and manifest["counts"]["kept"] == 20
+    assert manifest["config"]["lang"] == "zh"  # decoded as Chinese, not mojibake
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    seeds = seeds_file(tmp_path)
+    seeds.write_text("{oops\n", encoding="utf-8")
+    done = run_cli("--debug", "generate", "--seeds", str(seeds), "--n", "5", "--base-url", "http://127.0.0.1:9/v1", timeout=60)
+    assert done.returncode != 0
+    assert "Traceback" in done.stderr and f"{seeds}:1: invalid JSON" in done.stderr
