@@ -395,3 +395,51 @@ def filter_command(
     report = Filtering(settings, console).run()
     if not quiet:
         console.print(summary_table(report, settings))
+
+
+@app.command()
+def doctor(
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint (default: the OpenAI API)."),
+    model: str = typer.Option("gpt-4o-mini", "--model", help="Teacher model to check."),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the key."),
+    lang: str = typer.Option("zh", "--lang", help="Language of the probe prompt: zh, zh-Hant or en."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds per request."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a teacher in a few requests: reachable, model listed, chat, usage, JSON mode, latency, tokens/s, price; with the fix for each problem."""
+    import json
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from selfinstruct.doctor import run_doctor
+    from selfinstruct.pricing import endpoint_kind, resolve_price
+    from selfinstruct.teacher import TeacherSettings
+
+    if lang not in ("zh", "zh-Hant", "en"):
+        raise ConfigError(f"--lang {lang!r} is not supported", "use zh, zh-Hant or en")
+    if timeout <= 0:
+        raise ConfigError("--timeout must be positive", "seconds per request, e.g. 30")
+    # One retry: enough to ride out a blip, few enough that the check-up takes seconds.
+    settings = TeacherSettings(model=model, base_url=base_url, timeout=timeout, retries=1, concurrency=1)
+    price = resolve_price(model, endpoint_kind(base_url), price_in, price_out)
+    report = run_doctor(settings, os.environ.get(api_key_env) or None, price, lang, api_key_env)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        styles = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
+        table = Table(title=f"selfinstruct doctor: {model} at {base_url or 'the OpenAI API'}")
+        for column in ("check", "result", "seen", "fix"):
+            table.add_column(column)
+        for check in report.checks:
+            table.add_row(check.name, styles[check.status], escape(check.detail), escape(check.fix))
+        console = Console()
+        console.print(table)
+        problems = sum(c.status == "fail" for c in report.checks)
+        verdict = "ready" if not problems else f"{problems} problem{'s' if problems > 1 else ''}: apply the fixes and run doctor again"
+        console.print(f"{verdict} ({report.seconds:.1f} s)", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)

@@ -366,6 +366,20 @@ class Teacher:
             json_mode=json_mode,
         )
 
+    async def list_models(self) -> list[str]:
+        """The model ids the server lists (GET /models); raises RequestFailed or TeacherError like complete()."""
+        try:
+            page = await self._client.models.list()
+            return [m.id for m in page.data]
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise TeacherError(
+                f"the teacher refused the API key (HTTP {exc.status_code})",
+                "check the key in the environment variable named by --api-key-env",
+            ) from None
+        except Exception as exc:
+            status = getattr(exc, "status_code", None)
+            raise RequestFailed(type(exc).__name__, self._describe(exc), 1, status, Usage(), [error_kind(exc)]) from None
+
     def _describe(self, exc: BaseException) -> str:
         """A short description of a failure, with the key cut out should a server echo it."""
         status = getattr(exc, "status_code", None)

@@ -1,0 +1,226 @@
+"""The teacher check-up: a few requests that show what a run will meet, and the fix for each problem."""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import time
+from dataclasses import asdict, dataclass
+
+from selfinstruct.errors import TeacherError
+from selfinstruct.parsing import parse_reply
+from selfinstruct.pricing import Price, endpoint_kind
+from selfinstruct.prompts import generation_template_name, load_template
+from selfinstruct.teacher import Completion, JsonModeUnsupported, RequestFailed, Teacher, TeacherSettings
+
+# Tasks asked for per probe: enough to see the reply parse, few enough to answer in seconds.
+PROBE_TASKS = 2
+PROBE_MAX_TOKENS = 1024
+
+# Two example tasks per language, shown in the probe prompt the way a run shows seed tasks.
+EXAMPLES = {
+    "zh": [
+        {"instruction": "解释为什么天空是蓝色的", "input": "", "output": "阳光穿过大气时，波长较短的蓝光被散射得更多，所以天空看起来是蓝色的。"},
+        {"instruction": "把下面的句子翻译成英文", "input": "我喜欢在周末读书。", "output": "I like reading on weekends."},
+    ],
+    "zh-Hant": [
+        {"instruction": "解釋為什麼天空是藍色的", "input": "", "output": "陽光穿過大氣時，波長較短的藍光被散射得更多，所以天空看起來是藍色的。"},
+        {"instruction": "把下面的句子翻譯成英文", "input": "我喜歡在週末讀書。", "output": "I like reading on weekends."},
+    ],
+    "en": [
+        {"instruction": "Explain why the sky is blue.", "input": "", "output": "Air scatters short blue wavelengths of sunlight more than red ones."},
+        {"instruction": "Translate the sentence into French.", "input": "I like reading on weekends.", "output": "J'aime lire le week-end."},
+    ],
+}
+
+
+@dataclass
+class Check:
+    """One row of the report: what was checked, how it went, what was seen, what to do."""
+
+    name: str
+    status: str  # ok, warn, fail or skip
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    """Every check, in order, and how long the whole check-up took."""
+
+    checks: list[Check]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.status == "fail" for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "seconds": round(self.seconds, 2), "checks": [asdict(c) for c in self.checks]}
+
+
+def _messages(lang: str, json_mode: bool) -> list[dict[str, str]]:
+    template = load_template(generation_template_name(lang))
+    return template.render(examples=EXAMPLES[lang], num_tasks=PROBE_TASKS, start_index=1, json_mode=json_mode)
+
+
+def _sample(text: str) -> str:
+    return repr(text.strip().replace("\n", "⏎")[:120])
+
+
+def _failure(name: str, exc: BaseException, settings: TeacherSettings) -> Check:
+    """A failed request as a check row with the fix for its kind."""
+    if isinstance(exc, TeacherError):
+        return Check(name, "fail", exc.message, exc.hint)
+    assert isinstance(exc, RequestFailed)
+    kind = exc.errors[-1] if exc.errors else exc.kind
+    if kind == "timeout":
+        fix = f"the teacher did not answer within --timeout {settings.timeout:g} s: raise --timeout, or check the server's load"
+    elif kind == "connection":
+        fix = "start the server, or fix --base-url (host, port, and a path that usually ends in /v1)"
+    elif kind == "http-429":
+        fix = "the key is rate-limited now: lower --concurrency or set --rpm/--tpm to the account's limits"
+    elif kind.startswith("http-5"):
+        fix = "the server is failing: check its logs; runs retry 5xx with backoff, but not forever"
+    elif kind == "http-400":
+        fix = "the server rejected the request: check --model and --max-tokens against what it supports"
+    else:
+        fix = "check --base-url and --model"
+    return Check(name, "fail", exc.message, fix)
+
+
+def _quirks(reply: Completion, teacher: Teacher) -> list[str]:
+    seen = []
+    if teacher.token_param != "max_tokens":
+        seen.append("wants max_completion_tokens (used automatically)")
+    if "<think>" in reply.content.lower():
+        seen.append("reasoning blocks <think>…</think> (stripped; budget --max-tokens for them)")
+    if reply.content.lstrip().startswith("```"):
+        seen.append("code fences (stripped)")
+    return seen
+
+
+async def diagnose(
+    settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str = "zh", key_env: str = "OPENAI_API_KEY"
+) -> Report:
+    """Probe a teacher: list models, one small generation, one JSON-mode request. Never raises for the teacher's faults."""
+    started = time.monotonic()
+    url = settings.base_url or "https://api.openai.com/v1"
+    kind = endpoint_kind(settings.base_url)
+    teacher = Teacher(settings, api_key)
+    checks: list[Check] = []
+    try:
+        # 1. reachable, model listed
+        models: list[str] | None = None
+        key_refused: TeacherError | None = None
+        try:
+            models = await teacher.list_models()
+            checks.append(Check("reachable", "ok", f"{url} answered"))
+        except TeacherError as exc:
+            key_refused = exc
+            checks.append(Check("reachable", "ok", f"{url} answered, but refused the key"))
+        except RequestFailed as exc:
+            if exc.errors[-1:] in (["connection"], ["timeout"]):  # no HTTP answer at all
+                row = _failure("reachable", exc, settings)
+                checks.append(Check("reachable", "fail", f"{url}: {exc.message}", row.fix))
+                names = ("model listed", "chat works", "usage reported", "JSON mode", "latency", "tokens/s")
+                checks += [Check(n, "skip", "the teacher is not reachable") for n in names]
+                checks.append(_price_check(settings.model, price, kind))
+                return Report(checks, time.monotonic() - started)
+            checks.append(Check("reachable", "ok", f"{url} answered (GET /models: HTTP {exc.status})"))
+        if key_refused is not None:
+            fix = key_refused.hint if api_key or kind == "local" else f"${key_env} is not set: export {key_env}=..., or pass --api-key-env NAME"
+            checks.append(Check("model listed", "fail", key_refused.message, fix))
+            names = ("chat works", "usage reported", "JSON mode", "latency", "tokens/s")
+            checks += [Check(n, "skip", "needs a key the teacher accepts") for n in names]
+            checks.append(_price_check(settings.model, price, kind))
+            return Report(checks, time.monotonic() - started)
+        if models is None:
+            checks.append(Check("model listed", "warn", "the server does not list its models", "nothing to do if the chat check passes"))
+        elif settings.model in models:
+            checks.append(Check("model listed", "ok", f"{settings.model} is one of {len(models)} models"))
+        else:
+            close = difflib.get_close_matches(settings.model, models, n=3, cutoff=0.3) or models[:5]
+            checks.append(Check("model listed", "fail", f"{settings.model!r} is not among the {len(models)} models listed",
+                                f"pass --model with one of: {', '.join(close)}"))
+
+        # 2. chat works (and what the reply looks like), usage, latency, tokens/s
+        reply: Completion | None = None
+        try:
+            reply = await teacher.complete(_messages(lang, False), max_tokens=PROBE_MAX_TOKENS)
+        except (RequestFailed, TeacherError) as exc:
+            checks.append(_failure("chat works", exc, settings))
+        if reply is not None:
+            checks += _chat_checks(reply, teacher)
+        else:
+            checks += [Check(n, "skip", "no reply to measure") for n in ("usage reported", "latency", "tokens/s")]
+
+        # 3. JSON mode: supported, rejected (runs fall back to text), or silently ignored
+        if reply is None:
+            checks.append(Check("JSON mode", "skip", "chat does not work"))
+        else:
+            checks.append(await _json_check(teacher, lang))
+        checks.append(_price_check(settings.model, price, kind))
+        order = ["reachable", "model listed", "chat works", "quirks", "usage reported", "JSON mode", "latency", "tokens/s", "price known"]
+        checks.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))
+        return Report(checks, time.monotonic() - started)
+    finally:
+        await teacher.aclose()
+
+
+def _chat_checks(reply: Completion, teacher: Teacher) -> list[Check]:
+    checks = []
+    items = parse_reply(reply.content, reply.finish_reason)
+    usable = [i for i in items if i.problem is None]
+    if not reply.content.strip() and reply.finish_reason == "length":
+        checks.append(Check("chat works", "fail", f"empty reply cut by the token limit ({PROBE_MAX_TOKENS} tokens)",
+                            "the model spends its budget before answering (reasoning?): raise --max-tokens"))
+    elif usable:
+        checks.append(Check("chat works", "ok", f"{len(usable)} of {PROBE_TASKS} asked tasks parsed (finish_reason {reply.finish_reason})"))
+    else:
+        checks.append(Check("chat works", "warn", f"answered, but no task parsed from {_sample(reply.content)}",
+                            "check the model follows instructions; try --json-mode or your own --template"))
+    quirks = _quirks(reply, teacher)
+    checks.append(Check("quirks", "ok", "; ".join(quirks) if quirks else "none seen"))
+    if reply.usage.estimated:
+        checks.append(Check("usage reported", "warn", "missing or implausible (0 tokens, or 1 completion token)",
+                            "nothing to do: tokens are estimated offline and the manifest marks them estimated"))
+    else:
+        checks.append(Check("usage reported", "ok", f"{reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"))
+    latency = max(reply.latency, 1e-6)
+    per_second = 16 / latency
+    checks.append(Check("latency", "ok", f"{latency:.2f} s for {PROBE_TASKS} tasks; at --concurrency 16 ≈ {per_second:.1f} requests/s"))
+    approx = "≈ " if reply.usage.estimated else ""
+    checks.append(Check("tokens/s", "ok", f"{approx}{reply.usage.completion_tokens / latency:.0f} completion tokens/s for one request"))
+    return checks
+
+
+async def _json_check(teacher: Teacher, lang: str) -> Check:
+    try:
+        reply = await teacher.complete(_messages(lang, True), json_mode=True, max_tokens=PROBE_MAX_TOKENS)
+    except JsonModeUnsupported as exc:
+        return Check("JSON mode", "warn", f"not supported ({exc.message})",
+                     "leave --json-mode off; a run with --json-mode falls back to the text template by itself")
+    except (RequestFailed, TeacherError) as exc:
+        row = _failure("JSON mode", exc, teacher.settings)
+        return Check("JSON mode", "warn", row.detail, row.fix)
+    text = reply.content.strip()
+    items = parse_reply(reply.content, reply.finish_reason, json_mode=True)
+    is_json = "{" in text[:200] and any(i.problem is None for i in items)
+    if is_json:
+        return Check("JSON mode", "ok", "supported (--json-mode asks for {\"tasks\": [...]})")
+    return Check("JSON mode", "warn", f"accepted but the reply is not JSON: {_sample(reply.content)}", "leave --json-mode off")
+
+
+def _price_check(model: str, price: Price | None, kind: str) -> Check:
+    if price is None:
+        return Check("price known", "warn", f"no price for {model!r}",
+                     "pass --price-in and --price-out (USD per 1M tokens); --max-cost needs them")
+    if kind == "local" and price.source == "local server":
+        return Check("price known", "ok", "local server: $0")
+    return Check("price known", "ok", f"${price.input:g} in / ${price.output:g} out per 1M tokens ({price.source})")
+
+
+def run_doctor(settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str, key_env: str) -> Report:
+    """Synchronous entry point for the CLI."""
+    return asyncio.run(diagnose(settings, api_key, price, lang, key_env))

@@ -1,0 +1,100 @@
+"""`selfinstruct doctor` against the fake teacher: each problem found, with its fix, in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from fakes.openai_server import FakeTeacher
+from selfinstruct.doctor import diagnose
+from selfinstruct.pricing import resolve_price
+from selfinstruct.teacher import TeacherSettings
+from test_generate import KEY, run_cli
+
+
+def doctor(fake_url: str, *extra: str, model: str = "fake-teacher", env: dict | None = None) -> tuple[int, dict, float]:
+    started = time.monotonic()
+    done = run_cli("doctor", "--base-url", fake_url, "--model", model, "--json", *extra, env=env, timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    report = json.loads(done.stdout)
+    return done.returncode, {c["name"]: c for c in report["checks"]}, time.monotonic() - started
+
+
+def test_healthy_teacher_passes_every_check_in_a_few_requests():
+    with FakeTeacher(latency=0.05) as fake:
+        code, checks, seconds = doctor(fake.base_url)
+        stats = fake.stats
+    assert code == 0
+    assert list(checks) == ["reachable", "model listed", "chat works", "quirks", "usage reported", "JSON mode", "latency", "tokens/s", "price known"]
+    assert all(c["status"] == "ok" for c in checks.values()), checks
+    assert "2 of 2" in checks["chat works"]["detail"] and "none seen" in checks["quirks"]["detail"]
+    assert checks["price known"]["detail"] == "local server: $0"
+    assert stats["requests_received"] == 2 and stats["other_requests"] == 1
+    assert seconds < 10
+
+
+def test_local_server_quirks_are_named_and_nothing_fails():
+    quirks = dict(think=True, code_fence=True, reject_max_tokens=True, no_json_mode=True, usage_mode="zero")
+    with FakeTeacher(**quirks) as fake:
+        code, checks, _ = doctor(fake.base_url)
+    assert code == 0
+    seen = checks["quirks"]["detail"]
+    assert "max_completion_tokens" in seen and "<think>" in seen and "code fences" in seen
+    assert checks["chat works"]["status"] == "ok"
+    assert checks["usage reported"]["status"] == "warn" and "estimated" in checks["usage reported"]["fix"]
+    assert checks["JSON mode"]["status"] == "warn" and "falls back to the text template" in checks["JSON mode"]["fix"]
+
+
+def test_unreachable_teacher_fails_fast_with_the_url_fix():
+    code, checks, seconds = doctor("http://127.0.0.1:9/v1")
+    assert code == 1
+    assert checks["reachable"]["status"] == "fail" and "--base-url" in checks["reachable"]["fix"]
+    assert {checks[n]["status"] for n in ("model listed", "chat works", "JSON mode")} == {"skip"}
+    assert seconds < 10
+
+
+def test_unknown_model_lists_the_closest_names():
+    with FakeTeacher(models=["Qwen2.5-7B-Instruct", "llama-3.1-8b", "mistral-small"]) as fake:
+        code, checks, _ = doctor(fake.base_url, model="qwen2.5-7b")
+    assert code == 1
+    assert checks["model listed"]["status"] == "fail"
+    assert checks["model listed"]["fix"].startswith("pass --model with one of: Qwen2.5-7B-Instruct")
+
+
+def test_refused_key_is_a_failure_and_never_printed():
+    with FakeTeacher(api_key="sk-the-right-one") as fake:
+        done = run_cli("doctor", "--base-url", fake.base_url, "--model", "fake-teacher", env={"COLUMNS": "200"}, timeout=60)
+    assert done.returncode == 1
+    assert "refused the API key" in done.stdout and "FAIL" in done.stdout and "--api-key-env" in done.stdout
+    assert KEY not in done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "knobs, status, needle",
+    [
+        ({"empty_length": True}, "fail", "raise --max-tokens"),
+        ({"p_garbage": 1.0}, "warn", "--json-mode"),
+        ({"p_429": 1.0, "retry_after": 0.05}, "fail", "--rpm"),
+        ({"p_timeout": 1.0, "timeout_sleep": 5.0}, "fail", "raise --timeout"),
+    ],
+)
+def test_chat_problems_come_with_their_fix(knobs, status, needle):
+    with FakeTeacher(**knobs) as fake:
+        code, checks, seconds = doctor(fake.base_url, "--timeout", "0.5")
+    assert checks["chat works"]["status"] == status
+    assert needle in checks["chat works"]["fix"]
+    assert code == (1 if status == "fail" else 0)
+    assert seconds < 15
+
+
+def test_unknown_price_says_which_flags_to_pass():
+    with FakeTeacher(models=["some-hosted-model"]) as fake:
+        settings = TeacherSettings(model="some-hosted-model", base_url=fake.base_url, timeout=5, retries=1)
+        report = asyncio.run(diagnose(settings, None, resolve_price("some-hosted-model", "hosted"), "en"))
+    price = {c.name: c for c in report.checks}["price known"]
+    assert price.status == "warn" and "--price-in" in price.fix
+    assert report.ok  # a missing price is worth knowing, not a failure
