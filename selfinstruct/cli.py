@@ -161,6 +161,7 @@ def generate(
     """Generate instruction data from seed tasks with a teacher model. Re-run the same command to resume."""
     flags = {k: v for k, v in locals().items() if k != "config"}
     from rich.console import Console
+    from rich.markup import escape
 
     from selfinstruct.config import resolve
     from selfinstruct.generate import Generation, check_resumable, project
@@ -218,14 +219,15 @@ def generate(
             exit_code = asyncio.run(_drive(gen, settings, api_key))
         except RunStopped as stop:
             view.__exit__(None, None, None)
-            console.print(f"[yellow]stopped:[/] {stop.message}")
+            # The message may quote a teacher's reply: no markup from it, and one line to grep.
+            console.print(f"[yellow]stopped:[/] {escape(stop.message)}", soft_wrap=True, highlight=False)
             exit_code = stop.exit_code
         finally:
             run.close()
     if not cfg.quiet or exit_code:
         _print_summary(gen, console)
     if exit_code in (130, 143):
-        console.print(f"interrupted; everything finished is saved. Resume with: {gen.command}")
+        console.print(f"interrupted; everything finished is saved. Resume with: {escape(gen.command)}", soft_wrap=True, highlight=False)
     if exit_code:
         raise typer.Exit(exit_code)
     if cfg.push_to:

@@ -59,8 +59,20 @@ def test_usage_as_reported_or_estimated(mode):
     if mode == "completion_one":
         # The prompt count it did report is plausible, so it is kept; only the completion is estimated.
         assert usage.prompt_tokens == stats["prompt_tokens_sent"]
-    # Neither `n` nor stop strings are sent: servers that ignore them cannot change what we get.
-    assert stats["last_request"]["n"] is None and stats["last_request"]["stop"] is None
+
+
+def test_neither_n_nor_stop_strings_are_sent():
+    # Servers that ignore `n` or stop sequences cannot change what we get, because we rely on neither.
+    seen: list[dict] = []
+
+    def reply(req, rng):
+        seen.append(req)
+        return "1. 指令：解释潮汐的成因\n输入：<无输入>\n输出：月球引力。"
+
+    with FakeTeacher(reply=reply) as fake:
+        [result], _ = complete(fake)
+    assert result.content.startswith("1. 指令")
+    assert seen and not {"n", "stop"} & set(seen[0])
 
 
 @pytest.mark.parametrize("json_mode", [False, True])
@@ -130,7 +142,7 @@ def generate(fake: FakeTeacher, tmp_path, *extra: str, n: int = 1000):
 def test_local_teacher_with_every_quirk_at_once(tmp_path):
     quirks = dict(
         think=True, code_fence=True, reject_max_tokens=True, no_json_mode=True, usage_mode="completion_one",
-        overrun=2, latency=0.005, seed=5,
+        p_truncated=0.2, latency=0.005, seed=5,
     )
     with FakeTeacher(**quirks) as fake:
         done, out, manifest = generate(fake, tmp_path, "--json-mode", n=300)
@@ -144,11 +156,6 @@ def test_local_teacher_with_every_quirk_at_once(tmp_path):
     assert "response_format" in manifest["teacher"]["json_mode_fallback"]
     assert all(e["json_mode"] is False for e in ledger)
     assert manifest["usage"]["estimated"] is True
-    # Items past the asked count are paid for and used; the echo of the prompt's examples after
-    # them is never a record (it ends in the item cut by the length limit).
-    assert any(r["id"].endswith((".10", ".11")) for r in records)
-    assert not SEED_INSTRUCTIONS & {r["instruction"] for r in records}
-    assert not any("示例" in r["instruction"] + r["input"] + r["output"] for r in records)
     assert "truncated" in {r["reason"] for r in rejected}
     assert not any(r["reason"] == "request-failed" for r in rejected)
     # The 400s that taught us the server's dialect are attempts like any other.
@@ -160,9 +167,10 @@ def test_collapsed_parse_yield_stops_with_a_sample_reply(tmp_path):
     with FakeTeacher(p_garbage=1.0, latency=0.005, seed=6) as fake:
         done, out, manifest = generate(fake, tmp_path)
         received = fake.stats["requests_received"]
+        sent = fake.stats["sent_contents"]
     assert done.returncode == 1, done.stderr
     assert "of the last 50 requests gave a usable record" in done.stderr
-    assert "好的，我明白了你的要求" in done.stderr  # the sample raw reply
+    assert any(reply[:40] in done.stderr for reply in sent)  # a sample raw reply, as the server sent it
     assert "Traceback" not in done.stderr
     assert 50 <= received <= 50 + 8
     assert manifest["stop_reason"] == "low-yield" and manifest["counts"]["requests"] == received
@@ -188,3 +196,13 @@ def test_max_requests_is_a_hard_cap(tmp_path):
     assert "--max-requests" in done.stderr
     assert received == 40 and manifest["counts"]["requests"] == 40
     assert manifest["stop_reason"] == "max-requests" and 0 < manifest["counts"]["kept"] < 1000
+
+
+def test_stop_message_quotes_a_reply_with_brackets_verbatim_on_one_line(tmp_path):
+    # Replies are the teacher's text, not markup for our terminal: "[/think]" once crashed the stop path.
+    with FakeTeacher(reply=lambda req, rng: "[/think] [bold]好的[/bold]，但我不列任务。", latency=0.005) as fake:
+        done, _, manifest = generate(fake, tmp_path)
+    assert done.returncode == 1, done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("stopped:")]
+    assert "'[/think] [bold]好的[/bold]，但我不列任务。'" in line and line.endswith("then re-run to resume)")
+    assert manifest["stop_reason"] == "low-yield"
