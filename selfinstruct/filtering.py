@@ -41,6 +41,8 @@ FORMATS = ("jsonl", "parquet")
 DEDUP_MODES = ("exact", "minhash")
 # Records handed to the Python rules at a time: bounded memory, steady progress.
 RULE_SLICE = 20_000
+# From this many records the rules run in one process per core (start-up costs about a second).
+PARALLEL_RULES_FROM = 100_000
 
 
 @dataclass(frozen=True)
@@ -280,23 +282,16 @@ class Filtering:
         with _StageTimer(self.report, stages, "rules") as stage:
             advance = stages.stage("rules", n)
             columns = sorted({"instruction", "input", "output", *(r.field for r in users)})
-            for start in range(0, n, RULE_SLICE):
-                part = df.slice(start, RULE_SLICE).select(pl.col(c).cast(pl.String).fill_null("") for c in columns)
-                cols = {c: part[c].to_list() for c in columns}
-                ins, inp, outp = cols["instruction"], cols["input"], cols["output"]
-                for k in range(part.height):
-                    verdict = None
-                    if builtin:
-                        verdict = check(ins[k], inp[k], outp[k], settings)
-                    if verdict is None:
-                        for rule in users:
-                            why = rule.check(cols[rule.field][k])
-                            if why is not None:
-                                verdict = (rule.name, why)
-                                break
+            slices = (
+                (start, {c: part[c].to_list() for c in columns})
+                for start in range(0, n, RULE_SLICE)
+                for part in [df.slice(start, RULE_SLICE).select(pl.col(c).cast(pl.String).fill_null("") for c in columns)]
+            )
+            for start, verdicts in _map_slices(slices, settings, users, parallel=n >= PARALLEL_RULES_FROM):
+                for k, verdict in enumerate(verdicts):
                     if verdict is not None:
                         self._drop(start + k, *verdict)
-                advance(start + part.height)
+                advance(start + len(verdicts))
             stage.count = n
             if self.report.lang_inferred:
                 stage.note = f" (language {lang}, from the data)"
@@ -404,6 +399,48 @@ class Filtering:
         _write_atomic(kept_path, lambda p: kept.write_parquet(p) if self.settings.format == "parquet" else kept.write_ndjson(p))
         _write_atomic(out / REJECTED_FILE, rejected.write_ndjson)
         self.report.outputs = {"kept": str(kept_path), "rejected": str(out / REJECTED_FILE), "report": str(out / REPORT_FILE)}
+
+
+def judge(cols: dict[str, list[str]], settings: RuleSettings, users: list[UserRule]) -> list[tuple[str, str] | None]:
+    """The first rule each record of a slice breaks: built-ins in their order, then the user's."""
+    ins, inp, out = cols["instruction"], cols["input"], cols["output"]
+    verdicts: list[tuple[str, str] | None] = []
+    for k in range(len(ins)):
+        verdict = check(ins[k], inp[k], out[k], settings) if settings.enabled else None
+        if verdict is None:
+            for rule in users:
+                why = rule.check(cols[rule.field][k])
+                if why is not None:
+                    verdict = (rule.name, why)
+                    break
+        verdicts.append(verdict)
+    return verdicts
+
+
+def _judge_slice(job: tuple[int, dict, RuleSettings, list[UserRule]]) -> tuple[int, list]:
+    start, cols, settings, users = job
+    return start, judge(cols, settings, users)
+
+
+def _map_slices(slices, settings: RuleSettings, users: list[UserRule], parallel: bool):
+    """Yield (start, verdicts) in order; big inputs use one process per core, a few slices in flight."""
+    workers = os.cpu_count() or 1
+    if not parallel or workers < 2:
+        for start, cols in slices:
+            yield start, judge(cols, settings, users)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn, not fork: polars and rapidfuzz keep thread pools a fork could copy mid-lock.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        window: collections.deque = collections.deque()
+        for start, cols in slices:
+            window.append(pool.submit(_judge_slice, (start, cols, settings, users)))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def _write_atomic(path: Path, write: Callable[[str], object]) -> None:

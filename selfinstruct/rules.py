@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -65,19 +66,27 @@ _REFUSALS = tuple(fold(p) for p in REFUSALS)
 _BLACKLIST_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in BLACKLIST_WORDS) + r")\b", re.IGNORECASE)
 
 
+_KANA_RE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+
+
+@functools.lru_cache(maxsize=4096)
 def script_of(text: str) -> str:
     """The main script of a text: zh, ja, ko, latin or none, by token counts."""
-    tokens = TOKEN_RE.findall(text.lower())
+    # Every CJK character is a token of its own, so counting regex matches over the text gives
+    # the same counts as classifying each token, in C; the cache serves the rules that ask about
+    # the same instruction in a row (too-short, too-long, wrong-language).
+    lower = text.lower()
+    tokens = len(TOKEN_RE.findall(lower))
     if not tokens:
         return "none"
-    cjk = [t for t in tokens if CJK_RE.fullmatch(t)]
-    if len(cjk) * 2 < len(tokens):
+    cjk = len(CJK_RE.findall(lower))
+    if cjk * 2 < tokens:
         return "latin"
-    han = sum(1 for t in cjk if HAN_RE.fullmatch(t))
-    kana = sum(1 for t in cjk if "\u3040" <= t <= "\u30ff" or "\u31f0" <= t <= "\u31ff" or "\uff66" <= t <= "\uff9f")
-    if kana * 10 >= len(cjk):
+    han = len(HAN_RE.findall(lower))
+    kana = len(_KANA_RE.findall(lower))
+    if kana * 10 >= cjk:
         return "ja"
-    if len(cjk) - han - kana > han:
+    if cjk - han - kana > han:
         return "ko"
     return "zh"
 

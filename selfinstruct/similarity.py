@@ -463,6 +463,15 @@ def _distinct(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _runs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct values and how often each occurs."""
+    x = np.sort(x)
+    if not len(x):
+        return x, np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.concatenate(([True], x[1:] != x[:-1])))
+    return x[starts], np.diff(np.append(starts, len(x)))
+
+
 def _expand(lo: np.ndarray, hi: np.ndarray, chunk: int = _PAIR_CHUNK):
     """Yield (entry, partner) index arrays for partners lo[e] <= p < hi[e], a bounded slice at a time."""
     counts = np.maximum(hi - lo, 0)
@@ -480,12 +489,21 @@ def _expand(lo: np.ndarray, hi: np.ndarray, chunk: int = _PAIR_CHUNK):
         start = stop
 
 
+def _longest(ln: np.ndarray, rest: np.ndarray, t: float) -> np.ndarray:
+    """Longest partner an entry can still match: the length bound, and the positional bound on its own side.
+
+    rest >= need(n + m) = ceil(t(n + m)/2) holds exactly when m <= 2·rest/t - n, so partners
+    past that length fail the positional filter anyway; cutting the range there saves generating them.
+    """
+    return np.minimum(_hi(ln, t), np.maximum(np.floor(2.0 * rest / t - ln + 1e-6), 0).astype(np.int64))
+
+
 def _self_ranges(side: _Side, t: float) -> tuple[np.ndarray, np.ndarray]:
     """Partners of each entry within one side: later entries of its group up to the longest partner length."""
     ln = side.comp & ((1 << _LEN_BITS) - 1)
     group = side.comp >> _LEN_BITS
     lo = np.arange(1, len(side) + 1, dtype=np.int64)
-    hi = np.searchsorted(side.comp, (group << _LEN_BITS) | _hi(ln, t), side="right")
+    hi = np.searchsorted(side.comp, (group << _LEN_BITS) | _longest(ln, side.rest, t), side="right")
     # Partners found this way are at least as long, so the pair needs >= need(n, n) tokens.
     return lo, np.where(side.rest >= _need(ln, ln, t), hi, lo)
 
@@ -501,8 +519,8 @@ def _cross_ranges(query: _Side, side: _Side, t: float) -> tuple[np.ndarray, np.n
     found[found] = side.keys[group[found]] == query.sig[found]
     group = np.where(found, group, 0)
     lo = np.searchsorted(side.comp, (group << _LEN_BITS) | _lo(ln, t), side="left")
-    hi = np.searchsorted(side.comp, (group << _LEN_BITS) | _hi(ln, t), side="right")
-    return lo, np.where(found, hi, lo)
+    hi = np.searchsorted(side.comp, (group << _LEN_BITS) | _longest(ln, query.rest, t), side="right")
+    return lo, np.maximum(lo, np.where(found, hi, lo))
 
 
 def _verify(codes: np.ndarray, a: np.ndarray, b: np.ndarray, t: float, workers: int) -> np.ndarray:
@@ -639,13 +657,8 @@ class BatchDedup:
             # 1. against everything kept in earlier blocks
             if len(kept):
                 lo_k, hi_k = _cross_ranges(side, kept, self.threshold)
-                a, b, s = self._join(codes, table.lens, lo_k, hi_k, (side.rec, side.rest), (kept.rec, kept.rest))
-                if len(a):
-                    order = np.lexsort((b, -s, a))
-                    a, b, s = a[order], b[order], s[order]
-                    first = np.ones(len(a), dtype=bool)
-                    first[1:] = a[1:] != a[:-1]
-                    dup[a[first]], score[a[first]] = b[first], s[first]
+                a, b, s = self._join_any(codes, table.lens, lo_k, hi_k, (side.rec, side.rest), (kept.rec, kept.rest))
+                dup[a], score[a] = b, s
             # 2. within the block, among records still standing
             standing = dup[side.rec] < 0
             if not standing.all():
@@ -664,11 +677,8 @@ class BatchDedup:
                 self.on_progress(done)
         return dup, score
 
-    def _join(self, codes, lens, lo, hi, src, dst, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Candidate pairs from entry ranges, deduplicated, verified: (a, b, score) with score >= t.
-
-        `ordered` False (a self-join) puts the earlier record first."""
-        width = len(codes)
+    def _candidates(self, width, lens, lo, hi, src, dst, ordered: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct candidate pair keys (a * width + b) from entry ranges, with how many signatures each pair shares."""
         (src_rec, src_rest), (dst_rec, dst_rest) = src, dst
         # Shared tokens needed depend on a + b only: one table instead of float maths per pair.
         need = _need(np.arange(2 * int(lens.max(initial=0)) + 1, dtype=np.int64), 0, self.threshold)
@@ -679,19 +689,63 @@ class BatchDedup:
             a, b = a[fits], b[fits]
             if not ordered:
                 a, b = np.minimum(a, b), np.maximum(a, b)
-            keys.append(_distinct(a * width + b))
+            keys.append(a * width + b)
         if not keys:
-            e = np.zeros(0, dtype=np.int64)
-            return e, e, np.zeros(0)
-        pk = _distinct(np.concatenate(keys))
-        a, b = pk // width, pk % width
-        same = a != b
-        a, b = a[same], b[same]
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        # One sort of everything beats sorting each slice and merging the counts.
+        return _runs(np.concatenate(keys) if len(keys) > 1 else keys[0])
+
+    def _check(self, codes, a, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Verify candidate pairs; keep those at or above the threshold."""
         self.candidates += len(a)
         s = _verify(codes, a, b, self.threshold, self.workers)
         ok = s >= self.threshold
         self.pairs += int(ok.sum())
         return a[ok], b[ok], s[ok]
+
+    def _join(self, codes, lens, lo, hi, src, dst, ordered: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Candidate pairs from entry ranges, deduplicated, verified: (a, b, score) with score >= t.
+
+        `ordered` False (a self-join) puts the earlier record first."""
+        width = len(codes)
+        pk, _ = self._candidates(width, lens, lo, hi, src, dst, ordered)
+        a, b = pk // width, pk % width
+        same = a != b
+        return self._check(codes, a[same], b[same])
+
+    def _join_any(self, codes, lens, lo, hi, src, dst) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One verified match per query record (a), cheaply: the candidate sharing the most signatures first.
+
+        Most queries that have a match at all match that candidate, so each costs one
+        verification instead of one per candidate; the rest verify all theirs and report the best.
+        """
+        width = len(codes)
+        pk, count = self._candidates(width, lens, lo, hi, src, dst, ordered=True)
+        a, b = pk // width, pk % width  # sorted by a, then b
+        if not len(a):
+            e = np.zeros(0, dtype=np.int64)
+            return e, e, np.zeros(0)
+        starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
+        run = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(a))))
+        top = count == np.maximum.reduceat(count, starts)[run]
+        at = np.flatnonzero(top)
+        first = np.zeros(len(a), dtype=bool)
+        first[at[np.concatenate(([True], run[at][1:] != run[at][:-1]))]] = True
+        s1 = _verify(codes, a[first], b[first], self.threshold, self.workers)
+        ok = s1 >= self.threshold
+        self.candidates += len(s1)
+        self.pairs += int(ok.sum())
+        a1, b1, s1 = a[first][ok], b[first][ok], s1[ok]
+        hit = np.zeros(len(starts), dtype=bool)
+        hit[run[first][ok]] = True
+        rest = ~first & ~hit[run]
+        a2, b2, s2 = self._check(codes, a[rest], b[rest])
+        if len(a2):
+            order = np.lexsort((b2, -s2, a2))
+            a2, b2, s2 = a2[order], b2[order], s2[order]
+            best = np.concatenate(([True], a2[1:] != a2[:-1]))
+            a2, b2, s2 = a2[best], b2[best], s2[best]
+        return np.concatenate([a1, a2]), np.concatenate([b1, b2]), np.concatenate([s1, s2])
 
     @staticmethod
     def _walk(a: np.ndarray, b: np.ndarray, s: np.ndarray, dup: np.ndarray, score: np.ndarray) -> None:
