@@ -56,6 +56,7 @@ class GenerateConfig:
     seeds_license: str | None = None
     evol_rounds: int = 0
     evol_ops: tuple[str, ...] = ()
+    judge_equal: bool = False
     push_to: str | None = None
     quiet: bool = False
     dry_run: bool = False

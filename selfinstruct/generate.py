@@ -137,14 +137,16 @@ class Generation:
         if previous:
             self.created = previous.get("created", self.created)
             self.json_fallback = (previous.get("teacher") or {}).get("json_mode_fallback")
-        ledger = self.run.load(LEDGER)
+        # generate --evol-rounds shares these files; evolved records and evol requests are the evolution's to count.
+        ledger = [e for e in self.run.load(LEDGER) if e.get("stage", "generate") == "generate"]
         kept = self.run.load(RECORDS)
-        rejected = self.run.load(REJECTED)
+        rejected = [r for r in self.run.load(REJECTED) if (r.get("meta") or {}).get("stage", "generate") == "generate"]
         done = set()
         for rec in kept:
             self.index.add(rec["id"], rec["instruction"])
-            done.add(rec["id"])
-        self.tally.kept = len(kept)
+            if (rec.get("meta") or {}).get("stage", "generate") == "generate":
+                done.add(rec["id"])
+        self.tally.kept = len(done)
         for rec in rejected:
             self.tally.rejected[rec.get("reason", "unknown")] += 1
             done.add(rec["id"])
