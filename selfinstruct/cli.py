@@ -153,6 +153,8 @@ def generate(
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a filter rule off (repeatable)."),
     seeds_license: Optional[str] = typer.Option(None, "--seeds-license", help="Licence of the seed text, for the dataset card."),
     evol_rounds: Optional[int] = typer.Option(None, "--evol-rounds", help="Evol-Instruct rounds after generation (default 0)."),
+    evol_ops: Optional[list[str]] = typer.Option(None, "--evol-ops", help="Evol ops to draw from, comma-separated or repeated (default all)."),
+    judge_equal: Optional[bool] = typer.Option(None, "--judge-equal/--no-judge-equal", help="Ask the teacher whether each evolution equals its parent."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="Push to this Hub dataset repo when the run completes."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print projected requests, tokens and cost, call nothing."),
@@ -205,6 +207,11 @@ def generate(
     run.prepare()
     check_resumable(run, cfg, seed_set, tpl)
     gen = Generation(cfg, seed_set, tpl, run, price, command_line())
+    evo = None
+    if cfg.evol_rounds:
+        from selfinstruct.evolution import after_generation
+
+        evo = after_generation(gen)  # evol templates and resume settings are checked before anything is spent
     replayed = gen.load()
     if gen.tally.requests and not cfg.quiet:
         console.print(f"resuming {run.path}: {gen.tally.kept:,} kept from {gen.tally.requests:,} requests" + (f", {replayed} records recovered from the ledger" if replayed else ""))
@@ -230,6 +237,11 @@ def generate(
         console.print(f"interrupted; everything finished is saved. Resume with: {escape(gen.command)}", soft_wrap=True, highlight=False)
     if exit_code:
         raise typer.Exit(exit_code)
+    if evo is not None:
+        evo.load()
+        exit_code = _run_evolution(evo, settings, api_key, console)
+        if exit_code:
+            raise typer.Exit(exit_code)
     if cfg.push_to:
         from selfinstruct.hub import push_run
 
@@ -269,6 +281,148 @@ async def _drive(gen, settings, api_key) -> int:
     finally:
         await teacher.aclose()
     return 128 + received[0] if received else 0
+
+
+def _run_evolution(evo, settings, api_key, console) -> int:
+    """Run Evol-Instruct rounds (a progress bar per round), print the summary, return the exit code."""
+    from selfinstruct.progress import ProgressView
+
+    views: dict[int, ProgressView] = {}
+
+    def close_views() -> None:
+        while views:
+            views.popitem()[1].__exit__(None, None, None)
+
+    def progress(e) -> None:
+        if e.round not in views:
+            close_views()
+            views[e.round] = ProgressView(e.round_size, label=f"evolve round {e.round}", quiet=e.cfg.quiet, console=console).__enter__()
+        views[e.round].update(e, e.round_done)
+
+    evo.on_progress = progress
+    exit_code = 0
+    try:
+        exit_code = asyncio.run(_drive(evo, settings, api_key))
+    except RunStopped as stop:
+        close_views()
+        console.print(f"[yellow]stopped:[/] {stop.message}")
+        exit_code = stop.exit_code
+    finally:
+        close_views()
+        evo.run.close()
+    if not evo.cfg.quiet or exit_code:
+        _print_evol_summary(evo, console)
+    if exit_code in (130, 143):
+        console.print(f"interrupted; everything finished is saved. Resume with: {evo.command}")
+    return exit_code
+
+
+def _print_evol_summary(evo, console) -> None:
+    from rich.table import Table
+
+    summary = evo.evol_summary()
+    table = Table(title=f"selfinstruct evolve: {evo.status} ({evo.run.path})")
+    for column in ("round", "op", "kept", "eliminated"):
+        table.add_column(column)
+    rows = sorted((int(r), op, c) for op, rounds in summary["ops"].items() for r, c in rounds.items())
+    for r, op, c in rows:
+        table.add_row(str(r), op, f"{c['kept']:,}", ", ".join(f"{k} {v:,}" for k, v in c["eliminated"].items()) or "-")
+    console.print(table)
+    stages = evo.manifest()["stages"]
+    costs = Table(show_header=True)
+    for column in ("stage", "requests", "prompt tokens", "completion tokens", "cost"):
+        costs.add_column(column)
+    for name, st in stages.items():
+        costs.add_row(name, f"{st['requests']:,}", f"{st['prompt_tokens']:,}", f"{st['completion_tokens']:,}",
+                      f"${st['usd']:.4f}" if evo.price else "unknown")
+    console.print(costs)
+
+
+@app.command()
+def evolve(
+    inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds; each evolves the survivors of the last (default 1)."),
+    ops: Optional[list[str]] = typer.Option(None, "--ops", help="Ops to draw from, comma-separated or repeated (default all): add-constraints, deepen, concretize, increase-reasoning, complicate-input, mutate."),
+    judge_equal: Optional[bool] = typer.Option(None, "--judge-equal/--no-judge-equal", help="Also ask the teacher whether each evolution equals its parent; equal ones are eliminated."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evolve only the first N input records."),
+    evolved_only: bool = typer.Option(False, "--evolved-only", help="Leave the input records out of records.jsonl (default: kept beside their evolutions)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default gpt-4o-mini)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the op draws (default 42)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request (default 120)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer token limit (default 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 at or above which an evolved instruction is a near-duplicate of another record (default 0.7)."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule or elimination check off (repeatable)."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
+) -> None:
+    """Evolve any instruction dataset with Evol-Instruct: harder and rarer rewrites, each answered and checked. Re-run to resume."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "inputs", "rounds", "ops", "limit", "evolved_only")}
+    flags |= {"evol_rounds": rounds, "evol_ops": ops}
+    from rich.console import Console
+
+    from selfinstruct.config import resolve
+    from selfinstruct.evolution import Evolution, check_evolvable, infer_lang, read_base, records_sha256
+    from selfinstruct.pricing import endpoint_kind, resolve_price
+    from selfinstruct.rundir import RunDir
+    from selfinstruct.teacher import TeacherSettings
+
+    cfg = resolve(flags, config)
+    if rounds is not None and rounds < 1:
+        raise ConfigError("--rounds must be at least 1", "one round rewrites every input record once")
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit must be at least 1", "leave it out to evolve every record")
+    cfg = dataclasses.replace(cfg, evol_rounds=cfg.evol_rounds or 1)
+    if any(Path(p).resolve() == out.resolve() for p in inputs):
+        raise ConfigError(f"--out {out} is also an input", "write the evolution to a new directory, or evolve a run with generate --evol-rounds")
+    console = Console(stderr=True)
+    base = read_base(inputs, limit)
+    if not base:
+        raise ConfigError(f"no records to evolve in {', '.join(map(str, inputs))}", "check the input files")
+    lang = cfg.lang or infer_lang(r["instruction"] for r in base)
+    cfg = dataclasses.replace(cfg, lang=lang, out=out)
+    source = {"paths": [Path(p).name for p in inputs], "records": len(base), "limit": limit, "sha256": records_sha256(base)}
+    kind = endpoint_kind(cfg.base_url)
+    price = resolve_price(cfg.model, kind, cfg.price_in, cfg.price_out)
+    if price is None:
+        if cfg.max_cost is not None:
+            raise ConfigError(
+                f"--max-cost needs a price, and {cfg.model!r} is not in the price table",
+                "pass --price-in and --price-out (USD per 1M tokens)",
+            )
+        console.print(f"[yellow]warning:[/] no price known for {cfg.model!r}; cost will be reported as unknown (pass --price-in/--price-out)")
+    api_key = os.environ.get(cfg.api_key_env)
+    if not api_key and kind != "local":
+        raise ConfigError(
+            f"no API key: ${cfg.api_key_env} is not set for {cfg.base_url or 'the OpenAI API'}",
+            f"export {cfg.api_key_env}=..., or pass --api-key-env NAME, or --base-url for a local server",
+        )
+    run = RunDir(out)
+    run.prepare()
+    evo = Evolution(cfg, run, price, lang, command_line(), base=base, copy_base=not evolved_only, source=source)
+    check_evolvable(run, cfg, lang, evo.templates, source)
+    evo.load()
+    if evo.tally.requests and not cfg.quiet:
+        console.print(f"resuming {run.path}: {evo.tally.kept:,} evolutions kept, {sum(evo.tally.rejected.values()):,} eliminated")
+    settings = TeacherSettings(
+        model=cfg.model, base_url=cfg.base_url, timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency,
+        rpm=cfg.rpm, tpm=cfg.tpm, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+    )
+    exit_code = _run_evolution(evo, settings, api_key, console)
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 seeds_app = typer.Typer(help="Seed files: check and profile them.", no_args_is_help=True)
