@@ -1,0 +1,462 @@
+"""Evol-Instruct: ops and templates, the elimination rules, and `evolve` / `generate --evol-rounds` end to end.
+
+End-to-end runs use the real CLI in a subprocess against the shared fake server on 127.0.0.1,
+whose replies for rewrite, judge and answer prompts come from fakes.evol_replies (deterministic,
+with trigger words that provoke each elimination rule).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, fixture_path
+from fakes.evol_replies import DUP_TEXT, EvolReplies, kind_of, task_rows
+from fakes.openai_server import FakeTeacher
+from selfinstruct.config import GenerateConfig
+from selfinstruct.errors import ConfigError, OutputError
+from selfinstruct.evolution import (
+    IN_BREADTH,
+    IN_DEPTH,
+    OPS,
+    Evolution,
+    check_evolvable,
+    read_base,
+    records_sha256,
+    draw_op,
+    judge_verdict,
+    leaked_marker,
+    load_templates,
+    no_gain,
+    parse_rewrite,
+    refusal_response,
+    resolve_ops,
+    stopword_response,
+)
+from selfinstruct.export import prompt_text
+from selfinstruct.rundir import RunDir
+from selfinstruct.rules import script_of
+from selfinstruct.similarity import DedupIndex
+
+KEY = "sk-test-EVOL-0123456789abcdef"
+PRICE = ("--price-in", "0.5", "--price-out", "1.5")
+TRIGGERS = {"QSAME": 6, "QNEAR": 6, "QJUDGE": 6, "QLEAK": 6, "QBLACK": 6, "QDUP": 6, "QREFUSE": 6, "QSTOP": 6, "QLONGSORRY": 6, "QFAIL": 4}
+# English: the same cases, fewer of each (the Chinese run is the 200-record one).
+EN_TRIGGERS = {word: max(2, n // 2) for word, n in TRIGGERS.items()}
+EXPECTED = {"QSAME": "no-gain", "QNEAR": "no-gain", "QJUDGE": "no-gain", "QLEAK": "prompt-leak", "QBLACK": "blacklist",
+            "QREFUSE": "refusal-response", "QSTOP": "stopword-response", "QFAIL": "request-failed"}
+MARKERS = ("#给定指令#", "#改写后的指令#", "#新指令#", "给定指令", "改写后的指令", "#The Given Prompt#", "#Given Prompt#",
+           "#Rewritten Prompt#", "#Created Prompt#", "given prompt", "rewritten prompt")
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    for name in list(env):
+        if name.startswith("SELFINSTRUCT_"):
+            env.pop(name)
+    return subprocess.Popen([sys.executable, "-m", "selfinstruct", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = cli(*args)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def load_run(out: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    return read_jsonl(out / "records.jsonl"), read_jsonl(out / "rejected.jsonl"), read_jsonl(out / "requests.jsonl"), manifest
+
+
+def evolved(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["meta"].get("stage") == "evolve" and r["meta"].get("evol")]
+
+
+def check_accounting(manifest: dict, stats: dict, records: list[dict], rejected: list[dict], ledger: list[dict]) -> None:
+    """Tokens per stage add up to the total exactly (and to what the server sent), dollars to float precision."""
+    stages = manifest["stages"]
+    usage = manifest["usage"]
+    assert sum(s["prompt_tokens"] for s in stages.values()) == usage["prompt_tokens"] == stats["prompt_tokens_sent"]
+    assert sum(s["completion_tokens"] for s in stages.values()) == usage["completion_tokens"] == stats["completion_tokens_sent"]
+    assert sum(s["requests"] for s in stages.values()) == manifest["counts"]["requests"] == len(ledger)
+    assert sum(s["usd"] for s in stages.values()) == pytest.approx(manifest["cost"]["usd"], abs=1e-9)
+    expected_usd = (stats["prompt_tokens_sent"] * 0.5 + stats["completion_tokens_sent"] * 1.5) / 1e6
+    assert manifest["cost"]["usd"] == pytest.approx(expected_usd, abs=2e-6)
+    for name, s in stages.items():
+        assert s["usd"] == pytest.approx((s["prompt_tokens"] * 0.5 + s["completion_tokens"] * 1.5) / 1e6, abs=1e-6), name
+    assert manifest["counts"]["kept"] == len(records)
+    assert sum(manifest["counts"]["rejected"].values()) == len(rejected)
+    # Per op and round: kept and eliminated add up to what the files hold.
+    kept = collections.Counter((r["meta"]["op"], r["meta"]["round"]) for r in evolved(records))
+    gone = collections.Counter((r["meta"]["op"], r["meta"]["round"], r["reason"]) for r in rejected if r["meta"].get("stage") == "evolve")
+    for op, rounds in manifest["evol"]["ops"].items():
+        assert op in OPS
+        for rnd, c in rounds.items():
+            assert c["kept"] == kept.pop((op, int(rnd)), 0)
+            for reason, n in c["eliminated"].items():
+                assert n == gone.pop((op, int(rnd), reason))
+    assert not kept and not gone
+
+
+def check_lineage(records: list[dict], roots: set[str], rounds: int) -> None:
+    """Every evolved record descends, one step per round, from a root; its output answers its own instruction."""
+    by_id = {r["id"]: r for r in records}
+    assert len(by_id) == len(records)
+    seen_rounds = set()
+    for rec in evolved(records):
+        chain = rec["meta"]["evol"]
+        step = chain[-1]
+        assert step["round"] == rec["meta"]["round"] and step["op"] == rec["meta"]["op"] in OPS
+        parent = by_id[step["parent_id"]]  # the parent is kept
+        assert rec["id"] == f"{parent['id']}.e{step['round']}"
+        assert parent["meta"].get("evol", []) == chain[:-1]
+        assert chain[0]["parent_id"] in roots and [s["round"] for s in chain] == list(range(1, len(chain) + 1))
+        assert rec["meta"]["seed_ids"] == by_id[chain[0]["parent_id"]]["meta"].get("seed_ids", [])
+        lang = "zh" if script_of(rec["instruction"]) == "zh" else "en"
+        assert rec["output"] == EvolReplies.answer(prompt_text(rec["instruction"], rec["input"]), lang)
+        assert rec["output"] != parent["output"]
+        seen_rounds.add(step["round"])
+    assert seen_rounds == set(range(1, rounds + 1))
+
+
+def check_no_leaks(records: list[dict]) -> None:
+    for rec in records:
+        text = "\n".join((rec["instruction"], rec["input"], rec["output"]))
+        assert leaked_marker(text) is None, rec["id"]
+        assert not any(m.lower() in text.lower() for m in MARKERS), rec["id"]
+
+
+# ---- ops, templates, the rng --------------------------------------------------------------------
+
+
+def test_every_op_has_a_chinese_and_an_english_template():
+    assert set(OPS) == set(IN_DEPTH) | set(IN_BREADTH) and len(OPS) == 6
+    for lang in ("zh", "zh-Hant", "en"):
+        templates = load_templates(lang, OPS, judge=True)
+        for op, tpl in templates.ops.items():
+            messages = tpl.render(instruction="解释光合作用的过程" if lang != "en" else "Explain photosynthesis", input="", lang=lang)
+            text = "\n".join(m["content"] for m in messages)
+            assert [m["role"] for m in messages] == ["system", "user"]
+            if lang == "en":
+                assert "Explain photosynthesis" in text and "Given Prompt#" in text
+                assert script_of(text) == "latin"
+                if op in IN_DEPTH:
+                    assert "10 to 20 words" in text
+            else:
+                assert "解释光合作用的过程" in text and "#给定指令#" in text and script_of(text) == "zh"
+                # Chinese templates count characters, never words.
+                assert "词" not in text and "words" not in text.lower()
+                if op in IN_DEPTH:
+                    assert "10 到 20 个字" in text
+                assert ("繁体中文" in text) == (lang == "zh-Hant")
+        judge = templates.judge.render(first="甲", second="乙", lang=lang)
+        respond = templates.respond.render(instruction="把下面的句子翻译成英文", input="我喜欢读书", lang=lang)
+        assert "乙" in judge[-1]["content"]
+        assert respond[-1]["content"] == "把下面的句子翻译成英文\n\n我喜欢读书"
+        assert kind_of(respond) == "respond" and kind_of(judge) == "judge"
+    # Each op asks for something different.
+    zh = load_templates("zh", OPS, judge=False).ops
+    assert "约束" in zh["add-constraints"].render(instruction="x", input="", lang="zh")[1]["content"]
+    assert "多步推理" in zh["increase-reasoning"].render(instruction="x", input="", lang="zh")[1]["content"]
+    assert "更复杂的输入" in zh["complicate-input"].render(instruction="x", input="表格", lang="zh")[1]["content"]
+    assert "更少见" in zh["mutate"].render(instruction="x", input="", lang="zh")[1]["content"]
+
+
+def test_op_draws_are_seeded_per_step_and_restricted_by_ops():
+    parents = [f"r{i:06d}.1" for i in range(600)]
+    draws = [draw_op(OPS, 42, 1, p) for p in parents]
+    assert draws == [draw_op(OPS, 42, 1, p) for p in parents]  # a resumed run draws the same
+    counts = collections.Counter(draws)
+    assert set(counts) == set(OPS) and min(counts.values()) > 60  # uniform-ish over all six
+    assert draws != [draw_op(OPS, 42, 2, p) for p in parents]  # each round draws anew
+    assert draws != [draw_op(OPS, 7, 1, p) for p in parents]
+    ops = resolve_ops(["mutate,deepen"])
+    assert ops == ("deepen", "mutate")
+    assert {draw_op(ops, 42, 1, p) for p in parents} == {"deepen", "mutate"}
+    assert resolve_ops([]) == OPS and resolve_ops(["add_constraints", "Concretize"]) == ("add-constraints", "concretize")
+    with pytest.raises(ConfigError, match="unknown operation 'harder'"):
+        resolve_ops(["deepen", "harder"])
+
+
+# ---- parsing and the elimination rules ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, finish, expected",
+    [
+        ("指令：写一首关于春天的七言绝句，要求押韵\n输入：<无输入>", "stop", ("写一首关于春天的七言绝句，要求押韵", "", None)),
+        ("好的，下面是改写结果。\n**指令：** 把下面的句子翻译成英文并解释语法\n**输入：** 我喜欢读书", "stop", ("把下面的句子翻译成英文并解释语法", "我喜欢读书", None)),
+        ("<think>先想一想</think>\n```\nInstruction: Sort the numbers and explain each step.\nInput: 42, 7, 19\nOutput: 7, 19, 42\n```", "stop",
+         ("Sort the numbers and explain each step.", "42, 7, 19", None)),
+        ("请用三句话解释量子纠缠，并举一个生活中的类比。", "stop", ("请用三句话解释量子纠缠，并举一个生活中的类比。", "", None)),
+        ("指令：写一首", "length", ("", "", "truncated")),
+        ("", "stop", ("", "", "unparseable")),
+        ("输入：只有输入没有指令", "stop", ("", "", "unparseable")),
+    ],
+)
+def test_parse_rewrite(content, finish, expected):
+    instruction, input_text, problem = parse_rewrite(content, finish)
+    assert (instruction, input_text, problem[0] if problem else None) == expected
+
+
+def test_no_gain_leak_refusal_and_stopword_rules_in_chinese_and_english():
+    # (1) no information gain: identical, or ROUGE-L >= 0.9 to the parent.
+    parent = "请解释为什么天空是蓝色的，并说明傍晚的天空为什么会变红，用通俗的语言写给小学生看"
+    assert no_gain(parent, parent + " ") == "identical to its parent"
+    assert no_gain(parent, parent.replace("通俗", "通常")).startswith("ROUGE-L 0.9")
+    assert no_gain(parent, parent + "，并给出三个生活中的例子说明光的散射现象") is None
+    en = "Explain why the sky is blue and why sunsets are red, in plain words for a ten year old"
+    assert no_gain(en, en.replace("plain words", "simple words")).startswith("ROUGE-L 0.9")
+    assert no_gain(en, en + ", then compare it with the colour of the ocean and name two experiments") is None
+    # (2) a refusal word in a short answer (under 160 characters / 80 words), not in a long one.
+    assert "抱歉" in refusal_response("抱歉，我无法回答这个问题。")
+    assert "无法" in refusal_response("根据现有信息无法判断。")
+    assert "对不起" in refusal_response("对不起，这个问题我不能回答。")
+    assert refusal_response("抱歉让你久等了。" + "光在大气中传播时会被散射，" * 15) is None
+    assert "sorry" in refusal_response("Sorry, I can't help with that.").lower()
+    assert "i cannot" in refusal_response("I cannot provide that information.").lower()
+    assert refusal_response("Sorry for the wait. " + "word " * 90) is None
+    assert refusal_response("光的散射使天空呈现蓝色。") is None and refusal_response("Rayleigh scattering makes it blue.") is None
+    # (3) only punctuation and stop words.
+    assert stopword_response("嗯……的，了。是吧？") and stopword_response("Well, the... and it is, so.") and stopword_response("。。。！")
+    assert stopword_response("") and stopword_response("…… ??")
+    assert stopword_response("是的，42。") is None and stopword_response("蓝色。") is None and stopword_response("It is blue.") is None
+    # (4) the instruction leaks the rewrite prompt.
+    assert leaked_marker("#改写后的指令#：写一首诗") == "#改写后的指令#"
+    assert leaked_marker("根据给定指令写一首诗") == "给定指令"
+    assert leaked_marker("请按照改寫後的指令完成") == "改寫後的指令"
+    assert leaked_marker("#Rewritten Prompt#: write a poem") == "#Rewritten Prompt#"
+    assert leaked_marker("Rewrite the Given  Prompt as a poem") == "given prompt"
+    assert leaked_marker("Write a poem about spring.", "输入：春天") is None
+    # The judge: equal or not, in either language; anything else keeps the evolution.
+    assert [judge_verdict(t) for t in ("相同", "不同", "两条指令不相同。", "Equal", "Not Equal", "not equal.", "嗯？")] == [
+        "equal", "not-equal", "not-equal", "equal", "not-equal", "not-equal", "unclear"]
+
+
+def test_dedup_index_can_pass_over_ancestors():
+    index = DedupIndex(0.7)
+    index.add("root", "请写一首关于春天的七言绝句，要求押韵")
+    index.add("other", "请解释为什么天空是蓝色的")
+    child = "请写一首关于春天的七言绝句，要求押韵并提到桃花"
+    assert index.search(child).key == "root"
+    assert index.search(child, exclude={"root"}) is None
+    index.add("sibling", "请写一首关于春天的七言绝句，要求押韵并提到燕子")
+    assert index.search(child, exclude={"root"}).key == "sibling"
+    index.add("empty", "")
+    assert index.search("", exclude={"empty"}) is None and index.search("").key == "empty"
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lang, n", [("zh", 200), ("en", 100)])
+def test_evolve_two_rounds_eliminates_every_built_case(tmp_path, lang, n):
+    triggers = TRIGGERS if lang == "zh" else EN_TRIGGERS
+    rows = task_rows(n, lang, triggers=triggers)
+    data = write_rows(tmp_path / "tasks.json", rows)
+    out = tmp_path / "run"
+    replies = EvolReplies()
+    with FakeTeacher(reply=replies) as fake:
+        done = run_cli("evolve", str(data), "--rounds", "2", "--out", str(out), "--judge-equal", "--retries", "0",
+                       "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        stats = fake.stats
+    assert done.returncode == 0, done.stderr
+    records, rejected, ledger, manifest = load_run(out)
+    roots = {f"tasks.json:{i}" for i in range(1, n + 1)}
+    assert {r["id"] for r in records if not r["meta"].get("evol")} == roots  # the input is kept beside its evolutions
+    assert all(isinstance(r["meta"].get("evol"), list) for r in records)  # lineage on every record
+    check_lineage(records, roots, rounds=2)
+    check_no_leaks(records)
+    check_accounting(manifest, stats, records, rejected, ledger)
+    assert set(manifest["stages"]) == {"evolve", "judge", "respond"}
+    assert manifest["evol"]["rounds"] == 2 and manifest["evol"]["rounds_completed"] == 2 and manifest["status"] == "completed"
+
+    # Each trigger's round-1 evolutions are eliminated by the rule built for them, with their parent named.
+    by_root = {r["id"]: r for r in records if not r["meta"].get("evol")}
+    first = {r["meta"]["evol"][0]["parent_id"]: r for r in rejected + evolved(records) if r["meta"]["evol"][0]["round"] == 1 and len(r["meta"]["evol"]) == 1}
+    assert len(first) == n  # every record was evolved once in round 1
+    for word, reason in EXPECTED.items():
+        children = [first[rid] for rid, root in by_root.items() if root["instruction"].endswith(word)]
+        assert len(children) == triggers[word]
+        assert {c.get("reason") for c in children} == {reason}, (word, [c.get("detail") for c in children])
+        for c in children:
+            assert c["parent_id"] == c["meta"]["evol"][-1]["parent_id"] and c["parent_instruction"] == by_root[c["parent_id"]]["instruction"]
+            assert c["detail"]
+    judged = [first[rid] for rid, root in by_root.items() if root["instruction"].endswith("QJUDGE")]
+    assert {c["detail"] for c in judged} == {"the teacher judged it equal to its parent"}
+    dups = [first[rid] for rid, root in by_root.items() if root["instruction"].endswith("QDUP")]
+    assert sorted(c.get("reason", "kept") for c in dups) == ["kept"] + ["near-duplicate"] * (triggers["QDUP"] - 1)
+    winner = next(c for c in dups if "reason" not in c)
+    assert {c["duplicate_of"] for c in dups if "reason" in c} == {winner["id"]} and winner["instruction"] == DUP_TEXT[lang]
+    sorry = [first[rid] for rid, root in by_root.items() if root["instruction"].endswith("QLONGSORRY")]
+    assert all("reason" not in c for c in sorry)  # a long answer that apologises is not a refusal
+    # Requests: the judge and the answer only for rewrites that passed the cheap checks; failures are in the ledger.
+    assert {e["stage"] for e in ledger} == {"evolve", "judge", "respond"} and len({e["request_id"] for e in ledger}) == len(ledger)
+    assert sum(e["status"] != "ok" for e in ledger) == triggers["QFAIL"] == manifest["counts"]["failed_requests"]
+    assert replies.seen == collections.Counter(e["stage"] for e in ledger)  # one request each, failed ones too (--retries 0)
+    # Both depth and breadth ops ran, and the prompts were in the run's language.
+    assert {r["meta"]["op"] for r in evolved(records)} == set(OPS)
+    assert all(script_of(text) == ("zh" if lang == "zh" else "latin") for kind, text in replies.prompts if kind == "evolve")
+
+
+def test_evolve_the_chinese_alpaca_fixture(tmp_path):
+    data = fixture_path("alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz")
+    out = tmp_path / "run"
+    replies = EvolReplies()
+    with FakeTeacher(reply=replies) as fake:
+        done = run_cli("evolve", str(data), "--limit", "100", "--rounds", "1", "--out", str(out),
+                       "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        stats = fake.stats
+    assert done.returncode == 0, done.stderr
+    records, rejected, ledger, manifest = load_run(out)
+    originals = [r for r in records if not r["meta"]["evol"]]
+    assert len(originals) == 100 and originals[0]["instruction"] == "给出保持健康的三个建议。"
+    children = evolved(records)
+    assert len(children) + len(rejected) == 100 and len(children) >= 90
+    assert all(script_of(r["instruction"]) == "zh" and script_of(r["output"]) == "zh" for r in children)
+    check_lineage(records, {r["id"] for r in originals}, rounds=1)
+    check_no_leaks(records)
+    check_accounting(manifest, stats, records, rejected, ledger)
+    assert manifest["config"]["lang"] == "zh" and manifest["input"]["records"] == 100 and manifest["input"]["limit"] == 100
+    assert replies.seen["evolve"] == 100 and all("#给定指令#" in text for kind, text in replies.prompts if kind == "evolve")
+
+
+def test_generate_with_evol_rounds_resumes_without_redoing_work(tmp_path, write_seeds):
+    seeds = write_seeds([
+        json.dumps({"id": f"s{i}", "name": "t", "instruction": ins, "instances": [{"input": "", "output": out}], "is_classification": False}, ensure_ascii=False)
+        for i, (ins, out) in enumerate([("解释为什么天空是蓝色的", "因为瑞利散射。"), ("写一首关于秋天的五言绝句", "西风吹落叶。"),
+                                        ("列出三种提高睡眠质量的方法", "规律作息。"), ("把下面的句子翻译成英文", "I like reading."),
+                                        ("给一家咖啡店想三个店名", "晨光咖啡。")])
+    ])
+    out = tmp_path / "run"
+    with FakeTeacher(reply=EvolReplies()) as fake:
+        args = ("generate", "--seeds", str(seeds), "--n", "100", "--evol-rounds", "2", "--out", str(out),
+                "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        done = run_cli(*args)
+        stats = fake.stats
+        assert done.returncode == 0, done.stderr
+        records, rejected, ledger, manifest = load_run(out)
+        generated = [r for r in records if r["meta"]["stage"] == "generate"]
+        assert len(generated) == 100
+        check_lineage(records, {r["id"] for r in generated}, rounds=2)
+        check_no_leaks(evolved(records))
+        check_accounting(manifest, stats, records, rejected, ledger)
+        assert set(manifest["stages"]) == {"generate", "evolve", "respond"}
+        assert manifest["counts"]["kept"] == len(records) > 250 and manifest["evol"]["kept"] == len(records) - 100
+        assert all(r["meta"]["seed_ids"] for r in records)  # every record carries its lineage back to the seeds
+        # The whole run again: nothing is requested, nothing changes.
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert fake.stats["requests_received"] == stats["requests_received"]
+        assert load_run(out)[:3] == (records, rejected, ledger)
+    from selfinstruct.export import build
+
+    rows = build(out).splits["train"]
+    assert sum(1 for r in rows if r["evol_ops"]) == len(records) - 100
+
+
+def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
+    rows = task_rows(40, "zh", seed=3, triggers={"QSAME": 3, "QREFUSE": 3, "QLONGSORRY": 3})
+    data = write_rows(tmp_path / "tasks.json", rows)
+
+    def args(fake, out):
+        return ("evolve", str(data), "--rounds", "2", "--out", str(out), "--concurrency", "4",
+                "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+
+    with FakeTeacher(reply=EvolReplies(), latency=0.01) as fake:
+        clean = run_cli(*args(fake, tmp_path / "clean"))
+        assert clean.returncode == 0, clean.stderr
+        proc = cli(*args(fake, tmp_path / "killed"))
+        ledger_path = tmp_path / "killed" / "requests.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(read_jsonl(ledger_path)) < 70:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        partial = len(read_jsonl(ledger_path))
+        assert 70 <= partial
+        resumed = run_cli(*args(fake, tmp_path / "killed"))
+        assert resumed.returncode == 0, resumed.stderr
+    a_records, a_rejected, a_ledger, a_manifest = load_run(tmp_path / "clean")
+    b_records, b_rejected, b_ledger, b_manifest = load_run(tmp_path / "killed")
+    assert partial < len(b_ledger)
+    assert {r["id"]: (r["instruction"], r["input"], r["output"], r["meta"]["op"]) for r in evolved(b_records)} == \
+           {r["id"]: (r["instruction"], r["input"], r["output"], r["meta"]["op"]) for r in evolved(a_records)}
+    assert len(b_records) == len(a_records)
+    assert {r["id"]: r["reason"] for r in b_rejected} == {r["id"]: r["reason"] for r in a_rejected}
+    # Nothing logged was asked again: the same requests, each once.
+    assert sorted(e["request_id"] for e in b_ledger) == sorted(e["request_id"] for e in a_ledger)
+    assert b_manifest["evol"]["ops"] == a_manifest["evol"]["ops"] and b_manifest["usage"] == a_manifest["usage"]
+
+
+def test_budget_stop_then_resume_and_refusals_of_other_settings(tmp_path):
+    data = write_rows(tmp_path / "tasks.json", task_rows(60, "en", seed=5))
+    out = tmp_path / "run"
+    base = ("evolve", str(data), "--out", str(out), "--model", "fake-model", "--max-tokens", "256", *PRICE, "--quiet", "--concurrency", "4")
+    with FakeTeacher(reply=EvolReplies()) as fake:
+        capped = run_cli(*base, "--base-url", fake.base_url, "--max-cost", "0.01")
+        assert capped.returncode == 3, capped.stderr
+        assert "--max-cost" in capped.stderr
+        records, rejected, ledger, manifest = load_run(out)
+        assert manifest["status"] == "stopped" and manifest["stop_reason"] == "budget"
+        assert 0 < manifest["cost"]["usd"] <= 0.01 and len(evolved(records)) + len(rejected) < 60
+        # Other ops (or another input, or a seed) are refused with one line and exit 2, before any request.
+        before = fake.stats["requests_received"]
+        other_ops = run_cli(*base, "--base-url", fake.base_url, "--ops", "deepen")
+        assert other_ops.returncode == 2 and "different --ops" in other_ops.stderr and len(other_ops.stderr.strip().splitlines()) == 1
+        assert fake.stats["requests_received"] == before
+        finished = run_cli(*base, "--base-url", fake.base_url, "--max-cost", "5")
+        assert finished.returncode == 0, finished.stderr
+        stats = fake.stats
+    records, rejected, ledger, manifest = load_run(out)
+    assert len(evolved(records)) + len(rejected) == 60 and manifest["status"] == "completed"
+    assert len({e["request_id"] for e in ledger}) == len(ledger)
+    check_accounting(manifest, stats, records, rejected, ledger)
+
+
+def test_resume_refuses_another_input_or_a_generate_run(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.prepare()
+    cfg = GenerateConfig(evol_rounds=1)
+    templates = load_templates("zh", OPS, judge=False)
+    base = read_base([write_rows(tmp_path / "tasks.json", task_rows(5, "zh"))])
+    source = {"paths": ["tasks.json"], "records": 5, "limit": None, "sha256": records_sha256(base)}
+    evo = Evolution(cfg, run, None, "zh", "selfinstruct evolve", base=base, copy_base=True, source=source)
+    evo.load()
+    evo.save_manifest(force=True)
+    check_evolvable(run, cfg, "zh", templates, source)  # the same settings resume
+    check_evolvable(run, dataclasses.replace(cfg, evol_rounds=3), "zh", templates, source)  # more rounds continue
+    with pytest.raises(OutputError, match="different input records"):
+        check_evolvable(run, cfg, "zh", templates, source | {"sha256": records_sha256(base[:4])})
+    with pytest.raises(OutputError, match="different --judge-equal, --seed"):
+        check_evolvable(run, dataclasses.replace(cfg, judge_equal=True, seed=1), "zh", templates, source)
+    manifest = json.loads(run.manifest_path.read_text(encoding="utf-8"))
+    del manifest["input"]
+    run.write_manifest(manifest)
+    with pytest.raises(OutputError, match="holds a generate run"):
+        check_evolvable(run, cfg, "zh", templates, source)
+    assert [r["id"] for r in read_jsonl(run.path / "records.jsonl")] == [r["id"] for r in base]
