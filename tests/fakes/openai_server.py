@@ -295,9 +295,6 @@ _BANNED_RE = re.compile(
     re.IGNORECASE,
 )
 HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
-ZH_N_RE = re.compile(r"(\d+)\s*[个個]")
-EN_N_RE = re.compile(r"(\d+)\s+(?:new\s+)?tasks", re.IGNORECASE)
 MAX_TASKS = 500
 
 # Bad items on purpose (p_bad_items). Each kind is something a client's filters must catch.
@@ -419,7 +416,8 @@ def make_instruction(rng: random.Random, lang: str) -> str:
                 text += "？"
             elif r() < 0.3:
                 text += "。"
-            han = len(text) - sum(text.count(c) for c in "、，“”？。")  # the frames' only non-Han characters
+            # The frames' only non-Han characters are 、，“”？。
+            han = len(text) - text.count("、") - text.count("，") - text.count("“") - text.count("”") - text.count("？") - text.count("。")
             if not 12 <= han <= 30:
                 continue
         else:
@@ -560,6 +558,53 @@ def message_text(messages: Any) -> list[str]:
     return texts
 
 
+def _number_before(text: str, pos: int, need_space: bool) -> int | None:
+    """The ASCII number right before text[pos] (whitespace between allowed, or required)."""
+    j = pos
+    while j > 0 and text[j - 1].isspace():
+        j -= 1
+    if need_space and j == pos:
+        return None
+    k = j
+    while k > 0 and "0" <= text[k - 1] <= "9":
+        k -= 1
+    return int(text[k:j]) if k < j else None
+
+
+def _asked_count(user: str) -> int:
+    """N from `(\\d+)\\s*个` or `(\\d+)\\s+(new\\s+)?tasks` (first match), else 10; str.find, not a regex
+    scan, because prompts are long and this runs for every request."""
+    best: tuple[int, int] | None = None
+    for mark in ("个", "個"):
+        pos = user.find(mark)
+        while pos >= 0 and (best is None or pos < best[0]):
+            n = _number_before(user, pos, False)
+            if n is not None:
+                best = (pos, n)
+                break
+            pos = user.find(mark, pos + 1)
+    if best is not None:
+        return best[1]
+    lower = user.lower()
+    pos = lower.find("tasks")
+    while pos >= 0:
+        n = _number_before(lower, pos, True)
+        if n is None:
+            j = pos
+            while j > 0 and lower[j - 1].isspace():
+                j -= 1
+            if j < pos and lower.endswith("new", 0, j):
+                n = _number_before(lower, j - 3, True)
+        if n is not None:
+            return n
+        pos = lower.find("tasks", pos + 1)
+    return 10
+
+
+_HAN_LEAD_BYTES = bytes(range(0xE4, 0xEA))
+_ASCII_LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def detect_request(messages: Any) -> tuple[str, int, bool]:
     """(lang, number of tasks asked for, traditional labels?) from the last user message."""
     user = ""
@@ -570,9 +615,12 @@ def detect_request(messages: Any) -> tuple[str, int, bool]:
     else:
         texts = message_text(messages)
         user = texts[-1] if texts else ""
-    lang = "zh" if len(HAN_RE.findall(user)) > len(ASCII_LETTER_RE.findall(user)) else "en"
-    m = ZH_N_RE.search(user) or EN_N_RE.search(user)
-    count = int(m.group(1)) if m else 10
+    # Counted on UTF-8 bytes (fast on long prompts): U+4E00..U+9FFF all start with a byte E4..E9.
+    raw = user.encode("utf-8")
+    han = len(raw) - len(raw.translate(None, _HAN_LEAD_BYTES))
+    letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS))
+    lang = "zh" if han > letters else "en"
+    count = _asked_count(user)
     hant = lang == "zh" and ("輸出" in user or "繁體" in user)
     return lang, max(1, min(count, MAX_TASKS)), hant
 
@@ -639,7 +687,7 @@ def _new_stats() -> dict[str, Any]:
         "prompt_tokens_sent": 0,
         "completion_tokens_sent": 0,
         "sent_contents": [],
-        "faults": {},  # injected fault -> count (429, 500, timeout, malformed, garbage, truncated, ...)
+        "faults": {},  # fault -> responses carrying it that a client received (timeouts: injected); 429, 500 (any 5xx), timeout, malformed, garbage, truncated, empty_length, bad_items, near_duplicate
         "bad_items": [],  # {"kind", "instruction"} of each deliberately bad item sent
         "near_duplicates": [],  # {"instruction", "original"} of each deliberate near-duplicate sent
         "dropped": 0,  # responses not written because the client had gone
@@ -688,7 +736,8 @@ class FakeTeacher:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -992,8 +1041,15 @@ class FakeTeacher:
 
     def _fault(self, name: str) -> None:
         with self._lock:
-            f = self._stats["faults"]
-            f[name] = f.get(name, 0) + 1
+            self._fault_locked(name)
+
+    def _fault_locked(self, name: str) -> None:
+        f = self._stats["faults"]
+        f[name] = f.get(name, 0) + 1
+
+    def _counted(self, name: str) -> Callable[[], None]:
+        """An on_sent hook: the fault counts once the client has it (timeouts count when injected)."""
+        return lambda: self._fault_locked(name)
 
     async def _chat_faults(self, req: dict, n_req: int, reader: asyncio.StreamReader, k: dict) -> _Response | None:
         t0 = time.monotonic()
@@ -1006,7 +1062,6 @@ class FakeTeacher:
         edge3 = edge2 + k["p_timeout"]
         edge4 = edge3 + k["p_malformed"]
         if roll < edge1:
-            self._fault("429")
             ra = float(k["retry_after"])
             hdrs = [("retry-after", f"{ra:g}"), ("x-ratelimit-limit-requests", "500"), ("x-ratelimit-remaining-requests", "0"),
                     ("x-ratelimit-reset-requests", f"{ra:g}s")]
@@ -1015,7 +1070,7 @@ class FakeTeacher:
             return _Response(429, _error_body(
                 f"Rate limit reached for {req.get('model')} in organization org-fake on requests per min (RPM): "
                 f"Limit 500, Used 500, Requested 1. Please try again in {ra:g}s.",
-                "requests", "requests", "rate_limit_exceeded"), hdrs)
+                "requests", "requests", "rate_limit_exceeded"), hdrs, self._counted("429"))
         delay = max(0.0, float(k["latency"]) + (jitter * 2 - 1) * float(k["latency_jitter"]))
         if roll < edge3 and roll >= edge2:
             self._fault("timeout")
@@ -1028,7 +1083,6 @@ class FakeTeacher:
         deadline = t0 + delay
         await asyncio.sleep(0)
         if roll < edge2:
-            self._fault("500")
             if variant < 0.5:
                 response = _Response(500, _error_body("The server had an error while processing your request. Sorry about that!", "server_error"))
             elif variant < 0.75:
@@ -1036,13 +1090,14 @@ class FakeTeacher:
                                      content_type="text/html")
             else:
                 response = _Response(503, _error_body("The engine is currently overloaded, please try again later.", "server_error"))
+            response.on_sent = self._counted("500")
         elif roll < edge4:
-            self._fault("malformed")
             if variant < 0.5:
                 response = _Response(200, b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assis')
             else:
                 response = _Response(200, json.dumps({"id": f"chatcmpl-{n_req}", "object": "chat.completion", "created": int(time.time()),
                                                       "model": req.get("model")}).encode())
+            response.on_sent = self._counted("malformed")
         else:
             response = self._complete(req, n_req, k, draws)
         if not await self._sleep(deadline - time.monotonic(), reader):
@@ -1205,7 +1260,7 @@ def _parser():
         "SIGTERM writes --stats-out and exits.",
     )
     p.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    p.add_argument("--host", default="127.0.0.1", help="loopback only (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1", "::1"), help="a loopback address (default 127.0.0.1)")
     p.add_argument("--stats-out", default=None, help="write stats JSON here every second and on exit")
     p.add_argument("--config", default=None, help="knobs as a JSON object, inline or a path to a .json file")
     p.add_argument("--max-seconds", type=float, default=1800.0, help="exit by itself after this long (0: never)")
@@ -1248,11 +1303,8 @@ def knobs_from_args(argv: list[str] | None = None) -> tuple[dict[str, Any], Any]
 
 def main(argv: list[str] | None = None) -> int:
     import signal
-    import sys
 
     knobs, args = knobs_from_args(argv)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        sys.exit("--host must be a loopback address")
     fake = FakeTeacher(**knobs)
     parent = os.getppid()
 
@@ -1262,9 +1314,9 @@ def main(argv: list[str] | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await fake._listen(args.port, args.host)
+        written = fake.write_stats(args.stats_out) if args.stats_out else -1  # the file exists once the URL is out
         print(fake.base_url, flush=True)
         started = time.monotonic()
-        written = -1
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
