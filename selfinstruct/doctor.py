@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -95,7 +96,7 @@ def _quirks(reply: Completion, teacher: Teacher) -> list[str]:
         seen.append("wants max_completion_tokens (used automatically)")
     if "<think>" in reply.content.lower():
         seen.append("reasoning blocks <think>…</think> (stripped; budget --max-tokens for them)")
-    if reply.content.lstrip().startswith("```"):
+    if re.sub(r"(?is)<think>.*?</think>", "", reply.content).lstrip().startswith("```"):
         seen.append("code fences (stripped)")
     return seen
 

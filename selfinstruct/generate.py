@@ -364,7 +364,8 @@ class Generation:
                         self.json_fallback = teacher.json_mode_error
                     json_mode = self.cfg.json_mode and not self.json_fallback
                     examples, messages = self._prompt(request_no, json_mode)
-                    worst = self.worst_case_usd(messages)
+                    # Only --max-cost needs the worst case (it costs a pass over the prompt).
+                    worst = self.worst_case_usd(messages) if self.cfg.max_cost is not None else 0.0
                     if self.cfg.max_cost is not None and self.usd + sum(pending.values()) + worst > self.cfg.max_cost:
                         if not pending:
                             raise RunStopped(
