@@ -275,7 +275,12 @@ _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Greedy keep-first verdicts: for record i, `duplicate_of[i]` is the kept record it repeats, or -1."""
+    """Greedy keep-first verdicts: for record i, `duplicate_of[i]` is a kept earlier record it repeats, or -1.
+
+    The kept set is exactly the all-pairs answer. The record named is the closest kept one in
+    the same block (all of a 64K-record input); against earlier blocks it is the candidate
+    sharing the most rare-token pairs, verified at or above the threshold (usually the closest).
+    """
 
     duplicate_of: np.ndarray
     score: np.ndarray
