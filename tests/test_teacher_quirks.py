@@ -163,6 +163,23 @@ def test_local_teacher_with_every_quirk_at_once(tmp_path):
     assert manifest["counts"]["attempt_errors"].get("http-400", 0) == stats["by_status"]["400"] <= 16
 
 
+def test_ignored_stop_and_count_items_are_used_and_the_echo_is_not(tmp_path):
+    # A server that ignores stop sequences runs past the asked count, echoes the prompt's
+    # examples and is cut by the length limit: the extra items are paid for and used, the echo
+    # ends in the cut item and is never a record.
+    with FakeTeacher(overrun=3, latency=0.005, seed=10) as fake:
+        done, out, manifest = generate(fake, tmp_path, n=200)
+    assert done.returncode == 0, done.stderr
+    records = read_jsonl(out / "records.jsonl")
+    rejected = read_jsonl(out / "rejected.jsonl")
+    assert len(records) == 200
+    assert any(r["id"].endswith((".10", ".11", ".12")) for r in records)
+    assert not SEED_INSTRUCTIONS & {r["instruction"] for r in records}
+    assert not any("示例" in r["instruction"] + r["input"] + r["output"] for r in records)
+    truncated = [r for r in rejected if r["reason"] == "truncated"]
+    assert len(truncated) == manifest["counts"]["requests"] and all("示例" in r["meta"]["raw"] for r in truncated)
+
+
 def test_collapsed_parse_yield_stops_with_a_sample_reply(tmp_path):
     with FakeTeacher(p_garbage=1.0, latency=0.005, seed=6) as fake:
         done, out, manifest = generate(fake, tmp_path)

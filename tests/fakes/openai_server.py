@@ -657,6 +657,9 @@ KNOBS: dict[str, Any] = {
     "forbidden": False,  # 403 for everything
     "max_requests": None,  # chat requests after this many get 500
     "record_contents": True,  # keep sent_contents (turn off for long benchmarks)
+    # Stop sequences and the asked count ignored: this many items past the count, then an echo of
+    # the prompt's examples, cut mid-item by the length limit (finish_reason "length"). Text replies only.
+    "overrun": 0,
     "reply": None,  # callable(request_body, rng) -> content, replaces the generated tasks
 }
 USAGE_MODES = ("exact", "absent", "zero", "completion_one")
@@ -1165,7 +1168,16 @@ class FakeTeacher:
                         faults.append("near_duplicate")
                 good.extend(items[i][0] for i in sorted(good_idx))
                 content = render_items(items, lang, as_json, hant)
-                if d[8] < k["p_truncated"]:
+                if k["overrun"] and not as_json:
+                    extra = [make_item(rng, lang) for _ in range(int(k["overrun"]))]
+                    good.extend(e[0] for e in extra)
+                    tail = render_items(items + extra, lang, False, hant).split("\n###\n", len(items))[-1]
+                    user = message_text(messages)[-1] if message_text(messages) else ""
+                    marker = "示例1" if lang == "zh" else "Example 1"
+                    echo = user[user.find(marker):][:400] if marker in user else ""
+                    content = f"{content}\n###\n{tail}\n\n{echo}"[:-7]
+                    finish = "length"
+                elif d[8] < k["p_truncated"]:
                     faults.append("truncated")
                     # Where the last item starts; the cut falls inside it (after any wrapping below).
                     cut = (content.rfind('{"instruction"') if as_json else content.rfind("\n###\n") + 5 if count > 1 else 0, len(content))
