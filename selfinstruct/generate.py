@@ -227,8 +227,6 @@ class Generation:
                     record["duplicate_of"] = match.key
                     record["duplicate_text"] = match.text
                     record["score"] = round(match.score, 4)
-            elif verdict is None:
-                self.index.add(rid, item.instruction)
             if verdict is None:
                 kept.append(record)
             else:
@@ -358,31 +356,15 @@ class Generation:
         try:
             while True:
                 self.check_health()
-                while self._can_dispatch(len(pending)):
-                    request_no = self.next_request
-                    if teacher.json_mode_error:
-                        self.json_fallback = teacher.json_mode_error
-                    json_mode = self.cfg.json_mode and not self.json_fallback
-                    examples, messages = self._prompt(request_no, json_mode)
-                    # Only --max-cost needs the worst case (it costs a pass over the prompt).
-                    worst = self.worst_case_usd(messages) if self.cfg.max_cost is not None else 0.0
-                    if self.cfg.max_cost is not None and self.usd + sum(pending.values()) + worst > self.cfg.max_cost:
-                        if not pending:
-                            raise RunStopped(
-                                "budget",
-                                f"stopped at ${self.usd:.4f}: one more request could pass --max-cost ${self.cfg.max_cost:g} "
-                                f"(hint: raise --max-cost and re-run the same command to resume)",
-                                exit_code=3,
-                            )
-                        break
-                    self.next_request += 1
-                    task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages, json_mode))
-                    pending[task] = worst
+                self._fill(teacher, pending)
                 if not pending:
                     break
                 done, _ = await asyncio.wait(list(pending), timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    pending.pop(task)
+                landed = [(task, pending.pop(task)) for task in done]
+                # Refill before handling: the new requests wait on the teacher while these replies are
+                # parsed and deduplicated, instead of the teacher idling that long every cycle.
+                self._fill(teacher, pending, len(landed), sum(worst for _, worst in landed))
+                for task, _ in landed:
                     self.handle(*task.result())
                 self.save_manifest()
                 if self.on_progress:
@@ -411,6 +393,32 @@ class Generation:
         finally:
             self.save_manifest(force=True)
 
+    def _fill(self, teacher: Teacher, pending: dict[asyncio.Task, float], landed: int = 0, landed_usd: float = 0.0) -> None:
+        """Dispatch requests up to --concurrency, the target, the request cap and the budget.
+
+        `landed` replies (worth at most `landed_usd`) are back but not handled yet: they still count.
+        """
+        while self._can_dispatch(len(pending), landed):
+            request_no = self.next_request
+            if teacher.json_mode_error:
+                self.json_fallback = teacher.json_mode_error
+            json_mode = self.cfg.json_mode and not self.json_fallback
+            examples, messages = self._prompt(request_no, json_mode)
+            # Only --max-cost needs the worst case (it costs a pass over the prompt).
+            worst = self.worst_case_usd(messages) if self.cfg.max_cost is not None else 0.0
+            if self.cfg.max_cost is not None and self.usd + landed_usd + sum(pending.values()) + worst > self.cfg.max_cost:
+                if not pending and not landed:
+                    raise RunStopped(
+                        "budget",
+                        f"stopped at ${self.usd:.4f}: one more request could pass --max-cost ${self.cfg.max_cost:g} "
+                        f"(hint: raise --max-cost and re-run the same command to resume)",
+                        exit_code=3,
+                    )
+                return
+            self.next_request += 1
+            task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages, json_mode))
+            pending[task] = worst
+
     async def _drain(self, pending: dict[asyncio.Task, float], cancel: bool = False, grace: float = 10.0) -> None:
         """Let in-flight requests land (their replies are paid for) for a few seconds, then cancel the rest."""
         if not pending:
@@ -426,13 +434,13 @@ class Generation:
         await asyncio.gather(*pending, return_exceptions=True)
         pending.clear()
 
-    def _can_dispatch(self, in_flight: int) -> bool:
+    def _can_dispatch(self, in_flight: int, landed: int = 0) -> bool:
         if self._stop_requested or self.tally.kept >= self.cfg.n:
             return False
-        if in_flight >= self.cfg.concurrency or self.tally.requests + in_flight >= self.max_requests():
+        if in_flight >= self.cfg.concurrency or self.tally.requests + in_flight + landed >= self.max_requests():
             return False
         # Don't launch requests whose records the target can no longer use.
-        return self.tally.kept + in_flight * self.yield_estimate() < self.cfg.n
+        return self.tally.kept + (in_flight + landed) * self.yield_estimate() < self.cfg.n
 
     def _prompt(self, request_no: int, json_mode: bool) -> tuple[list[SeedTask], list[dict[str, str]]]:
         """The examples and messages of one request, the same on every call (the rng is the request's)."""
