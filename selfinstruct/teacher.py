@@ -24,6 +24,10 @@ from selfinstruct.pricing import estimate_prompt_tokens, estimate_tokens
 
 # Longest we will sleep on a server's Retry-After before trying again.
 MAX_RETRY_AFTER = 120.0
+# --tpm spends at most this share of a window's tokens at once: a minute's allowance is spread
+# over the minute (5 s worth at a time), not spent in one burst then 57 s idle, which servers
+# that enforce their limit per second answer with 429s.
+TPM_BURST_SHARE = 1 / 12
 
 
 @dataclass(frozen=True)
@@ -194,8 +198,16 @@ class RateLimiter:
         self.tpm = tpm
         self.window = window
         self._next_start = 0.0
-        self._tokens: collections.deque[list[float]] = collections.deque()  # [time, tokens]
+        self._tokens: collections.deque[list] = collections.deque()  # [time, tokens, limiter]
         self._lock = asyncio.Lock()
+        # Token pacing: credit refills at tpm per window up to a burst; a request may overdraw it.
+        self._burst = (tpm or 0) * TPM_BURST_SHARE
+        self._credit = self._burst
+        self._credit_at = time.monotonic()
+
+    def _refill(self, now: float) -> None:
+        self._credit = min(self._burst, self._credit + (now - self._credit_at) * self.tpm / self.window)
+        self._credit_at = now
 
     async def acquire(self, tokens: int) -> list[float] | None:
         """Wait for a slot; returns the token entry so the real count can replace the estimate."""
@@ -213,6 +225,11 @@ class RateLimiter:
             entry = None
             if self.tpm:
                 tokens = min(tokens, self.tpm)
+                self._refill(now)
+                if self._credit < 0:
+                    await asyncio.sleep(-self._credit * self.window / self.tpm)
+                    now = time.monotonic()
+                    self._refill(now)
                 while True:
                     while self._tokens and self._tokens[0][0] <= now - self.window:
                         self._tokens.popleft()
@@ -221,14 +238,16 @@ class RateLimiter:
                         break
                     await asyncio.sleep(max(0.01, self._tokens[0][0] + self.window - now))
                     now = time.monotonic()
-                entry = [now, float(tokens)]
+                self._credit -= tokens
+                entry = [now, float(tokens), self]
                 self._tokens.append(entry)
             return entry
 
     @staticmethod
-    def settle(entry: list[float] | None, tokens: int) -> None:
-        """Replace a request's estimated tokens by the real count."""
+    def settle(entry: list | None, tokens: int) -> None:
+        """Replace a request's estimated tokens by the real count (and give back what was over-reserved)."""
         if entry is not None:
+            entry[2]._credit += entry[1] - tokens
             entry[1] = float(tokens)
 
 

@@ -60,3 +60,19 @@ def test_retry_after_headers():
     assert retry_after(_status_error(429, {"retry-after-ms": "250"})) == 0.25
     assert retry_after(_status_error(429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
     assert retry_after(_status_error(500, {})) is None
+
+
+def test_tokens_are_paced_not_spent_in_one_burst():
+    async def go():
+        limiter = RateLimiter(rpm=None, tpm=1200, window=1.0)  # 1,200 tokens per "minute" of 1 s
+        starts = []
+        for _ in range(24):
+            entry = await limiter.acquire(100)
+            starts.append(time.monotonic())
+            RateLimiter.settle(entry, 50)  # each used half its reservation: the other half comes back
+        return starts
+
+    starts = asyncio.run(go())
+    # A burst of a twelfth of the window's allowance, then one request per 50 real tokens at 1,200/s.
+    assert sum(1 for t in starts if t - starts[0] < 0.15) <= 7  # unpaced, all 24 went at once
+    assert 0.4 <= starts[-1] - starts[0] <= 1.2
