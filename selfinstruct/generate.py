@@ -364,8 +364,7 @@ class Generation:
                 # Refill before handling: the new requests wait on the teacher while these replies are
                 # parsed and deduplicated, instead of the teacher idling that long every cycle.
                 self._fill(teacher, pending, len(landed), sum(worst for _, worst in landed))
-                for task, _ in landed:
-                    self.handle(*task.result())
+                self._handle_landed([task for task, _ in landed])
                 self.save_manifest()
                 if self.on_progress:
                     self.on_progress(self)
@@ -418,6 +417,16 @@ class Generation:
             self.next_request += 1
             task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages, json_mode))
             pending[task] = worst
+
+    def _handle_landed(self, tasks: list[asyncio.Task]) -> None:
+        """Handle every landed reply, then raise the first error among them (all are retrieved, none left to asyncio)."""
+        errors = [task.exception() for task in tasks]
+        for task, error in zip(tasks, errors):
+            if error is None:
+                self.handle(*task.result())
+        failure = next((error for error in errors if error is not None), None)
+        if failure is not None:
+            raise failure
 
     async def _drain(self, pending: dict[asyncio.Task, float], cancel: bool = False, grace: float = 10.0) -> None:
         """Let in-flight requests land (their replies are paid for) for a few seconds, then cancel the rest."""
