@@ -33,6 +33,13 @@ FILTERS = {
     "output-equals-input": "output repeats the input",
     "near-duplicate": "too similar to a seed or an already kept instruction",
     "request-failed": "the teacher request failed after retries",
+    "unparseable": "a reply item that could not be read as instruction, input and output",
+    "truncated": "the last item of a reply cut by the token limit",
+    "surplus": "valid, but beyond --n (the last wave of requests over-delivered)",
+    "prompt-leak": "Evol-Instruct: the rewrite still contains the rewriting prompt's markers",
+    "no-gain": "Evol-Instruct: the rewrite is identical or nearly (ROUGE-L ≥ 0.9) to its parent, or judged equal",
+    "refusal-response": "Evol-Instruct: the answer to the rewrite is a short refusal",
+    "stopword-response": "Evol-Instruct: the answer to the rewrite is only punctuation and stop words",
 }
 STAGES = ("generate", "evolve", "respond")
 SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"),
@@ -120,14 +127,25 @@ def _example(row: dict) -> str:
     return "{\n" + ",\n".join(f"  {json.dumps(k, ensure_ascii=False)}: {value(v)}" for k, v in row.items()) + "\n}"
 
 
-def _evol_ops(build) -> dict[str, int]:
+def _evol_ops(build) -> dict[str, int | None]:
+    """Kept evolutions per op: the manifest holds {op: {round: {kept, eliminated}}}."""
     evol = _dict(build.manifest.get("evol"))
     ops = evol.get("ops")
     if isinstance(ops, dict) and ops:
-        return {str(k): v for k, v in ops.items()}
+        return {str(k): _kept_of(v) for k, v in ops.items()}
     if isinstance(ops, list) and ops:
         return {str(op): None for op in ops}
     return dict(build.evol_ops)
+
+
+def _kept_of(per_op: Any) -> int | None:
+    if isinstance(per_op, int) and not isinstance(per_op, bool):
+        return per_op
+    if isinstance(per_op, dict):
+        kept = [r.get("kept") for r in per_op.values() if isinstance(r, dict)]
+        if kept and all(isinstance(k, int) for k in kept):
+            return sum(kept)
+    return None
 
 
 def _evol_rounds(build) -> int:
@@ -256,7 +274,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
     ops = _evol_ops(build)
     rounds = _evol_rounds(build)
     if rounds or ops:
-        op_text = ", ".join(f"{op} ×{n:,}" if isinstance(n, int) else op for op, n in ops.items()) or "ops not recorded"
+        op_text = ", ".join(f"{op} ×{n:,} kept" if isinstance(n, int) else op for op, n in ops.items()) or "ops not recorded"
         evol = f"{rounds} round{'s' if rounds != 1 else ''}; {op_text}" if rounds else op_text
     else:
         evol = "not used"

@@ -43,7 +43,7 @@ def test_card_has_every_field(run):
         "`zh_seed_tasks.jsonl`, 175 tasks", SEEDS_SHA, "| Seed licence | `Apache-2.0` |",
         f"`generate_zh.jinja`, sha256 `{TEMPLATE_SHA}`", f"`evolve_zh.jinja`, sha256 `{EVOLVE_SHA}`",
         "temperature 1.0, top_p 1.0, max_tokens 3072, tasks per request 10, seed examples per prompt 3",
-        "| Evol-Instruct | 1 round; deepen ×2, concretize ×1 |",
+        "| Evol-Instruct | 1 round; deepen ×2 kept, concretize ×1 kept |",
         "| `blacklist` |", "| `near-duplicate` | ROUGE-L F1 ≥ 0.7", "| `wrong-language` |", "**total** | | **2**",
         "| Near-duplicate threshold | ROUGE-L F1 ≥ 0.7",
         "| generate | 4 | 4,000 | 1,700 | $0.0016 |", "| evolve | 1 | 1,200 | 400 | $0.0004 |",

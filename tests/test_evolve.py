@@ -42,7 +42,8 @@ from selfinstruct.evolution import (
     resolve_ops,
     stopword_response,
 )
-from selfinstruct.export import prompt_text
+from selfinstruct.card import hub_card
+from selfinstruct.export import build, prompt_text
 from selfinstruct.rundir import RunDir
 from selfinstruct.rules import script_of
 from selfinstruct.similarity import DedupIndex
@@ -294,6 +295,13 @@ def test_evolve_two_rounds_eliminates_every_built_case(tmp_path, lang, n):
     check_accounting(manifest, stats, records, rejected, ledger)
     assert set(manifest["stages"]) == {"evolve", "judge", "respond"}
     assert manifest["evol"]["rounds"] == 2 and manifest["evol"]["rounds_completed"] == 2 and manifest["status"] == "completed"
+    # The dataset card of this real run: kept evolutions per op, and what each elimination means.
+    card = hub_card(build(out, "alpaca"), None, "alice/evolved")
+    for op, per_round in manifest["evol"]["ops"].items():
+        assert f"{op} ×{sum(c['kept'] for c in per_round.values()):,} kept" in card, op
+    for reason in manifest["counts"]["rejected"]:
+        row = next(line for line in card.splitlines() if line.startswith(f"| `{reason}` |"))
+        assert row.split("|")[2].strip(), f"{reason} has no description in the card"
 
     # Each trigger's round-1 evolutions are eliminated by the rule built for them, with their parent named.
     by_root = {r["id"]: r for r in records if not r["meta"].get("evol")}

@@ -82,7 +82,9 @@ def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str
             "cost": {"usd": 0.00204, "priced": True, "price_in_per_1m": 0.15, "price_out_per_1m": 0.6, "price_source": "table"},
             "stages": {"generate": {"requests": 4, "prompt_tokens": 4000, "completion_tokens": 1700, "usd": 0.00162},
                        "evolve": {"requests": 1, "prompt_tokens": 1200, "completion_tokens": 400, "usd": 0.00042}},
-            "evol": {"rounds": 1, "ops": {"deepen": 2, "concretize": 1}},
+            "evol": {"rounds": 1, "rounds_completed": 1, "ops": {  # the shape Evolution.evol_summary writes
+                "deepen": {"1": {"kept": 2, "eliminated": {"no-gain": 1}}},
+                "concretize": {"1": {"kept": 1, "eliminated": {}}}}},
         })
     run.close()
     return path
