@@ -196,6 +196,19 @@ def generate(
             f"(assuming {projection['assumed_yield']:.0%} of {cfg.per_request} tasks per request are kept), "
             f"≈ {projection['prompt_tokens']:,} prompt + {projection['completion_tokens']:,} completion tokens, ≈ {usd}"
         )
+        if cfg.evol_rounds:
+            from selfinstruct.evolution import project_evolution
+
+            samples = [(t.instruction, t.instances[0].input, t.instances[0].output) for t in seed_set.tasks]
+            evo = project_evolution(cfg, cfg.lang, cfg.n, samples)
+            evo_usd = price.usd(evo["prompt_tokens"], evo["completion_tokens"]) if price else None
+            total = f"${projection['usd'] + evo_usd:.2f}" if evo_usd is not None else "unknown (no price)"
+            typer.echo(
+                f"then --evol-rounds {cfg.evol_rounds}: ≈ {evo['steps']:,} evolutions, {evo['requests']:,} requests "
+                f"(assuming {evo['assumed_survival']:.0%} survive each round, ≈ {evo['kept']:,} more records), "
+                f"≈ {evo['prompt_tokens']:,} prompt + {evo['completion_tokens']:,} completion tokens, "
+                f"≈ {'$%.2f' % evo_usd if evo_usd is not None else 'unknown'}; in all ≈ {total}"
+            )
         return
     api_key = os.environ.get(cfg.api_key_env)
     if not api_key and kind != "local":
@@ -531,7 +544,7 @@ def filter_command(
     dedup: str = typer.Option("exact", "--dedup", help="exact (the all-pairs answer) or minhash (approximate recall, for millions of records)."),
     rules: Optional[str] = typer.Option(None, "--rules", help="Run only these rules, comma-separated, e.g. near-duplicate."),
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable)."),
-    rule_file: Optional[Path] = typer.Option(None, "--rule-file", help="TOML or YAML file of [[rule]] tables: regex, min/max length, lang on a field."),
+    rule_file: Optional[Path] = typer.Option(None, "--rule-file", help="TOML or YAML file of \\[\\[rule]] tables: regex, min/max length, lang on a field."),
     lang: Optional[str] = typer.Option(None, "--lang", help="Language the wrong-language rule expects: zh, zh-Hant, en... (default: from the data)."),
     against: Optional[list[Path]] = typer.Option(None, "--against", help="Drop records this similar to any record of FILE (seeds, a test set); repeatable."),
     fmt: str = typer.Option("jsonl", "--format", help="kept as jsonl or parquet."),

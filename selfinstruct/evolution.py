@@ -21,7 +21,7 @@ from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.export import prompt_text
 from selfinstruct.generate import MAX_CONSECUTIVE_FAILURES, Tally, public_url
 from selfinstruct.parsing import clean_reply, normalise_input
-from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens
+from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens
 from selfinstruct.prompts import Template, load_template
 from selfinstruct.rules import RULES, RuleSettings, check, fold, measure
 from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
@@ -899,6 +899,34 @@ def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: Evol
             f"{run.path}: holds an evolution made with a different {', '.join(mismatches)}",
             "re-run with the original settings to resume (only --rounds may change), or choose a new --out",
         )
+
+
+# A planning prior for --dry-run, not a measurement: the share of evolutions that survive a round.
+PRIOR_SURVIVAL = 0.7
+
+
+def project_evolution(cfg: GenerateConfig, lang: str, records: int, samples: Sequence[tuple[str, str, str]]) -> dict:
+    """The --dry-run projection of --evol-rounds over `records` kept records, priced from sample (instruction, input, output)."""
+    templates = load_templates(lang, resolve_ops(cfg.evol_ops), cfg.judge_equal)
+    rewrite_prompt = rewrite_out = respond_prompt = respond_out = judge_prompt = 0.0
+    for instruction, input_text, output in samples:
+        child = instruction * 2  # an evolution adds a constraint, a step or a scenario: about twice as long
+        rewrite_prompt += sum(estimate_prompt_tokens(t.render(instruction=instruction, input=input_text, lang=lang))
+                              for t in templates.ops.values()) / len(templates.ops)
+        rewrite_out += estimate_tokens(child + input_text) + 8
+        respond_prompt += estimate_prompt_tokens(templates.respond.render(instruction=child, input=input_text, lang=lang))
+        respond_out += min(estimate_tokens(output) * 2, cfg.max_tokens or 10**9)
+        if templates.judge is not None:
+            judge_prompt += estimate_prompt_tokens(templates.judge.render(
+                first=prompt_text(instruction, input_text), second=prompt_text(child, input_text), lang=lang))
+    k = max(len(samples), 1)
+    steps = sum(records * PRIOR_SURVIVAL ** r for r in range(cfg.evol_rounds))  # each round evolves the last one's survivors
+    per_step = 2 + (1 if templates.judge is not None else 0)
+    prompt = steps * (rewrite_prompt + respond_prompt + judge_prompt) / k
+    completion = steps * (rewrite_out + respond_out + (2 * k if templates.judge is not None else 0)) / k
+    return {"steps": round(steps), "requests": round(steps * per_step), "prompt_tokens": int(prompt),
+            "completion_tokens": int(completion), "kept": round(sum(records * PRIOR_SURVIVAL ** r for r in range(1, cfg.evol_rounds + 1))),
+            "assumed_survival": PRIOR_SURVIVAL}
 
 
 def after_generation(gen) -> Evolution:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -111,10 +112,30 @@ def test_budget_cap_is_never_passed(tmp_path):
 def test_dry_run_calls_nothing(tmp_path):
     with FakeTeacher() as fake:
         done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "52000", "--base-url", fake.base_url,
-                       "--model", "gpt-4o-mini", "--price-in", "0.15", "--price-out", "0.6", "--dry-run")
+                       "--model", "gpt-4o-mini", "--price-in", "0.15", "--price-out", "0.6", "--dry-run", cwd=tmp_path)
         assert fake.stats["requests_received"] == 0
     assert done.returncode == 0, done.stderr
     assert "requests" in done.stdout and "$" in done.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def dollars(text: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\$(\d+\.\d+)", text)]
+
+
+def test_dry_run_projects_evolution_rounds_too(tmp_path):
+    base = ["generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5000", "--model", "m", "--base-url",
+            "http://127.0.0.1:9/v1", "--price-in", "0.5", "--price-out", "1.5", "--dry-run"]
+    plain, one, two = (run_cli(*base, *extra) for extra in ([], ["--evol-rounds", "1"], ["--evol-rounds", "2", "--judge-equal"]))
+    assert plain.returncode == one.returncode == two.returncode == 0, two.stderr
+    assert "evol" not in plain.stdout
+    (gen_usd,) = dollars(plain.stdout)
+    gen1, evo1, total1 = dollars(one.stdout)
+    gen2, evo2, total2 = dollars(two.stdout)
+    assert gen1 == gen2 == gen_usd
+    assert "5,000 evolutions, 10,000 requests" in one.stdout  # a rewrite and an answer per kept record
+    assert "8,500 evolutions, 25,500 requests" in two.stdout  # round 2 evolves 70% of round 1; a judge request each
+    assert evo2 > evo1 * 1.5 and abs(total1 - (gen1 + evo1)) <= 0.011 and abs(total2 - (gen2 + evo2)) <= 0.011
 
 
 def test_missing_usage_is_estimated_and_marked(tmp_path):
