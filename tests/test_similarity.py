@@ -179,6 +179,46 @@ def test_tight_budgets_still_exact(monkeypatch, texts, t):
     check_matches(texts, got.duplicate_of, got.score, t)
 
 
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(corpora(), THRESHOLDS, st.booleans())
+def test_incremental_index_probing_the_fewest_tokens_is_still_exact(monkeypatch, texts, t, sort_hits):
+    """Only the tokens the bound needs are probed (no extra rare ones), hits counted either way: same answer."""
+    import selfinstruct.similarity as sim
+
+    monkeypatch.setattr(sim, "_PROBE_GROWTH", 1)
+    monkeypatch.setattr(sim, "_PROBE_SLACK", 0)
+    monkeypatch.setattr(sim, "_SORT_BELOW", 10**9 if sort_hits else 0)
+    index = DedupIndex(t)
+    want = brute_force(texts, t)
+    got = [index.add_if_novel(str(j), text) for j, text in enumerate(texts)]
+    assert [m is None for m in got] == [v < 0 for v in want]
+
+
+def test_incremental_index_equals_batch_on_real_chinese():
+    """6,000 instructions of the Chinese Alpaca fixture plus edited copies: the same drops as BatchDedup."""
+    import gzip
+    import json
+    import random
+
+    from conftest import fixture_path
+
+    path = fixture_path("alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        texts = [row["instruction"] for row in json.load(fh)[:6000]]
+    rng = random.Random(5)
+    for text in rng.sample(texts, 600):  # one character changed: mostly near-duplicates
+        i = rng.randrange(len(text))
+        texts.insert(rng.randrange(len(texts)), text[:i] + "新" + text[i + 1 :])
+    want = BatchDedup(0.7).run(texts).duplicate_of
+    index = DedupIndex(0.7)
+    got = [index.add_if_novel(str(j), text) for j, text in enumerate(texts)]
+    assert [m is None for m in got] == (want < 0).tolist()
+    assert sum(m is not None for m in got) > 600
+    for j, m in enumerate(got):
+        if m is not None:
+            assert m.score >= 0.7 and rouge_l(texts[int(m.key)], texts[j]) == m.score
+
+
 def test_score_exactly_at_the_threshold_is_a_duplicate():
     """F1 3/10 at --similarity 0.3: rapidfuzz's own cutoff would reject it; rouge_l(a, b) >= t must win."""
     texts = ["的" * 9, "的" * 3 + "一" * 8]
