@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from selfinstruct.errors import ConfigError
 from selfinstruct.similarity import CJK_RE
 
 if sys.version_info >= (3, 11):
@@ -56,9 +57,28 @@ def load_price_table(path: Path = PRICE_FILE) -> dict[str, tuple[float, float]]:
 def resolve_price(
     model: str, kind: str, price_in: float | None = None, price_out: float | None = None
 ) -> Price | None:
-    """The price to charge: flags, else 0 for a local server, else the table; None if unknown."""
-    if price_in is not None or price_out is not None:
-        return Price(price_in or 0.0, price_out or 0.0, "flags")
+    """The price to charge: flags, else 0 for a local server, else the table; None if unknown.
+
+    One flag alone overrides that side of the known price; with no known price it is an error,
+    since the other side would silently cost nothing and --max-cost would barely bind.
+    """
+    if price_in is not None and price_out is not None:
+        return Price(price_in, price_out, "flags")
+    known = _table_price(model, kind)
+    if price_in is None and price_out is None:
+        return known
+    if known is None:
+        given, missing = ("--price-in", "--price-out") if price_in is not None else ("--price-out", "--price-in")
+        raise ConfigError(
+            f"{given} was given without {missing} and {model!r} is not in the price table",
+            f"pass {missing} too (USD per 1M tokens)",
+        )
+    return Price(known.input if price_in is None else price_in, known.output if price_out is None else price_out,
+                 f"flags over {known.source}")
+
+
+def _table_price(model: str, kind: str) -> Price | None:
+    """0 for a local server, else the shipped table's price; None if unknown."""
     if kind == "local":
         return Price(0.0, 0.0, "local server")
     table = load_price_table()

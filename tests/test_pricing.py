@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from selfinstruct.errors import ConfigError
 from selfinstruct.pricing import Price, endpoint_kind, estimate_tokens, load_price_table, resolve_price
 
 
@@ -40,3 +43,15 @@ def test_token_estimate_counts_cjk_per_character():
     assert estimate_tokens("你好世界") == 4
     assert estimate_tokens("abcdefgh") == 2
     assert estimate_tokens("") == 0
+
+
+def test_one_price_flag_overrides_one_side_of_the_known_price():
+    assert resolve_price("gpt-4o-mini", "openai", price_in=0.2) == Price(0.2, 0.60, "flags over prices.toml:gpt-4o-mini")
+    assert resolve_price("gpt-4o-mini", "openai", price_out=1.0) == Price(0.15, 1.0, "flags over prices.toml:gpt-4o-mini")
+
+
+def test_one_price_flag_for_an_unknown_model_is_an_error_not_a_free_side():
+    # The other side would silently cost $0 and --max-cost would hardly bind.
+    with pytest.raises(ConfigError, match="--price-in was given without --price-out") as caught:
+        resolve_price("my-private-model", "hosted", price_in=3.0)
+    assert "pass --price-out too" in str(caught.value)
