@@ -123,6 +123,14 @@ def _print_summary(gen, console) -> None:
     console.print(table)
 
 
+def _summary_line(gen) -> str:
+    """The end of a --quiet run in one line, for logs."""
+    t = gen.tally
+    cost = f"${gen.usd:.4f}" if gen.price else "cost unknown (no price)"
+    return (f"{gen.status}: kept {t.kept:,}/{gen.cfg.n:,}, rejected {sum(t.rejected.values()):,}, requests {t.requests:,} "
+            f"({t.failed_requests:,} failed), tokens {t.prompt_tokens:,}+{t.completion_tokens:,}, {cost}; {gen.run.path}")
+
+
 @app.command()
 def generate(
     seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed file: Self-Instruct/BELLE JSONL or Alpaca JSON/JSONL."),
@@ -246,6 +254,8 @@ def generate(
             run.close()
     if not cfg.quiet or exit_code:
         _print_summary(gen, console)
+    else:
+        console.print(_summary_line(gen), soft_wrap=True, highlight=False, markup=False)
     if exit_code in (130, 143):
         console.print(f"interrupted; everything finished is saved. Resume with: {escape(gen.command)}", soft_wrap=True, highlight=False)
     if exit_code:

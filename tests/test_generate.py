@@ -252,3 +252,62 @@ def test_debug_flag_shows_the_traceback(tmp_path):
     done = run_cli("--debug", "generate", "--seeds", str(seeds), "--n", "5", "--base-url", "http://127.0.0.1:9/v1", timeout=60)
     assert done.returncode != 0
     assert "Traceback" in done.stderr and f"{seeds}:1: invalid JSON" in done.stderr
+
+
+def test_flags_reach_the_teacher_and_a_quiet_run_ends_with_one_summary_line(tmp_path):
+    out = tmp_path / "run"
+    other_key = "sk-from-MY_TEACHER_KEY-42"
+    with FakeTeacher(latency=0.05, api_key=other_key) as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "24", "--base-url", fake.base_url, "--model", "teach-1",
+                       "--out", str(out), "--temperature", "0.3", "--top-p", "0.9", "--max-tokens", "777", "--num-examples", "2",
+                       "--per-request", "4", "--concurrency", "3", "--api-key-env", "MY_TEACHER_KEY", "--quiet",
+                       env={"MY_TEACHER_KEY": other_key})
+        stats = fake.stats
+    assert done.returncode == 0, done.stderr
+    assert {k: stats["last_request"][k] for k in ("model", "temperature", "top_p", "max_tokens")} == {
+        "model": "teach-1", "temperature": 0.3, "top_p": 0.9, "max_tokens": 777}
+    assert 1 <= stats["max_in_flight"] <= 3
+    ledger = read_jsonl(out / "requests.jsonl")
+    assert all(len(entry["seed_ids"]) == 2 for entry in ledger)
+    # The fake answers as many tasks as the prompt asks for: item numbers run 0 to 3 (of --per-request 4).
+    items = read_jsonl(out / "records.jsonl") + read_jsonl(out / "rejected.jsonl")
+    assert {int(r["id"].rsplit(".", 1)[1]) for r in items} == {0, 1, 2, 3}
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("completed: kept 24/24") and "requests" in lines[0], done.stderr
+    assert other_key not in done.stderr + done.stdout
+
+
+def test_a_local_server_needs_no_key(tmp_path):
+    with FakeTeacher() as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(tmp_path / "run"), "--quiet", env={"OPENAI_API_KEY": ""})
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_task_copied_from_a_seed_is_a_near_duplicate_naming_the_seed(tmp_path):
+    def reply(body, rng):
+        # The first item is a seed with one character added; the second is new.
+        return ("1. 指令：解释一下为什么天空是蓝色的\n输入：<无输入>\n输出：瑞利散射。\n###\n"
+                f"2. 指令：{''.join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(16))}\n输入：<无输入>\n输出：番茄、辣椒、生菜。")
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=reply) as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "3", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(out), "--concurrency", "1", "--quiet", "--no-rule", "too-short")
+    assert done.returncode == 0, done.stderr
+    copies = [r for r in read_jsonl(out / "rejected.jsonl") if r["instruction"].startswith("解释一下")]
+    assert copies and all(r["reason"] == "near-duplicate" and r["duplicate_of"] == "seed:s0" for r in copies)
+    assert copies[0]["score"] == round(Indel.normalized_similarity(list("解释一下为什么天空是蓝色的"), list("解释为什么天空是蓝色的")), 4)
+    assert not any(r["instruction"].startswith("解释") for r in read_jsonl(out / "records.jsonl"))
+
+
+def test_an_unknown_model_price_is_a_warning_and_an_unpriced_projection(tmp_path):
+    base = ["generate", "--seeds", str(seeds_file(tmp_path)), "--n", "1000", "--model", "my-private-model",
+            "--base-url", "https://teacher.example.com/v1", "--dry-run"]
+    done = run_cli(*base)
+    assert done.returncode == 0, done.stderr
+    assert "no price known for 'my-private-model'" in done.stderr and "unknown (no price)" in done.stdout
+    capped = run_cli(*base, "--max-cost", "5")
+    assert capped.returncode == 2 and "--max-cost needs a price" in capped.stderr
+    half = run_cli(*base, "--price-in", "1")
+    assert half.returncode == 2 and "--price-in was given without --price-out" in half.stderr and "Traceback" not in half.stderr
