@@ -11,7 +11,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import Indel
 
 from conftest import REPO, fixture_path
-from selfinstruct.rules import script_of
+from selfinstruct.rules import RuleSettings, check, script_of
 from selfinstruct.seed_profile import profile
 from selfinstruct.seeds import read_seeds
 from selfinstruct.similarity import Vocabulary
@@ -103,3 +103,22 @@ def test_generate_accepts_each_seed_file_unchanged(tmp_path, source):
     ids = {t.id for t in read_seeds(path).tasks}
     first = json.loads((out / "records.jsonl").read_text(encoding="utf-8").splitlines()[0])
     assert set(first["meta"]["seed_ids"]) <= ids
+
+
+@pytest.mark.parametrize("name, lang", [("zh.jsonl", "zh"), ("zh-Hant.jsonl", "zh-Hant"), ("en.jsonl", "en")])
+def test_every_seed_passes_the_generation_rules(name, lang):
+    # A seed that generation would reject (an image task, a refusal, too long) teaches the teacher to make them.
+    settings = RuleSettings(lang=lang)
+    broken = [(t.id, verdict) for t in read_seeds(REPO / "seeds" / name).tasks for i in t.instances
+              if (verdict := check(t.instruction, i.input, i.output, settings)) is not None]
+    assert broken == []
+
+
+def test_zh_hant_is_written_for_taiwan_not_converted_from_zh():
+    opencc = pytest.importorskip("opencc")
+    to_simp = opencc.OpenCC("t2s")
+    hant = [to_simp.convert(t.instruction) for t in read_seeds(REPO / "seeds" / "zh-Hant.jsonl").tasks]
+    hans = [t.instruction for t in read_seeds(REPO / "seeds" / "zh.jsonl").tasks]
+    vocab = Vocabulary()
+    scores = process.cdist([vocab.encode(t) for t in hant], [vocab.encode(t) for t in hans], scorer=Indel.normalized_similarity, workers=-1)
+    assert float(scores.max()) < 0.7

@@ -91,12 +91,17 @@ def test_batch_in_small_blocks_equals_brute_force(texts, t, block):
 def test_incremental_index_equals_brute_force(texts, t):
     index = DedupIndex(t)
     want = brute_force(texts, t)
+    kept: list[str] = []
     for j, text in enumerate(texts):
         match = index.add_if_novel(str(j), text)
         assert (match is None) == (want[j] < 0)
-        if match is not None:
+        if match is None:
+            kept.append(text)
+        else:
             assert match.score >= t
             assert rouge_l(texts[int(match.key)], text) == match.score
+            # The record named is the nearest kept one, not merely one over the threshold.
+            assert match.score == max(rouge_l(k, text) for k in kept)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -122,6 +127,9 @@ def test_minhash_never_drops_a_non_duplicate(texts, t):
 def test_tokenize_cjk_characters_and_ascii_runs():
     assert tokenize("用Python写3个函数！") == ["用", "python", "写", "3", "个", "函", "数"]
     assert tokenize("，。！") == []
+    # Kana and hangul are CJK too: one token per character, like Han.
+    assert tokenize("ひらがなカタカナ") == list("ひらがなカタカナ")
+    assert tokenize("한국어 OK") == ["한", "국", "어", "ok"]
 
 
 def test_rouge_l_chinese_and_english():
