@@ -216,6 +216,10 @@ def _filters(m: dict) -> tuple[list[dict[str, str]], int, int]:
     names = [str(r) for r in filters.get("rules") or [] if isinstance(r, str)]
     if "similarity" in filters and "near-duplicate" not in names:
         names.append("near-duplicate")
+    # Evol checks that never fired have no count, but a reader must still see they ran.
+    for check in filters.get("evol_checks") or []:
+        if isinstance(check, str) and check not in names:
+            names.append(check)
     names += [r for r in rejected if r not in names]
     rows = []
     for name in names:

@@ -44,7 +44,7 @@ def test_card_has_every_field(run):
         f"`generate_zh.jinja`, sha256 `{TEMPLATE_SHA}`", f"`evolve_zh.jinja`, sha256 `{EVOLVE_SHA}`",
         "temperature 1.0, top_p 1.0, max_tokens 3072, tasks per request 10, seed examples per prompt 3",
         "| Evol-Instruct | 1 round; deepen ×2 kept, concretize ×1 kept |",
-        "| `blacklist` |", "| `near-duplicate` | ROUGE-L F1 ≥ 0.7", "| `wrong-language` |", "**total** | | **2**",
+        "| `blacklist` |", "| `near-duplicate` | ROUGE-L F1 ≥ 0.7", "| `wrong-language` |", "**total** | | **3**",
         "| Near-duplicate threshold | ROUGE-L F1 ≥ 0.7",
         "| generate | 4 | 4,000 | 1,700 | $0.0016 |", "| evolve | 1 | 1,200 | 400 | $0.0004 |",
         "**5** | **5,200** | **2,100** | **$0.0020**",
@@ -59,7 +59,18 @@ def test_card_has_every_field(run):
     examples = [json.loads(block.split("```")[0]) for block in text.split("```json\n")[1:]]
     assert examples == b.splits["train"][:3]  # short rows: not truncated
     filters = [line for line in text.splitlines() if line.startswith("| `")]
-    assert [line.split("`")[1] for line in filters][:7] == ["blacklist", "empty", "refusal", "too-long", "too-short", "wrong-language", "near-duplicate"]
+    assert [line.split("`")[1] for line in filters][:11] == ["blacklist", "empty", "refusal", "too-long", "too-short", "wrong-language", "near-duplicate",
+                                                             "no-gain", "prompt-leak", "refusal-response", "stopword-response"]
+
+
+def test_every_evol_check_gets_a_row_even_if_it_never_fired(run):
+    card = hub_card(build(run, "alpaca"), None, "alice/x")
+    assert "| `no-gain` | Evol-Instruct: the rewrite is identical or nearly (ROUGE-L ≥ 0.9) to its parent, or judged equal | 1 |" in card
+    for check, what in (("prompt-leak", "the rewrite still contains the rewriting prompt's markers"),
+                        ("refusal-response", "the answer to the rewrite is a short refusal"),
+                        ("stopword-response", "the answer to the rewrite is only punctuation and stop words")):
+        assert f"| `{check}` | Evol-Instruct: {what} | 0 |" in card, check
+    assert card.count("| `near-duplicate` |") == 1  # both a rule of generation and an evol check: one row
 
 
 def test_card_never_shows_keys_tokens_or_private_urls(run):
@@ -136,4 +147,4 @@ def test_failed_requests_are_listed_but_not_counted_as_candidates(tmp_path):
     (run / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
     card = hub_card(build(run, "alpaca"), None, "alice/x")
     assert "| `request-failed` | the teacher request failed after retries | 3 |" in card
-    assert "12 of 14 candidates kept (85.7%)." in card and "**total** | | **5**" in card
+    assert "12 of 15 candidates kept (80.0%)." in card and "**total** | | **6**" in card

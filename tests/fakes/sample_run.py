@@ -59,6 +59,10 @@ def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str
          "detail": "instruction mentions '图片'", "meta": {"seed_ids": ["seed_task_1"], "model": "gpt-4o-mini"}},
         {"id": "r000009.2", "instruction": "把下面的句子翻译成英文。", "input": "", "output": "OK", "reason": "near-duplicate",
          "detail": "ROUGE-L 0.912 with r000001.1", "meta": {"seed_ids": ["seed_task_2"], "model": "gpt-4o-mini"}},
+        {"id": "r000001.1.e1", "instruction": TASKS[0][0], "input": TASKS[0][1], "output": "", "reason": "no-gain",
+         "detail": "identical to its parent", "parent_id": "r000001.1", "parent_instruction": TASKS[0][0],
+         "meta": {"seed_ids": ["seed_task_0", "seed_task_2"], "model": "gpt-4o-mini", "stage": "evolve", "op": "deepen", "round": 1,
+                  "evol": [{"round": 1, "op": "deepen", "parent_id": "r000001.1"}]}},
     ]
     run.append(REJECTED, rejected)
     run.append(LEDGER, [{"request_no": k, "request_id": f"r{k:06d}", "status": "ok", "content": "…"} for k in range(1, 6)])
@@ -76,8 +80,10 @@ def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str
             "templates": {"generate": {"name": "generate_zh.jinja", "sha256": TEMPLATE_SHA},
                           "evolve": {"name": "evolve_zh.jinja", "sha256": EVOLVE_SHA}},
             "teacher": {"model": "gpt-4o-mini", "endpoint_kind": "openai"},
-            "filters": {"similarity": 0.7, "rules": ["blacklist", "empty", "refusal", "too-long", "too-short", "wrong-language"], "lang": "zh"},
-            "counts": {"kept": n, "rejected": {"blacklist": 1, "near-duplicate": 1}, "requests": 5, "failed_requests": 0},
+            "filters": {"similarity": 0.7, "rules": ["blacklist", "empty", "refusal", "too-long", "too-short", "wrong-language"], "lang": "zh",
+                        # as Evolution writes them: prompt-leak, refusal-response and stopword-response never fired
+                        "evol_checks": ["near-duplicate", "no-gain", "prompt-leak", "refusal-response", "stopword-response"]},
+            "counts": {"kept": n, "rejected": {"blacklist": 1, "near-duplicate": 1, "no-gain": 1}, "requests": 5, "failed_requests": 0},
             "usage": {"prompt_tokens": 5200, "completion_tokens": 2100, "estimated": False},
             "cost": {"usd": 0.00204, "priced": True, "price_in_per_1m": 0.15, "price_out_per_1m": 0.6, "price_source": "table"},
             "stages": {"generate": {"requests": 4, "prompt_tokens": 4000, "completion_tokens": 1700, "usd": 0.00162},
@@ -93,3 +99,4 @@ def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file under a directory with its bytes, to prove nothing changed."""
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
