@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 
-from fakes.sample_run import EVOLVE_SHA, SEEDS_SHA, TEMPLATE_SHA, make_run
+from fakes.sample_run import EVOLVE_SHA, SAMPLE_CARD, SEEDS_SHA, TEMPLATE_SHA, make_run, sample_card
 from selfinstruct.card import BEGIN, END, hub_card, license_metadata, merge, redact, size_category, split_card
 from selfinstruct.errors import PublishError
 from selfinstruct.export import build
@@ -71,6 +72,18 @@ def test_every_evol_check_gets_a_row_even_if_it_never_fired(run):
                         ("stopword-response", "the answer to the rewrite is only punctuation and stop words")):
         assert f"| `{check}` | Evol-Instruct: {what} | 0 |" in card, check
     assert card.count("| `near-duplicate` |") == 1  # both a rule of generation and an evol check: one row
+
+
+def _sizes_blanked(card: str) -> str:
+    # Parquet and Arrow byte sizes move with pyarrow/datasets versions; everything else must match exactly.
+    return re.sub(r"^(\s*(?:num_bytes|download_size|dataset_size)): \d+$", r"\1: N", card, flags=re.MULTILINE)
+
+
+def test_docs_sample_card_is_what_export_writes_for_the_sample_run(tmp_path):
+    written = sample_card(tmp_path)
+    assert "download_size: N" in _sizes_blanked(written)
+    assert _sizes_blanked(SAMPLE_CARD.read_text(encoding="utf-8")) == _sizes_blanked(written), \
+        "docs/sample-card.md is stale: regenerate it with `python tests/fakes/sample_run.py`"
 
 
 def test_card_never_shows_keys_tokens_or_private_urls(run):

@@ -1,8 +1,13 @@
-"""A realistic finished run directory (Chinese records, evol lineage, rejections) built with RunDir."""
+"""A realistic finished run directory (Chinese records, evol lineage, rejections) built with RunDir.
+
+`python tests/fakes/sample_run.py` rewrites docs/sample-card.md from it; tests/test_card.py checks the file is current.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import sys
 from pathlib import Path
 
 from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
@@ -10,6 +15,7 @@ from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
 TEMPLATE_SHA = hashlib.sha256(b"generate_zh.jinja").hexdigest()
 EVOLVE_SHA = hashlib.sha256(b"evolve_zh.jinja").hexdigest()
 SEEDS_SHA = hashlib.sha256(b"seeds").hexdigest()
+SAMPLE_CARD = Path(__file__).resolve().parents[2] / "docs" / "sample-card.md"
 
 TASKS = [
     ("把下面的句子翻译成英文。", "今天天气很好，我们去公园散步吧。", "The weather is nice today; let's take a walk in the park."),
@@ -100,3 +106,21 @@ def snapshot(path: Path) -> dict[str, bytes]:
     """Every file under a directory with its bytes, to prove nothing changed."""
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
+
+def sample_card(workdir: Path) -> str:
+    """The README.md `selfinstruct export --test-size 0.25` writes for the sample run: docs/sample-card.md."""
+    from selfinstruct.export import export_run
+
+    # Relative paths: the card's title and load_dataset() path must not depend on where it was made.
+    with contextlib.chdir(workdir):
+        make_run(Path("zh-sample"))
+        export_run(Path("zh-sample"), Path("exports/zh-sample"), "alpaca", test_size=0.25)
+        return Path("exports/zh-sample/README.md").read_text(encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        SAMPLE_CARD.write_text(sample_card(Path(tmp)), encoding="utf-8")
+    print(f"wrote {SAMPLE_CARD}", file=sys.stderr)
