@@ -46,6 +46,7 @@ class ProgressView:
         self._live: Live | None = None
         self._detail = Text("", overflow="fold")
         self._task = None
+        self._first: tuple[float, int] | None = None
 
     def __enter__(self) -> "ProgressView":
         if not self.quiet and self.console.is_terminal:
@@ -72,9 +73,21 @@ class ProgressView:
             self._detail.plain = describe(state)
             return
         now = time.monotonic()
+        if self._first is None:
+            self._first = (now, done)  # a resumed run starts with records: the rate counts only new ones
         if now - self._last_line >= self.every:
             self._last_line = now
-            print(f"{self.label} {done}/{self.target} | {describe(state)}", file=sys.stderr, flush=True)
+            print(f"{self.label} {done}/{self.target}{self._eta(now, done)} | {describe(state)}", file=sys.stderr, flush=True)
+
+    def _eta(self, now: float, done: int) -> str:
+        """' eta 12m05s' from the rate since the first update, or '' before there is one."""
+        t0, done0 = self._first
+        if done <= done0 or now <= t0:
+            return ""
+        left = max(self.target - done, 0) * (now - t0) / (done - done0)
+        minutes, seconds = divmod(int(left), 60)
+        hours, minutes = divmod(minutes, 60)
+        return f" eta {hours}h{minutes:02d}m" if hours else f" eta {minutes}m{seconds:02d}s"
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
