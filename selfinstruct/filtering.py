@@ -27,7 +27,7 @@ from rich.table import Table
 from selfinstruct import __version__
 from selfinstruct.corpus import compared_text, merge, read_one, read_records
 from selfinstruct.errors import ConfigError, InputError, OutputError
-from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, fold, load_rules, script_of
+from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, same_text_key, script_of
 from selfinstruct.similarity import BatchDedup
 
 EXACT_DUPLICATE = "exact-duplicate"
@@ -320,7 +320,7 @@ class Filtering:
             advance = stages.stage("exact-duplicate", len(rows))
             first: dict[str, int] = {}
             for k, row in enumerate(rows.tolist()):
-                key = fold(texts[row])
+                key = same_text_key(texts[row])
                 seen = first.setdefault(key, row)
                 if seen != row:
                     self._drop(row, EXACT_DUPLICATE, f"same {self.settings.field} as {self.ids[seen]} after normalisation")

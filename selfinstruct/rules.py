@@ -58,7 +58,9 @@ class RuleSettings:
 
 
 def fold(text: str) -> str:
-    """Compare-friendly form: NFKC (full-width to half-width), lower-case, no whitespace."""
+    """Substring-matching form: NFKC (full-width to half-width), lower-case, no whitespace."""
+    # Only for finding phrases (refusals, leaked prompt words) however they are spaced; for
+    # deciding two texts are the same use same_text_key, since "the rapist" folds to "therapist".
     return re.sub(r"\s+", "", unicodedata.normalize("NFKC", text).lower())
 
 
@@ -67,6 +69,17 @@ _BLACKLIST_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in BLACKLIST_W
 
 
 _KANA_RE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+# Whitespace beside a Han or kana character: Chinese and Japanese do not separate words with
+# spaces, so typesetting adds or drops them at will. Not hangul: Korean spacing splits words.
+_UNSPACED = f"[{HAN_RE.pattern[1:-1]}{_KANA_RE.pattern[1:-1]}]"
+_UNSPACED_SPACE_RE = re.compile(f"(?<={_UNSPACED})\\s+|\\s+(?={_UNSPACED})")
+_SPACES_RE = re.compile(r"\s+")
+
+
+def same_text_key(text: str) -> str:
+    """Equality form: NFKC, casefold, whitespace runs collapsed to one space, none beside Han/kana."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return _SPACES_RE.sub(" ", _UNSPACED_SPACE_RE.sub("", text)).strip()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,7 +170,7 @@ def _refusal(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
 
 
 def _output_equals_input(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    return "output repeats the input" if inp.strip() and fold(inp) == fold(out) else None
+    return "output repeats the input" if inp.strip() and same_text_key(inp) == same_text_key(out) else None
 
 
 RULES: Mapping[str, Callable[[str, str, str, RuleSettings], str | None]] = {

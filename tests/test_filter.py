@@ -142,6 +142,23 @@ def test_similarity_one_removes_only_exact_token_matches(tmp_path):
     assert rejected[0]["score"] == 1.0
 
 
+def test_exact_duplicates_after_normalisation(tmp_path):
+    """Case, full-width forms and whitespace runs do not make a new text; joining two words does."""
+    path = jsonl(tmp_path / "x.jsonl", [
+        rec("Explain how photosynthesis works."),
+        rec("explain  how PHOTOSYNTHESIS works. "),                 # case and a whitespace run
+        rec("Ｅｘｐｌａｉｎ\u3000ｈｏｗ ｐｈｏｔｏｓｙｎｔｈｅｓｉｓ ｗｏｒｋｓ．"),  # full-width (NFKC)
+        rec("Give the rapist a call."),
+        rec("Give therapist a call."),                              # other words: not a duplicate
+        rec("解释一下光合作用的过程，好吗？"),
+        rec("解释一下 光合作用的过程,好吗?"),                        # CJK spacing and half-width ，？ only
+    ])
+    _, kept, rejected = run_filter(tmp_path, [path], rules=("exact-duplicate",))
+    assert [r["id"] for r in kept] == ["x.jsonl:1", "x.jsonl:4", "x.jsonl:5", "x.jsonl:6"]
+    assert {r["id"]: r["duplicate_of"] for r in rejected} == {"x.jsonl:2": "x.jsonl:1", "x.jsonl:3": "x.jsonl:1", "x.jsonl:7": "x.jsonl:6"}
+    assert {r["reason"] for r in rejected} == {"exact-duplicate"}
+
+
 def test_against_removes_contamination(tmp_path, mixed):
     bench = jsonl(tmp_path / "test_set.jsonl", [{"instruction": "Give three tips for staying healthy!", "output": "x"},
                                                  {"instruction": "比较猫和狗作为宠物的优缺点", "output": "x"}])

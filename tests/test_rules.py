@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfinstruct.errors import InputError
-from selfinstruct.rules import REASONS, RULES, RuleSettings, check, load_rules, measure, script_of
+from selfinstruct.rules import REASONS, RULES, RuleSettings, check, fold, load_rules, measure, same_text_key, script_of
 
 ZH = RuleSettings(lang="zh")
 EN = RuleSettings(lang="en")
@@ -55,6 +55,23 @@ def test_detail_says_why():
 
 def test_quoted_chinese_instruction_is_not_punctuation():
     assert reason(("“静夜思”的作者是谁？", "", "李白"), ZH) is None
+
+
+def test_same_text_key_collapses_whitespace_but_keeps_word_boundaries():
+    assert same_text_key("Give the rapist a call") != same_text_key("Give therapist a call")
+    assert same_text_key("  Hello\t\n WORLD ") == same_text_key("hello world") == "hello world"
+    assert same_text_key("ＨＥＬＬＯ\u3000Ｗｏｒｌｄ！") == same_text_key("hello world!")  # full-width, NFKC
+    assert same_text_key("Straße") == same_text_key("STRASSE")  # casefold, not lower
+    assert same_text_key("列举三种 排序算法") == same_text_key("列举三种排序算法")  # Chinese adds spaces at will
+    assert same_text_key("用 Python 写代码") == same_text_key("用Python写代码")
+    assert same_text_key("아버지가 방에") != same_text_key("아버지가방에")  # Korean spacing splits words
+    # fold stays whitespace-free: it finds phrases (refusals) however they are spaced.
+    assert fold("As an AI  language\nmodel") == fold("as an ai language model")
+
+
+def test_output_equals_input_needs_the_same_words():
+    assert reason(("Split the word into two words", "therapist", "the rapist"), EN) is None
+    assert reason(("Repeat the sentence", "Ｈｅｌｌｏ　ｗｏｒｌｄ", "hello world"), EN) == "output-equals-input"
 
 
 def test_script_and_measure():
