@@ -311,3 +311,13 @@ def test_an_unknown_model_price_is_a_warning_and_an_unpriced_projection(tmp_path
     assert capped.returncode == 2 and "--max-cost needs a price" in capped.stderr
     half = run_cli(*base, "--price-in", "1")
     assert half.returncode == 2 and "--price-in was given without --price-out" in half.stderr and "Traceback" not in half.stderr
+
+
+def test_version_and_help_list_every_command():
+    from selfinstruct import __version__
+
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip().endswith(__version__)
+    shown = run_cli("--help")
+    assert shown.returncode == 0
+    assert all(name in shown.stdout for name in ("generate", "evolve", "filter", "export", "push", "doctor", "seeds"))

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
 import pytest
 
+from conftest import REPO
+
 from selfinstruct.errors import InputError
-from selfinstruct.prompts import load_template, prompts_dir, split_messages
+from selfinstruct.prompts import load_template, split_messages
 
 EXAMPLES = [{"instruction": "写一首诗", "input": "", "output": "春眠不觉晓"}]
 
@@ -45,5 +54,21 @@ def test_messages_without_markers_are_one_user_message():
     assert split_messages("hello") == [{"role": "user", "content": "hello"}]
 
 
-def test_shipped_directory_exists():
-    assert (prompts_dir() / "generate_zh.jinja").exists()
+def test_the_wheel_ships_every_template_and_the_price_table(tmp_path):
+    # A plain `pip install .` must find its templates with no repo checkout around it.
+    from hatchling.builders.wheel import WheelBuilder
+
+    wheel = next(iter(WheelBuilder(str(REPO)).build(directory=str(tmp_path / "dist"), versions=["standard"])))
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp_path / "site")
+    shipped = {p.relative_to(REPO / "prompts").as_posix() for p in (REPO / "prompts").rglob("*.jinja")}
+    assert len(shipped) >= 3 + 12
+    probe = ("from selfinstruct.prompts import prompts_dir, load_template; from selfinstruct.pricing import load_price_table; "
+             "d = prompts_dir(); print(d); import json; print(json.dumps(sorted(p.relative_to(d).as_posix() for p in d.rglob('*.jinja')))); "
+             "load_template('generate_zh.jinja'); print(len(load_price_table()))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(tmp_path / "site")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    where, names, prices = done.stdout.splitlines()
+    assert Path(where) == tmp_path / "site" / "selfinstruct" / "prompts"
+    assert set(json.loads(names)) == shipped and int(prices) >= 10
