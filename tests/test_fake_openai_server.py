@@ -216,6 +216,40 @@ def test_json_mode_and_no_json_mode():
         assert parse(ask(sdk(fake), tasks=1).choices[0].message.content, "zh")
 
 
+def test_ignore_json_mode_accepts_response_format_and_answers_in_text():
+    with FakeTeacher(ignore_json_mode=True, seed=3) as fake:
+        resp = ask(sdk(fake), tasks=3, response_format={"type": "json_object"})
+        assert fake.stats["last_request"]["response_format"] == {"type": "json_object"}
+    assert len(parse(resp.choices[0].message.content, "zh")) == 3  # the numbered list, not {"tasks": ...}
+
+
+def test_429_retry_after_ms_share_and_arrival_times():
+    with FakeTeacher(p_429=1.0, retry_after=1.5, p_retry_after_ms=0.0) as fake, httpx.Client() as client:
+        before = time.monotonic()
+        never = [raw_chat(client, fake).headers for _ in range(10)]
+        fake.configure(p_retry_after_ms=1.0)
+        always = [raw_chat(client, fake).headers for _ in range(10)]
+        after = time.monotonic()
+        arrivals = fake.stats["arrivals"]
+    assert all(h["retry-after"] == "1.5" and "retry-after-ms" not in h for h in never)
+    assert all(h["retry-after"] == "1.5" and h["retry-after-ms"] == "1500" for h in always)
+    assert len(arrivals) == 20 and arrivals == sorted(arrivals) and before <= arrivals[0] and arrivals[-1] <= after
+    with FakeTeacher(record_contents=False) as fake, httpx.Client() as client:
+        raw_chat(client, fake)
+        assert fake.stats["arrivals"] == []
+
+
+def test_echo_key_quotes_the_authorization_header_in_400_and_5xx_bodies():
+    key = "sk-echo-me-0123456789"
+    with FakeTeacher(echo_key=True, p_500=1.0, no_json_mode=True) as fake, httpx.Client(headers={"Authorization": f"Bearer {key}"}) as client:
+        errors = [raw_chat(client, fake) for _ in range(12)]
+        refused = raw_chat(client, fake, response_format={"type": "json_object"})
+    assert {r.status_code for r in errors} == {500, 502, 503}
+    assert all(key in r.text for r in errors) and refused.status_code == 400 and key in refused.json()["error"]["message"]
+    with FakeTeacher(echo_key=True) as fake, httpx.Client(headers={"Authorization": f"Bearer {key}"}) as client:
+        assert raw_chat(client, fake).status_code == 200 and key not in raw_chat(client, fake).text  # replies never echo
+
+
 def test_reject_max_tokens_answers_like_openai():
     with FakeTeacher(reject_max_tokens=True) as fake:
         with pytest.raises(openai.BadRequestError) as info:

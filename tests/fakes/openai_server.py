@@ -635,7 +635,8 @@ KNOBS: dict[str, Any] = {
     "latency_jitter": 0.0,
     "seed": 0,
     "p_429": 0.0,
-    "retry_after": 1.0,  # Retry-After seconds on 429s (half of them also carry retry-after-ms)
+    "retry_after": 1.0,  # Retry-After seconds on 429s (p_retry_after_ms of them also carry retry-after-ms)
+    "p_retry_after_ms": 0.5,
     "p_500": 0.0,  # 500, 502 (HTML body) or 503
     "p_timeout": 0.0,  # sleep timeout_sleep seconds, then 504; nothing is counted as sent
     "timeout_sleep": 30.0,
@@ -649,14 +650,18 @@ KNOBS: dict[str, Any] = {
     "code_fence": False,  # wrap content in ``` fences
     "reject_max_tokens": False,  # 400 unsupported_parameter when the body has max_tokens
     "no_json_mode": False,  # 400 when the body has response_format
+    "ignore_json_mode": False,  # response_format accepted and ignored: the reply is the numbered text list
     "empty_length": False,  # content "" with finish_reason "length" (always, or with p_empty_length)
     "p_empty_length": 0.0,
     "ignore_n": False,  # one choice whatever `n` asks for
     "api_key": None,  # require Authorization: Bearer <api_key>, else 401
     "models": None,  # list of known models; others get 404 model_not_found
     "forbidden": False,  # 403 for everything
+    # 400 and 5xx error bodies of chat requests quote the request's Authorization header in full, as
+    # careless proxies and debug-mode servers do: whatever we log of an error must cut the key out.
+    "echo_key": False,
     "max_requests": None,  # chat requests after this many get 500
-    "record_contents": True,  # keep sent_contents (turn off for long benchmarks)
+    "record_contents": True,  # keep sent_contents and arrivals (turn off for long benchmarks)
     # Stop sequences and the asked count ignored: this many items past the count, then an echo of
     # the prompt's examples, cut mid-item by the length limit (finish_reason "length"). Text replies only.
     "overrun": 0,
@@ -667,6 +672,17 @@ USAGE_MODES = ("exact", "absent", "zero", "completion_one")
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}}).encode()
+
+
+def _echo_header(body: bytes, authorization: str) -> bytes:
+    """An error body that quotes the request's Authorization header (the echo_key knob)."""
+    echo = f" (request headers: Authorization: {authorization})"
+    try:
+        data = json.loads(body)
+        data["error"]["message"] += echo
+        return json.dumps(data).encode()
+    except (ValueError, KeyError, TypeError):
+        return body + echo.encode()
 
 
 class _Response:
@@ -695,6 +711,7 @@ def _new_stats() -> dict[str, Any]:
         "near_duplicates": [],  # {"instruction", "original"} of each deliberate near-duplicate sent
         "dropped": 0,  # responses not written because the client had gone
         "last_request": {},
+        "arrivals": [],  # time.monotonic() at which each chat request arrived (with record_contents)
         "in_flight": 0,
         "max_in_flight": 0,
         "connections": 0,  # TCP connections accepted (keep-alive: far fewer than requests)
@@ -752,7 +769,7 @@ class FakeTeacher:
         s = dict(self._stats)
         for key in ("by_status", "faults", "last_request"):
             s[key] = dict(s[key])
-        for key in ("sent_contents", "bad_items", "near_duplicates"):
+        for key in ("sent_contents", "bad_items", "near_duplicates", "arrivals"):
             s[key] = list(s[key])
         return s
 
@@ -972,6 +989,8 @@ class FakeTeacher:
             with self._lock:
                 self._stats["requests_received"] += 1
                 n_req = self._stats["requests_received"]
+                if k["record_contents"]:
+                    self._stats["arrivals"].append(time.monotonic())
                 self._stats["last_request"] = {
                     key: req.get(key)
                     for key in ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "response_format", "stream", "seed")
@@ -1004,7 +1023,10 @@ class FakeTeacher:
             return _Response(404, _error_body(f"Invalid URL ({method} {path})", "invalid_request_error"))
         if method != "POST":
             return _Response(405, _error_body(f"Invalid method for URL ({method} {path})", "invalid_request_error"))
-        return await self._chat(req, n_req, reader)
+        response = await self._chat(req, n_req, reader)
+        if response is not None and k["echo_key"] and (response.status == 400 or response.status >= 500):
+            response.body = _echo_header(response.body, headers.get("authorization", ""))
+        return response
 
     async def _chat(self, req: dict, n_req: int, reader: asyncio.StreamReader) -> _Response | None:
         k = dict(self.knobs)
@@ -1068,7 +1090,7 @@ class FakeTeacher:
             ra = float(k["retry_after"])
             hdrs = [("retry-after", f"{ra:g}"), ("x-ratelimit-limit-requests", "500"), ("x-ratelimit-remaining-requests", "0"),
                     ("x-ratelimit-reset-requests", f"{ra:g}s")]
-            if with_ms < 0.5:
+            if with_ms < float(k["p_retry_after_ms"]):
                 hdrs.append(("retry-after-ms", f"{ra * 1000:g}"))
             return _Response(429, _error_body(
                 f"Rate limit reached for {req.get('model')} in organization org-fake on requests per min (RPM): "
@@ -1119,7 +1141,8 @@ class FakeTeacher:
         rng = random.Random(seed * 1_000_003 + n_req * 2)
         messages = req["messages"]
         lang, count, hant = detect_request(messages)
-        as_json = isinstance(req.get("response_format"), dict) and req["response_format"].get("type") in ("json_object", "json_schema")
+        as_json = (isinstance(req.get("response_format"), dict) and req["response_format"].get("type") in ("json_object", "json_schema")
+                   and not k["ignore_json_mode"])
         n_choices = 1
         if not k["ignore_n"] and isinstance(req.get("n"), int) and req["n"] > 1:
             n_choices = min(req["n"], 16)
