@@ -12,7 +12,8 @@ try:  # openai 3.x ships on httpx2; older releases on httpx
 except ImportError:  # pragma: no cover
     import httpx
 
-from selfinstruct.teacher import RateLimiter, retry_after
+from fakes.openai_server import FakeTeacher
+from selfinstruct.teacher import RateLimiter, Teacher, TeacherSettings, retry_after
 
 
 def test_requests_are_spaced_evenly():
@@ -60,6 +61,37 @@ def test_retry_after_headers():
     assert retry_after(_status_error(429, {"retry-after-ms": "250"})) == 0.25
     assert retry_after(_status_error(429, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) is None
     assert retry_after(_status_error(500, {})) is None
+
+
+def test_a_429_is_retried_no_sooner_than_its_retry_after():
+    # 2.5 s, not less: unasked, the first backoff is 1-2 s (exponential with jitter), so a Teacher that
+    # ignored the header would retry too soon every time. One fake sends Retry-After alone, the other
+    # retry-after-ms too (the two headers a 429 may carry); both run at once to keep the test short.
+    asked = 2.5
+
+    async def one(fake: FakeTeacher):
+        teacher = Teacher(TeacherSettings(model="m", base_url=fake.base_url, timeout=10, retries=2), None)
+        try:
+            call = asyncio.ensure_future(teacher.complete([{"role": "user", "content": "请设计 2 个任务"}]))
+            while not fake.stats["requests_received"]:
+                await asyncio.sleep(0.005)
+            fake.configure(p_429=0.0)  # only the first attempt is refused; the 429 is already on its way
+            return await call
+        finally:
+            await teacher.aclose()
+
+    async def both(fakes):
+        return await asyncio.gather(*(one(f) for f in fakes))
+
+    with FakeTeacher(p_429=1.0, retry_after=asked, p_retry_after_ms=0.0) as plain, \
+            FakeTeacher(p_429=1.0, retry_after=asked, p_retry_after_ms=1.0) as with_ms:
+        results = asyncio.run(both([plain, with_ms]))
+        stats = [plain.stats, with_ms.stats]
+    for result, s in zip(results, stats):
+        assert result.attempts == 2 and result.errors == ["http-429"] and result.content
+        assert s["by_status"] == {"429": 1, "200": 1}
+        first, retry = s["arrivals"]
+        assert asked <= retry - first < asked + 1.5, retry - first
 
 
 def test_tokens_are_paced_not_spent_in_one_burst():
