@@ -28,7 +28,7 @@ from selfinstruct import __version__
 from selfinstruct.corpus import compared_text, merge, read_one, read_records
 from selfinstruct.errors import ConfigError, InputError, OutputError
 from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, same_text_key, script_of
-from selfinstruct.similarity import BatchDedup
+from selfinstruct.similarity import BatchDedup, rouge_l
 
 EXACT_DUPLICATE = "exact-duplicate"
 CONTAMINATED = "contaminated"
@@ -247,6 +247,8 @@ class Filtering:
                 self._exact(texts, stages)
             if NEAR_DUPLICATE in self.enabled:
                 self._near(texts, stages)
+                if EXACT_DUPLICATE in self.enabled:
+                    self._repoint_exact(texts)
             with _StageTimer(self.report, stages, "write") as stage:
                 self._write(df, texts, out)
                 stage.count = n
@@ -319,6 +321,7 @@ class Filtering:
             rows = self._standing()
             advance = stages.stage("exact-duplicate", len(rows))
             first: dict[str, int] = {}
+            self.exact_rows: list[int] = []
             for k, row in enumerate(rows.tolist()):
                 key = same_text_key(texts[row])
                 seen = first.setdefault(key, row)
@@ -326,6 +329,7 @@ class Filtering:
                     self._drop(row, EXACT_DUPLICATE, f"same {self.settings.field} as {self.ids[seen]} after normalisation")
                     self.dup_of[row] = seen
                     self.score[row] = 1.0
+                    self.exact_rows.append(row)
                 if k % 50_000 == 0:
                     advance(k)
             advance(len(rows))
@@ -346,6 +350,22 @@ class Filtering:
             self.report.dedup = {"candidates_verified": dedup.candidates, "pairs_at_threshold": dedup.pairs}
             stage.count = len(rows)
             stage.note = f" ({dedup.candidates:,} candidate pairs verified)"
+
+    def _repoint_exact(self, texts: list[str]) -> None:
+        """Point exact duplicates whose first copy the near-duplicate stage dropped at the record that kept it out."""
+        # The exact stage runs first, so its first copies can later lose to an earlier, similar
+        # record; duplicate_of must always name a record that is in kept.
+        for row in self.exact_rows:
+            first = target = int(self.dup_of[row])
+            while self.reason[target] is not None and self.dup_of[target] >= 0:
+                target = int(self.dup_of[target])
+            if target != first:
+                self.dup_of[row] = target
+                self.score[row] = rouge_l(texts[row], texts[target])
+                self.detail[row] = (
+                    f"same {self.settings.field} as {self.ids[first]} after normalisation, "
+                    f"which is a {self.reason[first]} of {self.ids[target]}"
+                )
 
     # ---- output ------------------------------------------------------------------------------
 

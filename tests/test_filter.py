@@ -105,6 +105,7 @@ def test_near_duplicates_name_a_kept_record_and_score(tmp_path, mixed):
         assert r["score"] == pytest.approx(rouge_l(r["instruction"], kept_by_id[r["duplicate_of"]]["instruction"]), abs=1e-4)
         assert r["score"] >= 0.7
         assert r["duplicate_text"] == kept_by_id[r["duplicate_of"]]["instruction"]
+    assert all(r["duplicate_of"] in kept_by_id for r in rejected if r["reason"] == "exact-duplicate")
     assert all(r["duplicate_of"] is None for r in rejected if r["reason"] not in ("near-duplicate", "exact-duplicate"))
 
 
@@ -157,6 +158,23 @@ def test_exact_duplicates_after_normalisation(tmp_path):
     assert [r["id"] for r in kept] == ["x.jsonl:1", "x.jsonl:4", "x.jsonl:5", "x.jsonl:6"]
     assert {r["id"]: r["duplicate_of"] for r in rejected} == {"x.jsonl:2": "x.jsonl:1", "x.jsonl:3": "x.jsonl:1", "x.jsonl:7": "x.jsonl:6"}
     assert {r["reason"] for r in rejected} == {"exact-duplicate"}
+
+
+def test_exact_duplicate_of_a_near_duplicate_names_the_kept_record(tmp_path):
+    """The exact stage runs first; when its first copy is then a near-duplicate, the link moves on to the kept one."""
+    path = jsonl(tmp_path / "x.jsonl", [
+        rec("解释一下光合作用的过程。"),
+        rec("解释一下光合作用的过程吧。"),   # near-duplicate of 1
+        rec("解释一下 光合作用的过程吧。"),  # exact duplicate of 2
+    ])
+    _, kept, rejected = run_filter(tmp_path, [path], rules=("exact-duplicate", "near-duplicate"))
+    assert [r["id"] for r in kept] == ["x.jsonl:1"]
+    by_id = {r["id"]: r for r in rejected}
+    exact = by_id["x.jsonl:3"]
+    assert exact["reason"] == "exact-duplicate" and by_id["x.jsonl:2"]["reason"] == "near-duplicate"
+    assert exact["duplicate_of"] == "x.jsonl:1" and exact["duplicate_text"] == "解释一下光合作用的过程。"
+    assert exact["score"] == pytest.approx(rouge_l(exact["instruction"], "解释一下光合作用的过程。"), abs=1e-4)
+    assert "x.jsonl:2" in exact["detail"] and "x.jsonl:1" in exact["detail"]
 
 
 def test_against_removes_contamination(tmp_path, mixed):
