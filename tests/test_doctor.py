@@ -48,6 +48,20 @@ def test_local_server_quirks_are_named_and_nothing_fails():
     assert checks["JSON mode"]["status"] == "warn" and "falls back to the text template" in checks["JSON mode"]["fix"]
 
 
+def test_json_mode_accepted_but_ignored_is_a_warning_not_ok():
+    # A server that takes response_format without complaint and answers in text anyway: a run with
+    # --json-mode would get nothing it could parse as JSON, so doctor must not call JSON mode supported.
+    with FakeTeacher(ignore_json_mode=True) as fake:
+        code, checks, _ = doctor(fake.base_url)
+        stats = fake.stats
+    assert code == 0  # worth knowing, not a failure
+    row = checks["JSON mode"]
+    assert row["status"] == "warn" and row["detail"].startswith("accepted but the reply is not JSON: ")
+    assert "指令" in row["detail"] and row["fix"] == "leave --json-mode off"
+    assert stats["last_request"]["response_format"] == {"type": "json_object"} and stats["requests_received"] == 2
+    assert all(checks[n]["status"] == "ok" for n in checks if n != "JSON mode"), checks
+
+
 def test_unreachable_teacher_fails_fast_with_the_url_fix():
     code, checks, seconds = doctor("http://127.0.0.1:9/v1")
     assert code == 1
