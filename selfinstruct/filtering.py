@@ -139,12 +139,21 @@ class StageProgress:
         if self._progress is not None:
             self._progress.stop()
 
-    def stage(self, name: str, total: int) -> Callable[[int], None]:
-        """Start a stage; returns the callback that reports records done so far."""
+    def stage(self, name: str, total: int) -> Callable[..., None]:
+        """Start a stage; returns the callback that reports done so far (and, optionally, a new total)."""
         if self._progress is None:
-            return lambda done: None
-        task = self._progress.add_task(name, total=max(total, 1))
-        return lambda done: self._progress.update(task, completed=min(done, total) if total else 1)
+            return lambda done, total=None: None
+        progress = self._progress
+        task = progress.add_task(name, total=max(total, 1))
+        size = [total]
+
+        def advance(done: int, total: int | None = None) -> None:
+            if total is not None:
+                size[0] = total
+                progress.update(task, total=max(total, 1))
+            progress.update(task, completed=min(done, size[0]) if size[0] else 1)
+
+        return advance
 
     def done(self, name: str, count: int, seconds: float, note: str = "") -> None:
         if not self.quiet and self._progress is None:
@@ -225,12 +234,18 @@ class Filtering:
         out = self._prepare_out()
         with StageProgress(self.console, s.quiet) as stages:
             with _StageTimer(self.report, stages, "read") as stage:
-                frames = [read_one(Path(p)) for p in s.inputs]
+                # The record count is known only once read, so the bar counts inputs until then.
+                advance = stages.stage("read", len(s.inputs))
+                frames = []
+                for k, p in enumerate(s.inputs, start=1):
+                    frames.append(read_one(Path(p)))
+                    advance(k)
                 df = merge(frames)
                 texts = compared_text(df, s.field).to_list()
                 self.ids = df["id"].to_list()
                 self._check_fields(df)
                 stage.count = df.height
+                advance(df.height, total=df.height)
             n = df.height
             self.report.total = n
             self.report.inputs = [{"path": str(p), "records": f.height} for p, f in zip(s.inputs, frames)]
@@ -250,7 +265,7 @@ class Filtering:
                 if EXACT_DUPLICATE in self.enabled:
                     self._repoint_exact(texts)
             with _StageTimer(self.report, stages, "write") as stage:
-                self._write(df, texts, out)
+                self._write(df, texts, out, stages.stage("write", n))
                 stage.count = n
         counts = collections.Counter(r for r in self.reason if r is not None)
         self.report.rejected = counts
@@ -388,7 +403,7 @@ class Filtering:
                     f"columns are {', '.join(df.columns)}",
                 )
 
-    def _write(self, df: pl.DataFrame, texts: list[str], out: Path) -> None:
+    def _write(self, df: pl.DataFrame, texts: list[str], out: Path, advance: Callable[[int], None]) -> None:
         n = df.height
         ids = df["id"]
         reason = pl.Series("reason", self.reason, dtype=pl.String)
@@ -417,7 +432,9 @@ class Filtering:
         rejected = pl.concat([df, extra], how="horizontal").filter(~kept_mask)
         kept_path = out / f"kept.{self.settings.format}"
         _write_atomic(kept_path, lambda p: kept.write_parquet(p) if self.settings.format == "parquet" else kept.write_ndjson(p))
+        advance(kept.height)
         _write_atomic(out / REJECTED_FILE, rejected.write_ndjson)
+        advance(n)
         self.report.outputs = {"kept": str(kept_path), "rejected": str(out / REJECTED_FILE), "report": str(out / REPORT_FILE)}
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import re
 import sys
 
 import polars as pl
@@ -214,6 +216,21 @@ def test_wrong_language_uses_the_data_language(tmp_path):
     assert [r["instruction"] for r in rejected] == [EN_TASKS[0]]
     report, _, rejected = run_filter(tmp_path, [path], rules=("wrong-language",), lang="en")
     assert len(rejected) == len(ZH_TASKS)
+
+
+def test_every_stage_has_a_progress_bar(tmp_path, mixed):
+    """On a terminal each stage, read and write included, draws a bar that ends at its record count."""
+    from rich.console import Console
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=100, color_system=None)
+    settings = FilterSettings(inputs=tuple(mixed), out=tmp_path / "out")
+    report = Filtering(settings, console=console).run()
+    text = screen.getvalue()
+    for stage in ("read", "rules", "exact-duplicate", "near-duplicate", "write"):
+        assert re.search(rf"{stage}\s.*\d+/\d+", text), stage
+    assert re.search(rf"read\s.*{report.total}/{report.total}", text)
+    assert re.search(rf"write\s.*{report.total}/{report.total}", text)
 
 
 # ---- the command line ----------------------------------------------------------------------------
