@@ -74,8 +74,19 @@ def run_filter(tmp_path, inputs, **kw):
 
 
 def test_kept_plus_rejected_is_the_input(tmp_path, mixed):
-    report, kept, rejected = run_filter(tmp_path, mixed)
-    total = 8 + 3 + 2 + 2 + 2
+    import datasets
+
+    chat = jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "你是一个乐于助人的助手。"},
+                      {"role": "user", "content": "比较猫和狗作为宠物的优缺点"},  # near-duplicate of c.parquet:1
+                      {"role": "assistant", "content": "猫更独立，狗更忠诚，各有优点。"}]},
+        {"messages": [{"role": "user", "content": "推荐三本适合初学者的编程书。"},
+                      {"role": "assistant", "content": "可以从基础的入门教程开始读起。"}]},
+    ])
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([rec("用三句话介绍杭州。"), rec("说明一下地球为什么有四季。"), rec("描述一下这段视频的内容。")]).save_to_disk(str(saved))
+    report, kept, rejected = run_filter(tmp_path, [*mixed, chat, saved])
+    total = 8 + 3 + 2 + 2 + 2 + 2 + 3
     assert report.total == total and len(kept) + len(rejected) == total
     ids = [r["id"] for r in kept] + [r["id"] for r in rejected]
     assert len(set(ids)) == total
@@ -88,13 +99,18 @@ def test_kept_plus_rejected_is_the_input(tmp_path, mixed):
     assert reasons["r000001.0"] == "exact-duplicate"
     assert reasons["b.json.gz:1"] == "near-duplicate"  # the final 。 differs: not the same text, same tokens
     assert reasons["sg-1"] == "near-duplicate"
+    assert reasons["chat.jsonl:1"] == "near-duplicate"
+    assert reasons["saved:1"] == "exact-duplicate"
+    assert reasons["saved:3"] == "blacklist"
+    assert {"chat.jsonl:2", "saved:2"} <= {r["id"] for r in kept}
+    assert {r["id"]: r["instruction"] for r in kept}["chat.jsonl:2"] == "推荐三本适合初学者的编程书。"
     for r in rejected:
         assert r["detail"]
     report_json = json.loads((tmp_path / "out" / "filter_report.json").read_text(encoding="utf-8"))
     assert report_json["kept"] + report_json["rejected"] == total
     assert sum(report_json["rejected_by_rule"].values()) == len(rejected)
     assert set(report_json["seconds"]) >= {"read", "rules", "exact-duplicate", "near-duplicate", "write"}
-    assert [i["records"] for i in report_json["inputs"]] == [8, 3, 2, 2, 2]
+    assert [i["records"] for i in report_json["inputs"]] == [8, 3, 2, 2, 2, 2, 3]
 
 
 def test_near_duplicates_name_a_kept_record_and_score(tmp_path, mixed):
