@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfinstruct.errors import InputError
-from selfinstruct.rules import REASONS, RULES, RuleSettings, check, fold, load_rules, measure, same_text_key, script_of
+from selfinstruct.rules import BLACKLIST_WORDS, BLACKLIST_ZH, REASONS, REFUSALS, RULES, RuleSettings, check, fold, load_rules, measure, same_text_key, script_of
 
 ZH = RuleSettings(lang="zh")
 EN = RuleSettings(lang="en")
@@ -166,3 +166,26 @@ def test_bad_rule_file_is_one_input_error(tmp_path, text, message):
 def test_missing_rule_file(tmp_path):
     with pytest.raises(InputError, match="cannot read the rule file"):
         load_rules(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("word", BLACKLIST_WORDS)
+def test_every_english_blacklist_word_fires_as_a_whole_word(word):
+    assert reason((f"Please {word.capitalize()} something about the weather in Paris", "", "ok"), EN) == "blacklist"
+
+
+@pytest.mark.parametrize("word", BLACKLIST_ZH)
+def test_every_chinese_blacklist_word_fires(word):
+    assert reason((f"请根据{word}回答下面这个问题", "", "好的"), ZH) == "blacklist"
+
+
+def test_blacklist_words_inside_other_words_do_not_fire():
+    assert reason(("Explain the profile of a mapping function in Python", "", "ok"), EN) is None
+
+
+@pytest.mark.parametrize("phrase", REFUSALS)
+def test_every_refusal_fires_as_written_by_a_model(phrase):
+    # Models write full-width commas and capitals; the list is written folded.
+    written = phrase.replace(",", "，") if script_of(phrase) == "zh" else phrase.capitalize()
+    settings = ZH if script_of(phrase) == "zh" else EN
+    good = GOOD_ZH if settings is ZH else GOOD_EN
+    assert reason((good[0], "", f"{written} 这个请求。" if settings is ZH else f"{written} do that for you."), settings) == "refusal"
