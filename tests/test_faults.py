@@ -6,6 +6,7 @@ Each test asserts that nothing is lost and that the counts add up against what t
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from fakes.hub_server import FakeHub
@@ -115,6 +117,7 @@ def test_kill_minus_9_at_five_random_moments_then_resume(tmp_path):
     with FakeTeacher(latency=0.02, seed=13, p_near_duplicate=0.1, p_429=0.05, retry_after=0.05) as fake:
         args = ("generate", "--seeds", str(seeds_file(tmp_path)), "--n", str(n), "--base-url", fake.base_url, "--model", "m",
                 "--out", str(out), "--concurrency", "8", "--quiet")
+        after_kills: list[list[dict]] = []
         for moment in moments:
             proc = cli(*args)
             wait_for_lines(out / "records.jsonl", moment, proc)
@@ -122,6 +125,7 @@ def test_kill_minus_9_at_five_random_moments_then_resume(tmp_path):
             proc.send_signal(signal.SIGKILL)
             proc.communicate()
             assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+            after_kills.append(intact_prefix(out / "records.jsonl"))
         done = run_cli(*args)
         stats = fake.stats
     assert done.returncode == 0, done.stderr
@@ -130,6 +134,11 @@ def test_kill_minus_9_at_five_random_moments_then_resume(tmp_path):
     assert len(records) == n
     assert len({r["id"] for r in records}) == n and len({r["instruction"] for r in records}) == n
     assert len({e["request_no"] for e in ledger}) == len(ledger)
+    # Nothing written before a kill is lost or rewritten: each kill's records open the final file.
+    for moment, before in zip(moments, after_kills):
+        assert len(before) >= moment and records[: len(before)] == before
+    # The dedup index was rebuilt on every resume: no near-duplicate across the six runs.
+    assert stats["near_duplicates"] and max_pair_similarity([r["instruction"] for r in records]) < 0.7
     # Every record comes from a reply the server really sent, through the ledger entry that logged it.
     sent = set(stats["sent_contents"])
     logged = {e["request_id"]: e for e in ledger}
@@ -141,6 +150,28 @@ def test_kill_minus_9_at_five_random_moments_then_resume(tmp_path):
     assert manifest["counts"]["kept"] == n and manifest["counts"]["requests"] == len(ledger)
     # Replies in flight at a kill were sent but never logged: the only tokens we may not know of.
     assert manifest["usage"]["completion_tokens"] <= stats["completion_tokens_sent"]
+
+
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"forbidden": True}, "error: the teacher refused the API key (HTTP 403)"),
+        ({"models": ["teacher-a", "teacher-b"]}, "error: the teacher does not know model 'm' or the URL path (HTTP 404)"),
+    ],
+    ids=["403-forbidden", "404-unknown-model"],
+)
+def test_403_and_404_stop_generate_at_once_with_one_line(tmp_path, knobs, message):
+    # Like a bad key (401): retrying or recording these and going on would only repeat them.
+    with FakeTeacher(latency=0.005, **knobs) as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "1000", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(tmp_path / "run"), "--concurrency", "4", "--quiet")
+        stats = fake.stats
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message) and "hint:" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr and KEY not in done.stderr + done.stdout
+    # One wave of --concurrency requests at most, none retried (a retry would be a second wave).
+    assert 1 <= stats["requests_received"] <= 4 and stats["responses_ok"] == 0
 
 
 def _file_size_limit(limit: int):
@@ -238,18 +269,32 @@ def test_permissions_lost_mid_run_and_at_start(tmp_path):
 def test_no_secret_in_any_file_log_line_card_or_upload(tmp_path):
     out = tmp_path / "run"
     card_dir = tmp_path / "export"
-    with FakeHub() as hub, FakeTeacher(api_key=KEY, p_500=0.3, p_malformed=0.1, seed=9, latency=0.005) as fake:
+    # echo_key: every 400 and 5xx body quotes our Authorization header in full, as careless proxies do;
+    # no_json_mode makes a 400 whose text the run keeps (the manifest's json_mode_fallback).
+    knobs = dict(api_key=KEY, p_500=0.3, p_malformed=0.1, no_json_mode=True, echo_key=True, seed=9, latency=0.005)
+    with FakeHub() as hub, FakeTeacher(**knobs) as fake:
         hub.add_token(HUB_TOKEN, "alice")
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": HUB_TOKEN,
                "HF_HUB_DISABLE_TELEMETRY": "1", "NO_COLOR": "1"}
         done = run_cli("--debug", "generate", "--seeds", str(seeds_file(tmp_path)), "--n", "150", "--base-url", fake.base_url,
-                       "--model", "m", "--out", str(out), "--retries", "1", "--push-to", "alice/zh-secrets", env=env)
-        assert fake.stats["by_status"].get("401", 0) == 0  # the key really was sent, and accepted
+                       "--model", "m", "--out", str(out), "--retries", "1", "--json-mode", "--push-to", "alice/zh-secrets", env=env)
+        stats = fake.stats
+        assert stats["by_status"].get("401", 0) == 0  # the key really was sent, and accepted
+        assert stats["by_status"].get("400") and sum(stats["by_status"].get(c, 0) for c in ("500", "502", "503"))  # and echoed
         exported = run_cli("export", str(out), "--to", str(card_dir), "--jsonl", env=env)
         uploads = dict(hub.objects)
+        repos = dict(hub.repos)
+        pushed = hub.files("alice/zh-secrets") if "alice/zh-secrets" in repos else {}
     assert done.returncode == 0, done.stderr
     assert exported.returncode == 0, exported.stderr
     assert (card_dir / "README.md").exists() and uploads
+    # --push-to made the named repo, private, with the data as parquet and a dataset card.
+    assert list(repos) == ["alice/zh-secrets"] and repos["alice/zh-secrets"].private is True
+    shards = [p for p in pushed if p.startswith("data/") and p.endswith(".parquet")]
+    assert shards and all(pushed[p][:4] == b"PAR1" for p in shards), sorted(pushed)
+    assert "README.md" in pushed and b'load_dataset("alice/zh-secrets")' in pushed["README.md"]
+    rows = sum(pq.read_metadata(io.BytesIO(pushed[p])).num_rows for p in shards)
+    assert rows == len(read_jsonl(out / "records.jsonl")) == 150
     ledger = read_jsonl(out / "requests.jsonl")
     assert any(e["status"] != "ok" or e.get("errors") for e in ledger)  # error messages were written too
     files = [p for d in (out, card_dir) for p in d.rglob("*") if p.is_file()]
