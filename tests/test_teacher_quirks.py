@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import math
+from fractions import Fraction
 
 import pytest
 
-from fakes.openai_server import FakeTeacher
+from fakes.openai_server import FakeTeacher, make_garbage, make_item, render_items
 from selfinstruct.parsing import parse_reply
 from selfinstruct.prompts import load_template
 from selfinstruct.teacher import JsonModeUnsupported, Teacher, TeacherSettings
@@ -202,6 +205,59 @@ def test_empty_replies_cut_by_length_stop_with_the_max_tokens_hint(tmp_path):
     assert "raise --max-tokens" in done.stderr
     rejected = read_jsonl(out / "rejected.jsonl")
     assert len(rejected) == manifest["counts"]["requests"] and {r["reason"] for r in rejected} == {"truncated"}
+
+
+def usable_share(share: Fraction, items: int = 10):
+    """A `reply` knob: exactly `share` of replies, evenly spread, carry `items` good tasks; the rest are prose.
+
+    Even spacing, not a coin per reply: any 50 consecutive replies then hold share x 50 usable ones (give or
+    take one), so a run near the threshold stops, or not, for the threshold and not for a run of bad luck.
+    """
+    counter = itertools.count(1)  # replies are made one at a time on the fake's event loop
+
+    def reply(req, rng):
+        i = next(counter)
+        if math.floor(i * share) > math.floor((i - 1) * share):
+            return render_items([make_item(rng, "zh") for _ in range(items)], "zh", False)
+        return make_garbage(rng, "zh")
+
+    return reply
+
+
+def test_yield_at_5_percent_stops_as_collapsed(tmp_path):
+    # Under the 10%-of-the-last-50 threshold: 2 or 3 usable replies per 50.
+    with FakeTeacher(reply=usable_share(Fraction(5, 100)), latency=0.005) as fake:
+        done, out, manifest = generate(fake, tmp_path)
+        received = fake.stats["requests_received"]
+    assert done.returncode == 1, done.stderr
+    assert manifest["stop_reason"] == "low-yield"
+    stopped = [line for line in done.stderr.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and any(f"only {k} of the last 50 requests gave a usable record" in stopped[0] for k in (2, 3, 4)), done.stderr
+    assert 50 <= received <= 50 + 2 * 8 and 0 < manifest["counts"]["kept"] <= 40
+
+
+def test_yield_at_15_percent_is_slow_but_not_collapsed(tmp_path):
+    # Over the threshold (7 or 8 usable per 50): the run must finish, however many windows it takes.
+    with FakeTeacher(reply=usable_share(Fraction(15, 100)), latency=0.005) as fake:
+        done, out, manifest = generate(fake, tmp_path, n=150)
+        received = fake.stats["requests_received"]
+    assert done.returncode == 0, done.stderr
+    assert manifest["status"] == "completed" and manifest["stop_reason"] is None
+    assert manifest["counts"]["kept"] == len(read_jsonl(out / "records.jsonl")) == 150
+    assert received >= 90  # the yield check had many full windows to judge
+
+
+def test_default_request_cap_is_ten_times_what_n_needs_plus_100(tmp_path):
+    # One usable task in every 8 replies: above the low-yield threshold (6 or 7 in any 50), yet --n 20
+    # is out of reach in ceil(20 / 10) x 10 + 100 = 120 requests (15 records). Without --max-requests the
+    # default cap must stop it there. (The fake's own cap and --retries 0 end a run that has no cap.)
+    with FakeTeacher(reply=usable_share(Fraction(1, 8), items=1), latency=0.005, max_requests=400) as fake:
+        done, out, manifest = generate(fake, tmp_path, "--retries", "0", n=20)
+        received = fake.stats["requests_received"]
+    assert done.returncode == 3, done.stderr
+    assert manifest["stop_reason"] == "max-requests" and "stopped after 120 requests (the --max-requests cap)" in done.stderr
+    assert received == manifest["counts"]["requests"] == 120 and manifest["counts"]["failed_requests"] == 0
+    assert manifest["counts"]["kept"] == len(read_jsonl(out / "records.jsonl")) == 15
 
 
 def test_max_requests_is_a_hard_cap(tmp_path):
