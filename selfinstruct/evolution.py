@@ -420,7 +420,9 @@ class Evolution:
 
     def _count(self, rec: dict, reason: str | None) -> None:
         step = chain_of(rec)[-1]
-        counts = self.by_op.setdefault(str(step.get("op")), {}).setdefault(int(step.get("round", 0)), _OpCounts())
+        # Per round of this run (meta.round): an evolved input's steps sit deeper in the lineage than the run's round.
+        round_no = (rec.get("meta") or {}).get("round", step.get("round", 0))
+        counts = self.by_op.setdefault(str(step.get("op")), {}).setdefault(int(round_no), _OpCounts())
         if reason is None:
             counts.kept += 1
             self.tally.kept += 1
@@ -580,7 +582,9 @@ class Evolution:
     async def _evolve(self, teacher: Teacher, round_no: int, parent: dict) -> dict | None:
         pid = parent["id"]
         op = draw_op(self.ops, self.cfg.seed, round_no, pid)
-        chain = [*chain_of(parent), {"round": round_no, "op": op, "parent_id": pid}]
+        prior = chain_of(parent)
+        # Lineage depth, so evolving evolved data goes on 1, 2, …; meta.round, ids and ledger keys (resume) stay this run's.
+        chain = [*prior, {"round": len(prior) + 1, "op": op, "parent_id": pid}]
         ancestors = {s["parent_id"] for s in chain}
         template = self.templates.ops[op]
         parent_meta = parent.get("meta") if isinstance(parent.get("meta"), dict) else {}

@@ -97,8 +97,9 @@ def evolved(records: list[dict]) -> list[dict]:
     return [r for r in records if r["meta"].get("stage") == "evolve" and r["meta"].get("evol")]
 
 
-def check_accounting(manifest: dict, stats: dict, records: list[dict], rejected: list[dict], ledger: list[dict]) -> None:
-    """Tokens per stage add up to the total exactly (and to what the server sent), dollars to float precision."""
+def check_accounting(manifest: dict, stats: dict, records: list[dict], rejected: list[dict], ledger: list[dict],
+                     inputs: frozenset[str] = frozenset()) -> None:
+    """Tokens per stage add up to the total exactly (and to what the server sent), dollars to float precision; `inputs`: copied evolved ids."""
     stages = manifest["stages"]
     usage = manifest["usage"]
     assert sum(s["prompt_tokens"] for s in stages.values()) == usage["prompt_tokens"] == stats["prompt_tokens_sent"]
@@ -112,7 +113,7 @@ def check_accounting(manifest: dict, stats: dict, records: list[dict], rejected:
     assert manifest["counts"]["kept"] == len(records)
     assert sum(manifest["counts"]["rejected"].values()) == len(rejected)
     # Per op and round: kept and eliminated add up to what the files hold.
-    kept = collections.Counter((r["meta"]["op"], r["meta"]["round"]) for r in evolved(records))
+    kept = collections.Counter((r["meta"]["op"], r["meta"]["round"]) for r in evolved(records) if r["id"] not in inputs)
     gone = collections.Counter((r["meta"]["op"], r["meta"]["round"], r["reason"]) for r in rejected if r["meta"].get("stage") == "evolve")
     for op, rounds in manifest["evol"]["ops"].items():
         assert op in OPS
@@ -385,6 +386,50 @@ def test_generate_with_evol_rounds_resumes_without_redoing_work(tmp_path, write_
 
     rows = build(out).splits["train"]
     assert sum(1 for r in rows if r["evol_ops"]) == len(records) - 100
+
+
+
+def test_evolve_a_run_directory_continues_each_lineage(tmp_path):
+    data = write_rows(tmp_path / "tasks.json", task_rows(12, "en", seed=8))
+    first, second = tmp_path / "first", tmp_path / "second"
+    with FakeTeacher(reply=EvolReplies()) as fake:
+        done = run_cli("evolve", str(data), "--rounds", "1", "--out", str(first), "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+    assert done.returncode == 0, done.stderr
+    parents = {r["id"]: r for r in load_run(first)[0]}
+    assert len(evolved(list(parents.values()))) >= 10
+    with FakeTeacher(reply=EvolReplies()) as fake:
+        # Another seed draws other ops for the roots: the fake rewrites one prompt one way, so a repeated op only repeats the first run.
+        args = ("evolve", str(first), "--rounds", "1", "--seed", "7", "--out", str(second), "--base-url", fake.base_url,
+                "--model", "fake-model", *PRICE, "--quiet")
+        done = run_cli(*args)
+        assert done.returncode == 0, done.stderr
+        stats = fake.stats
+        again = run_cli(*args)  # resume finds every step done
+        assert again.returncode == 0, again.stderr
+        assert fake.stats["requests_received"] == stats["requests_received"]
+    records, rejected, ledger, manifest = load_run(second)
+    by_id = {r["id"]: r for r in records}
+    assert {k: (r["instruction"], r["output"], r["meta"]["evol"]) for k, r in by_id.items() if k in parents} == \
+           {k: (r["instruction"], r["output"], r["meta"]["evol"]) for k, r in parents.items()}  # the input, lineage and all
+    children = [r for r in evolved(records) if r["id"] not in parents]
+    assert len(children) + len(rejected) == len(parents)
+    for rec in children:
+        chain, parent = rec["meta"]["evol"], by_id[rec["meta"]["evol"][-1]["parent_id"]]
+        # Lineage rounds go on from the parent's; the run's own round (counts, ids, resume) is 1.
+        assert chain[:-1] == parent["meta"]["evol"] and [s["round"] for s in chain] == list(range(1, len(chain) + 1))
+        assert rec["meta"]["round"] == 1 and rec["id"].startswith(parent["id"] + ".e1")
+    assert {len(r["meta"]["evol"]) for r in children} == {1, 2}
+    for rec in rejected:
+        earlier = parents[rec["parent_id"] + ".e1"]
+        assert rec["reason"] == "near-duplicate" and rec["duplicate_of"] == earlier["id"] and rec["meta"]["op"] == earlier["meta"]["op"]
+    assert all(set(per_round) == {"1"} for per_round in manifest["evol"]["ops"].values())
+    check_accounting(manifest, stats, records, rejected, ledger, inputs=frozenset(parents))
+    # The card lists every Evol check the run made, those that eliminated nothing with 0.
+    card = hub_card(build(second, "alpaca"), None, "alice/evolved-twice")
+    for check in manifest["filters"]["evol_checks"]:
+        row = next(line for line in card.splitlines() if line.startswith(f"| `{check}` |"))
+        assert row.split("|")[3].strip() == str(manifest["counts"]["rejected"].get(check, 0)), row
+    assert "| `prompt-leak` | Evol-Instruct: the rewrite still contains the rewriting prompt's markers | 0 |" in card
 
 
 def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
