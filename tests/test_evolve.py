@@ -389,6 +389,60 @@ def test_generate_with_evol_rounds_resumes_without_redoing_work(tmp_path, write_
 
 
 
+def test_generate_with_evol_ops_evolves_only_with_those_ops(tmp_path, write_seeds):
+    seeds = write_seeds([
+        json.dumps({"id": f"s{i}", "name": "t", "instruction": ins, "instances": [{"input": "", "output": out}], "is_classification": False}, ensure_ascii=False)
+        for i, (ins, out) in enumerate([("解释为什么天空是蓝色的", "因为瑞利散射。"), ("写一首关于秋天的五言绝句", "西风吹落叶。"),
+                                        ("列出三种提高睡眠质量的方法", "规律作息。")])
+    ])
+    out = tmp_path / "run"
+    replies = EvolReplies()
+    with FakeTeacher(reply=replies) as fake:
+        done = run_cli("generate", "--seeds", str(seeds), "--n", "20", "--evol-rounds", "1", "--evol-ops", "deepen", "--out", str(out),
+                       "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        stats = fake.stats
+    assert done.returncode == 0, done.stderr
+    records, rejected, ledger, manifest = load_run(out)
+    children = evolved(records)
+    assert len(children) >= 15 and len(children) + sum(r["meta"].get("stage") == "evolve" for r in rejected) == 20
+    assert {r["meta"]["op"] for r in children} == {"deepen"} and all(s["op"] == "deepen" for r in children for s in r["meta"]["evol"])
+    assert {e["op"] for e in ledger if e["stage"] == "evolve"} == {"deepen"}
+    # Every rewrite prompt the teacher saw was the deepen template's.
+    assert replies.seen["evolve"] == 20 and all("加深、拓宽" in text for kind, text in replies.prompts if kind == "evolve")
+    assert manifest["evol"]["ops_enabled"] == ["deepen"] and set(manifest["evol"]["ops"]) == {"deepen"}
+    assert [k for k in manifest["templates"] if k.startswith("evolve/")] == ["evolve/deepen"]
+    check_lineage(records, {r["id"] for r in records if r["meta"]["stage"] == "generate"}, rounds=1)
+    check_accounting(manifest, stats, records, rejected, ledger)
+
+
+def test_more_rounds_continue_without_redoing_the_first(tmp_path):
+    data = write_rows(tmp_path / "tasks.json", task_rows(20, "zh", seed=7))
+    out = tmp_path / "run"
+    replies = EvolReplies()
+    with FakeTeacher(reply=replies) as fake:
+        args = ("evolve", str(data), "--out", str(out), "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        one = run_cli(*args, "--rounds", "1")
+        assert one.returncode == 0, one.stderr
+        records1, rejected1, ledger1, manifest1 = load_run(out)
+        sent1, seen1 = fake.stats["requests_received"], dict(replies.seen)
+        two = run_cli(*args, "--rounds", "2")
+        assert two.returncode == 0, two.stderr
+        stats = fake.stats
+    records, rejected, ledger, manifest = load_run(out)
+    # Round 1 is left as it was: the files only grew, and its counts did not move.
+    assert records[:len(records1)] == records1 and rejected[:len(rejected1)] == rejected1 and ledger[:len(ledger1)] == ledger1
+    assert {op: r["1"] for op, r in manifest["evol"]["ops"].items() if "1" in r} == {op: r["1"] for op, r in manifest1["evol"]["ops"].items()}
+    # Only round 2 was asked: one rewrite and one answer per round-1 survivor, each request once.
+    new = ledger[len(ledger1):]
+    survivors = len(evolved(records1))
+    assert {e["round"] for e in new} == {2} and stats["requests_received"] - sent1 == len(new)
+    assert replies.seen["evolve"] - seen1["evolve"] == survivors == sum(e["stage"] == "evolve" for e in new)
+    assert len({e["request_id"] for e in ledger}) == len(ledger)
+    assert manifest1["evol"]["rounds_completed"] == 1 and manifest["evol"]["rounds_completed"] == 2 and manifest["status"] == "completed"
+    check_lineage(records, {f"tasks.json:{i}" for i in range(1, 21)}, rounds=2)
+    check_accounting(manifest, stats, records, rejected, ledger)
+
+
 def test_evolve_a_run_directory_continues_each_lineage(tmp_path):
     data = write_rows(tmp_path / "tasks.json", task_rows(12, "en", seed=8))
     first, second = tmp_path / "first", tmp_path / "second"
@@ -431,6 +485,24 @@ def test_evolve_a_run_directory_continues_each_lineage(tmp_path):
         assert row.split("|")[3].strip() == str(manifest["counts"]["rejected"].get(check, 0)), row
     assert "| `prompt-leak` | Evol-Instruct: the rewrite still contains the rewriting prompt's markers | 0 |" in card
 
+
+def test_evolve_a_parquet_file(tmp_path):
+    import polars as pl
+
+    data = tmp_path / "tasks.parquet"
+    pl.DataFrame(task_rows(10, "zh", seed=9)).write_parquet(data)
+    out = tmp_path / "run"
+    with FakeTeacher(reply=EvolReplies()) as fake:
+        done = run_cli("evolve", str(data), "--out", str(out), "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        stats = fake.stats
+    assert done.returncode == 0, done.stderr
+    records, rejected, ledger, manifest = load_run(out)
+    roots = {f"tasks.parquet:{i}" for i in range(1, 11)}
+    originals = [r for r in records if not r["meta"]["evol"]]
+    assert [(r["instruction"], r["input"], r["output"]) for r in originals] == [(t["instruction"], t["input"], t["output"]) for t in task_rows(10, "zh", seed=9)]
+    assert len(evolved(records)) + len(rejected) == 10 and manifest["input"]["paths"] == ["tasks.parquet"] and manifest["config"]["lang"] == "zh"
+    check_lineage(records, roots, rounds=1)
+    check_accounting(manifest, stats, records, rejected, ledger)
 
 def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     rows = task_rows(40, "zh", seed=3, triggers={"QSAME": 3, "QREFUSE": 3, "QLONGSORRY": 3})
