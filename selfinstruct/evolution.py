@@ -23,7 +23,7 @@ from selfinstruct.generate import MAX_CONSECUTIVE_FAILURES, Tally, public_url
 from selfinstruct.parsing import clean_reply, normalise_input
 from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens
 from selfinstruct.prompts import Template, load_template
-from selfinstruct.rules import RULES, RuleSettings, check, fold, measure
+from selfinstruct.rules import RULES, RuleSettings, check, fold, measure, same_text_key
 from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
 from selfinstruct.similarity import TOKEN_RE, DedupIndex, rouge_l
 from selfinstruct.teacher import Completion, RequestFailed, Teacher
@@ -150,7 +150,7 @@ def leaked_marker(*texts: str) -> str | None:
 
 def no_gain(parent: str, child: str) -> str | None:
     """Why an evolution added nothing (identical or ROUGE-L >= 0.9 to its parent), or None."""
-    if fold(parent) == fold(child):
+    if same_text_key(parent) == same_text_key(child):
         return "identical to its parent"
     score = rouge_l(parent, child)
     return f"ROUGE-L {score:.3f} with its parent" if score >= NO_GAIN_SIMILARITY else None

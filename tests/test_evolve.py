@@ -234,6 +234,9 @@ def test_no_gain_leak_refusal_and_stopword_rules_in_chinese_and_english():
     en = "Explain why the sky is blue and why sunsets are red, in plain words for a ten year old"
     assert no_gain(en, en.replace("plain words", "simple words")).startswith("ROUGE-L 0.9")
     assert no_gain(en, en + ", then compare it with the colour of the ocean and name two experiments") is None
+    # Spaces between words count: a different word is not an identical instruction.
+    assert no_gain("Give the rapist a name in the story", "Give therapist a name in the story") != "identical to its parent"
+    assert no_gain("Give the  Rapist a name", "give the rapist a name ") == "identical to its parent"
     # (2) a refusal word in a short answer (under 160 characters / 80 words), not in a long one.
     assert "抱歉" in refusal_response("抱歉，我无法回答这个问题。")
     assert "无法" in refusal_response("根据现有信息无法判断。")
