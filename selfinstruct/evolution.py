@@ -26,7 +26,7 @@ from selfinstruct.prompts import Template, load_template
 from selfinstruct.rules import RULES, RuleSettings, check, fold, measure, same_text_key
 from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
 from selfinstruct.similarity import TOKEN_RE, DedupIndex, rouge_l
-from selfinstruct.teacher import Completion, RequestFailed, Teacher
+from selfinstruct.teacher import Completion, RequestFailed, Teacher, Usage
 
 IN_DEPTH = ("add-constraints", "deepen", "concretize", "increase-reasoning", "complicate-input")
 IN_BREADTH = ("mutate",)
@@ -353,6 +353,8 @@ class Evolution:
         self.consecutive_failures = 0
         self.sample_reply = ""
         self._reserved = 0.0
+        # Billed but unusable replies of requests still retrying: spent, not in the tally yet.
+        self._billed = 0.0
         self._in_flight = 0
         self._stop_requested: str | None = None
         self._budget_hit = False
@@ -730,7 +732,7 @@ class Evolution:
         while True:
             if self._stop_requested or self._budget_hit:
                 raise _Halted()
-            if self.cfg.max_cost is None or self.usd + self._reserved + worst <= self.cfg.max_cost:
+            if self.cfg.max_cost is None or self.usd + self._reserved + self._billed + worst <= self.cfg.max_cost:
                 break
             if self._in_flight == 0:
                 self._budget_hit = True
@@ -743,14 +745,26 @@ class Evolution:
             await asyncio.sleep(0.05)
         self._reserved += worst
         self._in_flight += 1
+        billed = 0.0
+
+        def may_retry_billed(usage: Usage) -> bool:
+            # This request's reservation still covers its next attempt; the billed reply is extra.
+            nonlocal billed
+            cost = self.price.usd(usage.prompt_tokens, usage.completion_tokens)
+            billed += cost
+            self._billed += cost
+            return self.usd + self._reserved + self._billed <= self.cfg.max_cost
+
+        guard = may_retry_billed if self.cfg.max_cost is not None and self.price else None
         try:
             try:
-                result: Completion | RequestFailed = await teacher.complete(messages, max_tokens=max_tokens)
+                result: Completion | RequestFailed = await teacher.complete(messages, max_tokens=max_tokens, may_retry_billed=guard)
             except RequestFailed as failed:
                 result = failed
         finally:
             self._in_flight -= 1
             self._reserved = max(0.0, self._reserved - worst) if self._in_flight else 0.0
+            self._billed = max(0.0, self._billed - billed) if self._in_flight else 0.0
         return self._log(rid, stage, round_no, parent_id, op, result)
 
     def _log(self, rid: str, stage: str, round_no: int, parent_id: str, op: str | None, result: Completion | RequestFailed) -> dict:

@@ -21,7 +21,7 @@ from selfinstruct.rules import RuleSettings, check
 from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
 from selfinstruct.seeds import SeedSet, SeedTask
 from selfinstruct.similarity import DedupIndex
-from selfinstruct.teacher import Completion, RequestFailed, Teacher
+from selfinstruct.teacher import Completion, RequestFailed, Teacher, Usage
 
 # Until a few requests are back, assume half the asked-for tasks survive the filters.
 PRIOR_YIELD = 0.5
@@ -123,7 +123,10 @@ class Generation:
         self.last_error = ""
         # The server's refusal of response_format, once seen: the run then asks in the text template.
         self.json_fallback: str | None = None
-        self._inflight_worst_usd = 0.0
+        # In-flight requests and the most each can still cost; billed-but-unusable replies of
+        # requests still retrying (not in the tally yet). Both count against --max-cost.
+        self._pending: dict[asyncio.Task, float] = {}
+        self._billed_in_flight: dict[int, float] = {}
         self._stop_requested: str | None = None
         self._last_manifest = 0.0
 
@@ -274,6 +277,7 @@ class Generation:
                 content=result.content,
             )
         self.run.append(LEDGER, [entry])
+        self._billed_in_flight.pop(request_no, None)  # its wasted tokens are in the tally from here on
         self.tally.requests += 1
         self.tally.add_usage(entry)
         self.tally.add_attempts(entry)
@@ -351,7 +355,7 @@ class Generation:
 
     async def run_async(self, teacher: Teacher) -> None:
         """Dispatch requests until --n records are kept, the budget is spent or a stop is asked."""
-        pending: dict[asyncio.Task, float] = {}
+        pending = self._pending
         self.save_manifest(force=True)
         try:
             while True:
@@ -405,7 +409,7 @@ class Generation:
             examples, messages = self._prompt(request_no, json_mode)
             # Only --max-cost needs the worst case (it costs a pass over the prompt).
             worst = self.worst_case_usd(messages) if self.cfg.max_cost is not None else 0.0
-            if self.cfg.max_cost is not None and self.usd + landed_usd + sum(pending.values()) + worst > self.cfg.max_cost:
+            if self.cfg.max_cost is not None and self._committed_usd(landed_usd) + worst > self.cfg.max_cost:
                 if not pending and not landed:
                     raise RunStopped(
                         "budget",
@@ -417,6 +421,16 @@ class Generation:
             self.next_request += 1
             task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages, json_mode))
             pending[task] = worst
+
+    def _committed_usd(self, landed_usd: float = 0.0) -> float:
+        """Spent, plus what in-flight and landed-but-unhandled requests may still cost."""
+        return self.usd + landed_usd + sum(self._pending.values()) + sum(self._billed_in_flight.values())
+
+    def _may_retry_billed(self, request_no: int, usage: Usage) -> bool:
+        """Record a billed but unusable reply; another attempt only if the budget still holds it."""
+        self._billed_in_flight[request_no] = self._billed_in_flight.get(request_no, 0.0) + self.price.usd(usage.prompt_tokens, usage.completion_tokens)
+        # The request's own reservation stays in _pending: it covers the next attempt.
+        return self._committed_usd() <= self.cfg.max_cost
 
     def _handle_landed(self, tasks: list[asyncio.Task]) -> None:
         """Handle every landed reply, then raise the first error among them (all are retrieved, none left to asyncio)."""
@@ -460,8 +474,9 @@ class Generation:
     async def _call(self, teacher: Teacher, request_no: int, seed_ids: list[str], messages: list[dict[str, str]], json_mode: bool):
         # A server without JSON mode gets the same request rendered as text (same seeds, same rng).
         text = (lambda: self._prompt(request_no, False)[1]) if json_mode else None
+        guard = (lambda usage: self._may_retry_billed(request_no, usage)) if self.cfg.max_cost is not None and self.price else None
         try:
-            result: Completion | RequestFailed = await teacher.complete(messages, json_mode=json_mode, text_messages=text)
+            result: Completion | RequestFailed = await teacher.complete(messages, json_mode=json_mode, text_messages=text, may_retry_billed=guard)
         except RequestFailed as failed:
             result = failed
         return request_no, seed_ids, result

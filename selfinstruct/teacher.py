@@ -361,22 +361,28 @@ class Teacher:
         json_mode: bool = False,
         max_tokens: int | None = None,
         text_messages: Callable[[], list[dict[str, str]]] | None = None,
+        may_retry_billed: Callable[[Usage], bool] | None = None,
     ) -> Completion:
         """One chat completion, retried on transient failures; raises RequestFailed or TeacherError.
 
         `text_messages` renders the same request without JSON mode, for a server that has none;
         without it a server that rejects response_format raises JsonModeUnsupported.
+        `may_retry_billed` is told the tokens of each billed but unusable reply and says whether
+        the budget still allows another attempt.
         """
         wasted = Usage()
         attempts = 0
         errors: list[str] = []
+        over_budget = False
         started = time.monotonic()
         # Only a --tpm cap needs the estimate (it costs a pass over the prompt).
         estimate = estimate_prompt_tokens(messages) + (max_tokens or self.settings.max_tokens or 1024) // 2 if self.settings.tpm else 0
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.retries + 1),
             wait=_Backoff(),
-            retry=retry_if_exception(lambda e: _retryable(e) or (isinstance(e, JsonModeUnsupported) and text_messages is not None)),
+            retry=retry_if_exception(
+                lambda e: not over_budget and (_retryable(e) or (isinstance(e, JsonModeUnsupported) and text_messages is not None))
+            ),
             reraise=True,
         )
         try:
@@ -395,6 +401,8 @@ class Teacher:
                             errors.append(error_kind(exc))
                             if isinstance(exc, MalformedReply) and exc.usage:
                                 wasted.add(exc.usage)
+                                if may_retry_billed is not None and not may_retry_billed(exc.usage):
+                                    over_budget = True
                             raise
                         finally:
                             self.in_flight -= 1
@@ -414,7 +422,10 @@ class Teacher:
             if isinstance(exc, JsonModeUnsupported) and text_messages is None:
                 raise  # nothing to fall back to: the caller (doctor) wants to know
             status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
-            raise RequestFailed(type(exc).__name__, self._describe(exc), attempts, status, wasted, errors) from None
+            message = self._describe(exc)
+            if over_budget:
+                message = f"not retried: another attempt could pass --max-cost (the last reply was billed but unusable: {message})"
+            raise RequestFailed(type(exc).__name__, message, attempts, status, wasted, errors) from None
         choice = response["choices"][0]
         return Completion(
             content=content,

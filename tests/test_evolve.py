@@ -566,6 +566,21 @@ def test_budget_stop_then_resume_and_refusals_of_other_settings(tmp_path):
     check_accounting(manifest, stats, records, rejected, ledger)
 
 
+def test_budget_holds_when_unusable_replies_are_billed_and_retried(tmp_path):
+    # Half the replies are billed (prompt + 256 completion tokens) but carry no choices: retried.
+    data = write_rows(tmp_path / "tasks.json", task_rows(60, "en", seed=5))
+    out = tmp_path / "run"
+    with FakeTeacher(reply=EvolReplies(), seed=4, p_malformed=0.5, billed_malformed=256) as fake:
+        capped = run_cli("evolve", str(data), "--out", str(out), "--model", "fake-model", "--max-tokens", "256", "--price-in", "50",
+                         "--price-out", "150", "--quiet", "--concurrency", "4", "--base-url", fake.base_url, "--max-cost", "0.5")
+        stats = fake.stats
+    assert capped.returncode == 3, capped.stderr
+    _, _, _, manifest = load_run(out)
+    assert stats["faults"]["malformed"] >= 2
+    assert (manifest["usage"]["prompt_tokens"], manifest["usage"]["completion_tokens"]) == (stats["prompt_tokens_sent"], stats["completion_tokens_sent"])
+    assert 0 < manifest["cost"]["usd"] <= 0.5
+
+
 def test_resume_refuses_another_input_or_a_generate_run(tmp_path):
     run = RunDir(tmp_path / "run")
     run.prepare()

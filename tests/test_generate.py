@@ -321,3 +321,19 @@ def test_version_and_help_list_every_command():
     shown = run_cli("--help")
     assert shown.returncode == 0
     assert all(name in shown.stdout for name in ("generate", "evolve", "filter", "export", "push", "doctor", "seeds"))
+
+
+def test_budget_holds_when_unusable_replies_are_billed_and_retried(tmp_path):
+    # Half the replies are JSON without choices but with usage (the prompt + 1,000 completion tokens,
+    # ~$0.33 here): paid for, unusable, retried. One attempt reserved per request would let retries overspend.
+    out = tmp_path / "run"
+    with FakeTeacher(seed=11, p_malformed=0.5, billed_malformed=1000) as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "100000", "--base-url", fake.base_url,
+                       "--model", "m", "--out", str(out), "--price-in", "100", "--price-out", "300", "--max-cost", "3",
+                       "--max-tokens", "1000", "--concurrency", "8", "--quiet")
+        stats = fake.stats
+    assert done.returncode == 3, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert stats["faults"]["malformed"] >= 2
+    assert (manifest["usage"]["prompt_tokens"], manifest["usage"]["completion_tokens"]) == (stats["prompt_tokens_sent"], stats["completion_tokens_sent"])
+    assert 0 < manifest["cost"]["usd"] <= 3.0

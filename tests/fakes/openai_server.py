@@ -641,6 +641,9 @@ KNOBS: dict[str, Any] = {
     "p_timeout": 0.0,  # sleep timeout_sleep seconds, then 504; nothing is counted as sent
     "timeout_sleep": 30.0,
     "p_malformed": 0.0,  # 200 whose body is not JSON, or JSON without `choices`
+    # Malformed replies are all JSON without `choices` but with a `usage`: the prompt's tokens and
+    # this many completion tokens (at most the request's max_tokens). Billed and unusable.
+    "billed_malformed": None,
     "p_garbage": 0.0,  # valid completion, prose content with no items
     "p_truncated": 0.0,  # finish_reason "length", content cut inside the last item
     "p_bad_items": 0.0,  # some items are bad on purpose (see BAD_KINDS)
@@ -1072,6 +1075,16 @@ class FakeTeacher:
         f = self._stats["faults"]
         f[name] = f.get(name, 0) + 1
 
+    def _billed_fault(self, billed: tuple[int, int]) -> Callable[[], None]:
+        """An on_sent hook for a billed malformed reply: a fault whose tokens count as sent."""
+
+        def on_sent() -> None:
+            self._fault_locked("malformed")
+            self._stats["prompt_tokens_sent"] += billed[0]
+            self._stats["completion_tokens_sent"] += billed[1]
+
+        return on_sent
+
     def _counted(self, name: str) -> Callable[[], None]:
         """An on_sent hook: the fault counts once the client has it (timeouts count when injected)."""
         return lambda: self._fault_locked(name)
@@ -1116,6 +1129,13 @@ class FakeTeacher:
             else:
                 response = _Response(503, _error_body("The engine is currently overloaded, please try again later.", "server_error"))
             response.on_sent = self._counted("500")
+        elif roll < edge4 and k["billed_malformed"]:
+            limit = req.get("max_tokens") or req.get("max_completion_tokens") or int(k["billed_malformed"])
+            billed = (sum(len(t) for t in message_text(req.get("messages"))) // 2 + 10, min(int(k["billed_malformed"]), int(limit)))
+            response = _Response(200, json.dumps({"id": f"chatcmpl-{n_req}", "object": "chat.completion", "model": req.get("model"),
+                                                  "usage": {"prompt_tokens": billed[0], "completion_tokens": billed[1],
+                                                            "total_tokens": sum(billed)}}).encode())
+            response.on_sent = self._billed_fault(billed)
         elif roll < edge4:
             if variant < 0.5:
                 response = _Response(200, b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assis')
