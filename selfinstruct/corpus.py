@@ -1,8 +1,8 @@
 """Any instruction dataset the project can read, as one table: id, instruction, input, output (+ its other columns).
 
 Inputs are run directories, JSON lists, JSONL (either gzipped), parquet, or a `datasets`
-save_to_disk directory; records in Alpaca (instruction/input/output), ShareGPT (conversations)
-or chat (messages) shape. Reading goes through polars and pyarrow, never a Python loop per
+save_to_disk directory; records in Alpaca (instruction/input/output), ShareGPT (conversations),
+chat (messages) or Self-Instruct seed (instruction + instances[{input, output}]) shape. Reading goes through polars and pyarrow, never a Python loop per
 record, so a few million records load in seconds.
 """
 
@@ -235,8 +235,43 @@ def _normalise(df: pl.DataFrame, path: Path) -> pl.DataFrame:
                 f"{path}: no instruction column (columns: {', '.join(df.columns)})",
                 "records need instruction/input/output (Alpaca), conversations (ShareGPT) or messages",
             )
-        found[target] = _text(df, name) if name else pl.lit("")
+        if name is None and "instances" in cols:
+            found[target] = _first_instance(df, target, path)
+        else:
+            found[target] = _text(df, name) if name else pl.lit("")
     return df.with_columns(*(expr.alias(target) for target, expr in found.items()))
+
+
+def _first_instance(df: pl.DataFrame, key: str, path: Path) -> pl.Expr:
+    """`key` (input or output) of each record's first instance, for Self-Instruct/BELLE seed files."""
+    # One record per seed task, not one per instance: ids stay the seeds' own and unique, and
+    # kept + rejected still counts the input's lines. The first is the instance every seed task
+    # has (the format needs at least one; the Alpaca and BELLE seed files have exactly one).
+    dtype = df.schema["instances"]
+    column = pl.col("instances")
+    if dtype == pl.String:
+        # Rows polars would not type arrive as JSON text (see _rows_frame), already a Python-loop
+        # path; decode per row so one odd task (a number as output, no list) does not sink the file.
+        return column.map_elements(lambda text: _instance_text(text, key), return_dtype=pl.String).fill_null("")
+    if dtype == pl.Null:
+        return pl.lit("")
+    if not (isinstance(dtype, pl.List) and isinstance(dtype.inner, pl.Struct)):
+        raise InputError(
+            f"{path}: `instances` must be a list of {{input, output}} objects",
+            "Self-Instruct seed tasks use instances: [{input, output}]",
+        )
+    if key not in {f.name for f in dtype.inner.fields}:
+        return pl.lit("")
+    return column.list.first().struct.field(key).cast(pl.String).fill_null("")
+
+
+def _instance_text(text: str, key: str) -> str:
+    try:
+        instances = json.loads(text)
+    except ValueError:
+        return ""
+    first = instances[0] if isinstance(instances, list) and instances else None
+    return (_as_text(first.get(key)) or "") if isinstance(first, dict) else ""
 
 
 def _text(df: pl.DataFrame, name: str) -> pl.Expr:

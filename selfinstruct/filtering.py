@@ -27,6 +27,7 @@ from rich.table import Table
 from selfinstruct import __version__
 from selfinstruct.corpus import compared_text, merge, read_one, read_records
 from selfinstruct.errors import ConfigError, InputError, OutputError
+from selfinstruct.rundir import LEDGER, MANIFEST, RECORDS
 from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, same_text_key, script_of
 from selfinstruct.similarity import BatchDedup, rouge_l
 
@@ -39,6 +40,13 @@ REJECTED_FILE = "rejected.jsonl"
 REPORT_FILE = "filter_report.json"
 FORMATS = ("jsonl", "parquet")
 DEDUP_MODES = ("exact", "minhash")
+# What --field may compare (the near-duplicate and contamination stages work on one text).
+FIELDS = ("instruction", "instruction+input")
+# Languages the wrong-language rule can tell apart; any other code would expect Latin script and
+# silently reject a whole Chinese dataset.
+LANGS = ("zh", "zh-Hant", "en", "ja", "ko")
+# Files whose presence marks a generate or evolve run directory, which filter must never write into.
+RUN_MARKERS = (MANIFEST, RECORDS, LEDGER)
 # Records handed to the Python rules at a time: bounded memory, steady progress.
 RULE_SLICE = 20_000
 # From this many records the rules run in one process per core (start-up costs about a second).
@@ -208,8 +216,25 @@ class Filtering:
             raise ConfigError(f"--dedup {s.dedup!r} is not a mode", f"use one of {', '.join(DEDUP_MODES)}")
         if s.format not in FORMATS:
             raise ConfigError(f"--format {s.format!r} is not an output format", f"use one of {', '.join(FORMATS)}")
+        if s.field not in FIELDS:
+            raise ConfigError(f"--field {s.field!r} is not supported", f"use one of {', '.join(FIELDS)}")
+        if s.lang is not None and s.lang not in LANGS:
+            raise ConfigError(f"--lang {s.lang!r} is not supported", f"use one of {', '.join(LANGS)}, or leave it out to use the data's language")
         if not s.inputs:
             raise ConfigError("no INPUT given", "pass one or more run directories or dataset files")
+        self._check_out()
+
+    def _check_out(self) -> None:
+        """Refuse an --out whose kept/rejected/report files would overwrite a run or an input; nothing is written yet."""
+        s = self.settings
+        out = Path(s.out).resolve()
+        for p in (*s.inputs, *s.against):
+            src = Path(p).resolve()
+            if src == out or out in src.parents:
+                raise OutputError(f"--out {s.out}: is or contains the input {p}", "choose a new directory, e.g. --out filtered")
+        marker = next((m for m in RUN_MARKERS if (out / m).exists()), None)
+        if marker is not None:
+            raise OutputError(f"--out {s.out}: is a run directory (it has {marker}), whose {REJECTED_FILE} filter would overwrite", "choose a new directory, e.g. --out filtered")
 
     def _enabled_rules(self) -> list[str]:
         s = self.settings

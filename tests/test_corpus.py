@@ -8,6 +8,8 @@ import json
 import polars as pl
 import pytest
 
+from conftest import fixture_path
+
 from selfinstruct.corpus import compared_text, read_one, read_records
 from selfinstruct.errors import InputError
 
@@ -40,6 +42,36 @@ def test_alpaca_json_list(tmp_path):
     assert df.columns[:4] == ["id", "instruction", "input", "output"]
     assert df["id"].to_list() == ["data.json:1", "data.json:2"]
     assert df["input"].to_list() == ["", "good morning"]
+
+
+@pytest.mark.parametrize("name", ["BELLE__zh_seed_tasks.json", "stanford_alpaca__seed_tasks.jsonl"])
+def test_self_instruct_seed_shape_takes_the_first_instance(name):
+    """Seed tasks keep output in instances[]: the first instance's input/output, the seeds' own ids."""
+    path = fixture_path(name)
+    tasks = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    df = read_one(path)
+    assert df.height == len(tasks) == 175
+    assert df["id"].to_list() == [t["id"] for t in tasks]
+    assert df["instruction"].to_list() == [t["instruction"] for t in tasks]
+    assert df["input"].to_list() == [t["instances"][0]["input"] for t in tasks]
+    assert df["output"].to_list() == [t["instances"][0]["output"] for t in tasks]
+    assert all(df["output"].str.strip_chars() != "")
+
+
+def test_seed_shape_edge_cases(tmp_path):
+    """Several instances, none, and instances read as JSON text (mixed value types) all give one row per task."""
+    path = jsonl(tmp_path / "seeds.jsonl", [
+        {"id": "t1", "instruction": "反义词", "instances": [{"input": "高", "output": "低"}, {"input": "大", "output": "小"}]},
+        {"id": "t2", "instruction": "Say hi", "instances": []},
+    ])
+    df = read_one(path)
+    assert df["input"].to_list() == ["高", ""] and df["output"].to_list() == ["低", ""]
+    odd = jsonl(tmp_path / "odd.jsonl", [
+        {"id": "t1", "instruction": "Add", "instances": [{"input": "1+1", "output": 2}]},
+        {"id": "t2", "instruction": "Name", "instances": "not a list"},
+    ])
+    df = read_one(odd)
+    assert df["output"].to_list() == ["2", ""]
 
 
 def test_gzipped_json_and_jsonl(tmp_path):
@@ -117,6 +149,7 @@ def test_compared_text_joins_fields():
         ("bad.parquet", "not parquet", "not a readable parquet file"),
         ("bad.json.gz", "not gzip", "broken gzip"),
         ("sg.jsonl", '{"conversations": "hello"}\n', "`conversations` must be a list"),
+        ("seeds.jsonl", '{"instruction": "a", "instances": [1, 2]}\n', "`instances` must be a list of {input, output}"),
     ],
 )
 def test_unreadable_input_is_one_line_input_error(tmp_path, name, content, message):

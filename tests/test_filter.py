@@ -284,7 +284,10 @@ def test_cli_prints_a_summary(cli, tmp_path, mixed):
         (["{a}", "--format", "csv"], "error: --format 'csv'"),
         (["{a}", "--rule-file", "{bad}"], "rule 'x': bad regex"),
         (["{a}", "--rule-file", "{badfield}"], "rule 'y': no field 'answer' in the input"),
-        (["{a}", "--field", "instruction+context"], "error: --field 'instruction+context': no column 'context'"),
+        (["{a}", "--field", "instruction+context"], "error: --field 'instruction+context' is not supported (hint: use one of instruction, instruction+input)"),
+        (["{a}", "--field", "output"], "error: --field 'output' is not supported (hint: use one of instruction, instruction+input)"),
+        (["{a}", "--field", "instruction+output"], "error: --field 'instruction+output' is not supported"),
+        (["{a}", "--lang", "xx"], "error: --lang 'xx' is not supported (hint: use one of zh, zh-Hant, en, ja, ko"),
         (["{a}", "--rules", "contaminated"], "error: the contaminated rule needs --against"),
         (["{broken}"], "broken.jsonl:2: invalid JSON"),
     ],
@@ -304,6 +307,65 @@ def test_cli_errors_are_one_line_exit_2(cli, tmp_path, args, message):
     assert code == 2
     assert message in out.err
     assert out.err.count("\n") == 1 and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize("name", ["BELLE__zh_seed_tasks.json", "stanford_alpaca__seed_tasks.jsonl"])
+def test_seed_task_files_are_not_all_empty(tmp_path, name):
+    """Self-Instruct/BELLE seed files keep the answer in instances[]: filter reads it there, not as empty."""
+    report, kept, rejected = run_filter(tmp_path, [fixture_path(name)], rules=("empty",))
+    assert report.total == 175 and not rejected
+    assert all(r["output"].strip() and r["id"].startswith("seed_task_") for r in kept)
+
+
+def snapshot(directory):
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A generate run directory: manifest, kept records, 30 rejected lines and the request ledger."""
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"run_id": "r1", "records": 3}\n', encoding="utf-8")
+    jsonl(run / "records.jsonl", [rec(t, id=f"r000001.{k}") for k, t in enumerate(ZH_TASKS[:3])])
+    jsonl(run / "rejected.jsonl", [{**rec(f"第{k}条被拒绝的指令。"), "reason": "too-short"} for k in range(30)])
+    jsonl(run / "requests.jsonl", [{"request": k, "status": "ok"} for k in range(5)])
+    return run
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{r1}", "--out", "{r1}"], "contains the input"),                        # the run itself
+        (["{a}", "--out", "{r1}"], "is a run directory (it has manifest.json)"),  # another run
+        (["{r1}/records.jsonl", "--out", "{r1}"], "contains the input"),
+        (["{a}", "--out", "{a}"], "contains the input"),                          # the input file itself
+        (["{a}", "--out", "{data}"], "contains the input"),                       # beside the input
+        (["{a}", "--out", "{tmp}"], "contains the input"),                        # above the input
+        (["{r1}", "--against", "{data}/test_set.jsonl", "--out", "{data}"], "contains the input"),
+    ],
+)
+def test_out_never_overwrites_a_run_or_an_input(cli, tmp_path, run_dir, args, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    a = jsonl(data / "a.jsonl", [rec(t) for t in ZH_TASKS])
+    jsonl(data / "test_set.jsonl", [rec(EN_TASKS[0])])
+    before = snapshot(tmp_path)
+    argv = [x.format(r1=run_dir, a=a, data=data, tmp=tmp_path) for x in args]
+    code, out = cli(*argv)
+    assert code == 2
+    assert message in out.err and "--out" in out.err
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err
+    # Byte for byte, and nothing added: the refusal comes before any write.
+    assert snapshot(tmp_path) == before
+
+
+def test_out_may_be_an_earlier_filter_output(cli, tmp_path, run_dir):
+    """filter's own rejected.jsonl does not make a run directory: filtering again into the same --out works."""
+    out = tmp_path / "filtered"
+    assert cli(run_dir, "--out", out)[0] == 0
+    assert cli(run_dir, "--out", out, "--quiet")[0] == 0
+    assert {p.name for p in out.iterdir()} == {"kept.jsonl", "rejected.jsonl", "filter_report.json"}
 
 
 def test_fixture_sample_equals_brute_force(tmp_path):
