@@ -228,10 +228,12 @@ class Filtering:
         """Refuse an --out whose kept/rejected/report files would overwrite a run or an input; nothing is written yet."""
         s = self.settings
         out = Path(s.out).resolve()
+        written = {out / f"kept.{s.format}", out / REJECTED_FILE, out / REPORT_FILE}
         for p in (*s.inputs, *s.against):
             src = Path(p).resolve()
-            if src == out or out in src.parents:
-                raise OutputError(f"--out {s.out}: is or contains the input {p}", "choose a new directory, e.g. --out filtered")
+            # Only a real collision counts: --out . beside data/x.jsonl overwrites nothing.
+            if src == out or src in written:
+                raise OutputError(f"--out {s.out}: would overwrite the input {p}", "choose a new directory, e.g. --out filtered")
         marker = next((m for m in RUN_MARKERS if (out / m).exists()), None)
         if marker is not None:
             raise OutputError(f"--out {s.out}: is a run directory (it has {marker}), whose {REJECTED_FILE} filter would overwrite", "choose a new directory, e.g. --out filtered")

@@ -336,20 +336,20 @@ def run_dir(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["{r1}", "--out", "{r1}"], "contains the input"),                        # the run itself
+        (["{r1}", "--out", "{r1}"], "would overwrite the input"),                 # the run itself
         (["{a}", "--out", "{r1}"], "is a run directory (it has manifest.json)"),  # another run
-        (["{r1}/records.jsonl", "--out", "{r1}"], "contains the input"),
-        (["{a}", "--out", "{a}"], "contains the input"),                          # the input file itself
-        (["{a}", "--out", "{data}"], "contains the input"),                       # beside the input
-        (["{a}", "--out", "{tmp}"], "contains the input"),                        # above the input
-        (["{r1}", "--against", "{data}/test_set.jsonl", "--out", "{data}"], "contains the input"),
+        (["{r1}/records.jsonl", "--out", "{r1}"], "is a run directory"),
+        (["{a}", "--out", "{a}"], "would overwrite the input"),                   # the input file itself
+        (["{data}/rejected.jsonl", "--out", "{data}"], "would overwrite the input"),  # an input named like an output
+        (["{a}", "--against", "{data}/filter_report.json", "--out", "{data}"], "would overwrite the input"),
     ],
 )
 def test_out_never_overwrites_a_run_or_an_input(cli, tmp_path, run_dir, args, message):
     data = tmp_path / "data"
     data.mkdir()
     a = jsonl(data / "a.jsonl", [rec(t) for t in ZH_TASKS])
-    jsonl(data / "test_set.jsonl", [rec(EN_TASKS[0])])
+    jsonl(data / "rejected.jsonl", [rec(EN_TASKS[0])])
+    (data / "filter_report.json").write_text(json.dumps([rec(EN_TASKS[1])]), encoding="utf-8")
     before = snapshot(tmp_path)
     argv = [x.format(r1=run_dir, a=a, data=data, tmp=tmp_path) for x in args]
     code, out = cli(*argv)
@@ -358,6 +358,19 @@ def test_out_never_overwrites_a_run_or_an_input(cli, tmp_path, run_dir, args, me
     assert out.err.count("\n") == 1 and "Traceback" not in out.err
     # Byte for byte, and nothing added: the refusal comes before any write.
     assert snapshot(tmp_path) == before
+
+
+def test_out_beside_or_above_the_inputs_is_fine(cli, tmp_path, run_dir):
+    """Only a real collision is refused: --out . next to data/a.jsonl overwrites nothing."""
+    data = tmp_path / "data"
+    data.mkdir()
+    a = jsonl(data / "a.jsonl", [rec(t) for t in ZH_TASKS])
+    before = a.read_bytes()
+    code, out = cli(str(a), "--out", str(data))
+    assert code == 0, out.err
+    code, out = cli(str(a), str(run_dir), "--out", str(tmp_path))
+    assert code == 0, out.err
+    assert a.read_bytes() == before and (data / "kept.jsonl").exists() and (tmp_path / "kept.jsonl").exists()
 
 
 def test_out_may_be_an_earlier_filter_output(cli, tmp_path, run_dir):
