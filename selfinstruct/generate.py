@@ -557,13 +557,23 @@ def project(cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Pric
     }
 
 
-def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: Template) -> None:
-    """Refuse to resume into a directory made from other seeds, template or language."""
+def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Price | None) -> None:
+    """Refuse to resume into a directory made from other seeds, template, language, model or prices."""
     previous = run.load_manifest()
     if not previous:
         return
     old = previous.get("config", {})
     mismatches = []
+    # The manifest has one model and one price for the whole run: resuming with others would
+    # relabel records another model wrote and re-price (or zero) money already spent.
+    if previous.get("teacher", {}).get("model") not in (None, cfg.model):
+        mismatches.append(f"--model ({previous['teacher']['model']})")
+    cost = previous.get("cost", {})
+    hint = "re-run with the original settings to resume, or choose a new --out"
+    was = (cost.get("price_in_per_1m"), cost.get("price_out_per_1m"))
+    if cost.get("priced") and None not in was and (price is None or (price.input, price.output) != was):
+        mismatches.append(f"price (${was[0]:g} in, ${was[1]:g} out per 1M tokens)")
+        hint = f"resume with --price-in {was[0]:g} --price-out {was[1]:g}, or choose a new --out"
     if previous.get("seeds", {}).get("sha256") not in (None, seeds.sha256):
         mismatches.append("seed file contents")
     if previous.get("templates", {}).get("generate", {}).get("sha256") not in (None, template.sha256):
@@ -572,7 +582,4 @@ def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: 
         if key in old and old[key] != getattr(cfg, key) and not (key == "lang" and cfg.lang is None):
             mismatches.append(f"--{key.replace('_', '-')}")
     if mismatches:
-        raise OutputError(
-            f"{run.path}: holds a run made with a different {', '.join(mismatches)}",
-            "re-run with the original settings to resume, or choose a new --out",
-        )
+        raise OutputError(f"{run.path}: holds a run made with a different {', '.join(mismatches)}", hint)
