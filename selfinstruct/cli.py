@@ -46,11 +46,15 @@ def root(
 
 
 _SECRET_LIKE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
+# user:password@ and query strings of URLs (some gateways take the key as ?api-key=...).
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s'\"]+@")
+_URL_QUERY = re.compile(r"(://[^\s'\"?]*)\?[^\s'\"]*")
 
 
 def command_line() -> str:
     """The command as typed, with anything that looks like a key masked."""
-    return _SECRET_LIKE.sub("***", "selfinstruct " + shlex.join(sys.argv[1:]))
+    text = _SECRET_LIKE.sub("***", "selfinstruct " + shlex.join(sys.argv[1:]))
+    return _URL_QUERY.sub(r"\1?***", _URL_USERINFO.sub("***@", text))
 
 
 def fail(exc: UserError) -> None:
@@ -88,6 +92,28 @@ def main() -> None:
             raise
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (hint: re-run with --debug and report it)", err=True)
         sys.exit(1)
+
+
+def _check_rule_names(names) -> None:
+    """--no-rule takes the names rejections carry; a typo would otherwise switch nothing off."""
+    from selfinstruct.evolution import REASONS as EVOL_CHECKS
+    from selfinstruct.rules import REASONS
+
+    known = (*REASONS, "near-duplicate", *EVOL_CHECKS)
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"--no-rule {name!r} is not a rule", f"choose from {', '.join(known)}")
+
+
+def _api_key(cfg, kind: str) -> str | None:
+    """The key from the variable --api-key-env names; a local server needs none unless one was named."""
+    api_key = os.environ.get(cfg.api_key_env)
+    if not api_key and (kind != "local" or cfg.api_key_env != "OPENAI_API_KEY"):
+        raise ConfigError(
+            f"no API key: ${cfg.api_key_env} is not set for {cfg.base_url or 'the OpenAI API'}",
+            f"export {cfg.api_key_env}=..., or pass --api-key-env NAME, or --base-url for a local server",
+        )
+    return api_key or None
 
 
 def _default_out(seeds: Path, model: str) -> Path:
@@ -183,6 +209,14 @@ def generate(
     from selfinstruct.teacher import Teacher, TeacherSettings
 
     cfg = resolve(flags, config)
+    _check_rule_names(cfg.no_rule)
+    if cfg.evol_ops:
+        from selfinstruct.evolution import resolve_ops
+
+        try:
+            resolve_ops(cfg.evol_ops)
+        except ConfigError as exc:
+            raise ConfigError(exc.message.replace("--ops", "--evol-ops", 1), exc.hint) from None
     console = Console(stderr=True)
     seed_set = read_seeds(cfg.seeds, cfg.seeds_license)
     cfg = dataclasses.replace(cfg, lang=cfg.lang or _infer_lang(seed_set), out=cfg.out or _default_out(cfg.seeds, cfg.model))
@@ -204,6 +238,7 @@ def generate(
             f"(assuming {projection['assumed_yield']:.0%} of {cfg.per_request} tasks per request are kept), "
             f"≈ {projection['prompt_tokens']:,} prompt + {projection['completion_tokens']:,} completion tokens, ≈ {usd}"
         )
+        projected = projection["usd"]
         if cfg.evol_rounds:
             from selfinstruct.evolution import project_evolution
 
@@ -217,16 +252,21 @@ def generate(
                 f"≈ {evo['prompt_tokens']:,} prompt + {evo['completion_tokens']:,} completion tokens, "
                 f"≈ {'$%.2f' % evo_usd if evo_usd is not None else 'unknown'}; in all ≈ {total}"
             )
+            projected = projected + evo_usd if projected is not None and evo_usd is not None else None
+        if cfg.max_cost is not None and projected is not None and projected > cfg.max_cost:
+            typer.echo(f"note: that is over --max-cost ${cfg.max_cost:g}; the run would stop at the budget with about "
+                       f"{cfg.max_cost / projected:.0%} of it done (re-run with a higher --max-cost to resume)")
         return
-    api_key = os.environ.get(cfg.api_key_env)
-    if not api_key and kind != "local":
-        raise ConfigError(
-            f"no API key: ${cfg.api_key_env} is not set for {cfg.base_url or 'the OpenAI API'}",
-            f"export {cfg.api_key_env}=..., or pass --api-key-env NAME, or --base-url for a local server",
-        )
+    api_key = _api_key(cfg, kind)
+    if cfg.push_to:
+        from selfinstruct.hub import get_token, parse_repo
+
+        # Checked before the run: a bad repo id or a missing token would otherwise show up hours later.
+        parse_repo(cfg.push_to, flag="--push-to")
+        get_token()
     run = RunDir(cfg.out)
     run.prepare()
-    check_resumable(run, cfg, seed_set, tpl)
+    check_resumable(run, cfg, seed_set, tpl, price)
     gen = Generation(cfg, seed_set, tpl, run, price, command_line())
     evo = None
     if cfg.evol_rounds:
@@ -308,6 +348,8 @@ async def _drive(gen, settings, api_key) -> int:
 
 def _run_evolution(evo, settings, api_key, console) -> int:
     """Run Evol-Instruct rounds (a progress bar per round), print the summary, return the exit code."""
+    from rich.markup import escape
+
     from selfinstruct.progress import ProgressView
 
     views: dict[int, ProgressView] = {}
@@ -328,7 +370,7 @@ def _run_evolution(evo, settings, api_key, console) -> int:
         exit_code = asyncio.run(_drive(evo, settings, api_key))
     except RunStopped as stop:
         close_views()
-        console.print(f"[yellow]stopped:[/] {stop.message}")
+        console.print(f"[yellow]stopped:[/] {escape(stop.message)}", soft_wrap=True, highlight=False)
         exit_code = stop.exit_code
     finally:
         close_views()
@@ -336,7 +378,8 @@ def _run_evolution(evo, settings, api_key, console) -> int:
     if not evo.cfg.quiet or exit_code:
         _print_evol_summary(evo, console)
     if exit_code in (130, 143):
-        console.print(f"interrupted; everything finished is saved. Resume with: {evo.command}")
+        # soft_wrap: the command must stay on one line to be copied, whatever the terminal width.
+        console.print(f"interrupted; everything finished is saved. Resume with: {escape(evo.command)}", soft_wrap=True, highlight=False)
     return exit_code
 
 
@@ -403,6 +446,7 @@ def evolve(
     from selfinstruct.teacher import TeacherSettings
 
     cfg = resolve(flags, config)
+    _check_rule_names(cfg.no_rule)
     if rounds is not None and rounds < 1:
         raise ConfigError("--rounds must be at least 1", "one round rewrites every input record once")
     if limit is not None and limit < 1:
@@ -426,12 +470,7 @@ def evolve(
                 "pass --price-in and --price-out (USD per 1M tokens)",
             )
         console.print(f"[yellow]warning:[/] no price known for {cfg.model!r}; cost will be reported as unknown (pass --price-in/--price-out)")
-    api_key = os.environ.get(cfg.api_key_env)
-    if not api_key and kind != "local":
-        raise ConfigError(
-            f"no API key: ${cfg.api_key_env} is not set for {cfg.base_url or 'the OpenAI API'}",
-            f"export {cfg.api_key_env}=..., or pass --api-key-env NAME, or --base-url for a local server",
-        )
+    api_key = _api_key(cfg, kind)
     run = RunDir(out)
     run.prepare()
     evo = Evolution(cfg, run, price, lang, command_line(), base=base, copy_base=not evolved_only, source=source)
@@ -458,7 +497,7 @@ def seeds_check(
     similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 at which two instructions are near-copies."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
 ) -> None:
-    """Validate seed files and print their profile; exit 1 if any has problems."""
+    """Validate seed files and print their profile; exit 1 if any has problems, 2 if one cannot be read."""
     import json
 
     from rich.console import Console

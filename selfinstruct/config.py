@@ -10,6 +10,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlparse
 
 from selfinstruct.errors import ConfigError, InputError
 
@@ -173,6 +174,14 @@ def resolve(
     return cfg
 
 
+def _has_credentials(url: str | None) -> bool:
+    """Whether a URL has user:password@ (the HTTP client refuses it, and it would be a secret in the manifest)."""
+    if not url:
+        return False
+    parts = urlparse(url)
+    return bool(parts.username or parts.password)
+
+
 def validate(cfg: GenerateConfig) -> None:
     """Reject values no run can use, naming the flag."""
     checks = [
@@ -189,6 +198,10 @@ def validate(cfg: GenerateConfig) -> None:
         (cfg.lang in (None, "zh", "zh-Hant", "en"), f"--lang {cfg.lang!r} is not supported", "use zh, zh-Hant or en"),
         (cfg.evol_rounds >= 0, "--evol-rounds cannot be negative", "0 switches evolution off"),
         (0.0 <= cfg.min_yield < 1.0, "--min-yield must be in [0, 1)", "the default is 0.1"),
+        (cfg.max_requests is None or cfg.max_requests >= 1, "--max-requests must be at least 1", "leave it out for the default cap"),
+        (bool(cfg.model.strip()), "--model is empty", "name the teacher model, e.g. --model gpt-4o-mini"),
+        (not _has_credentials(cfg.base_url), "--base-url carries a user name or password",
+         "drop the user:password@ part; the key goes in the variable named by --api-key-env"),
     ]
     for ok, message, hint in checks:
         if not ok:

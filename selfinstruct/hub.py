@@ -53,11 +53,11 @@ def endpoint() -> str:
     return constants.ENDPOINT.rstrip("/")
 
 
-def parse_repo(repo: str) -> tuple[str | None, str]:
+def parse_repo(repo: str, flag: str = "--repo") -> tuple[str | None, str]:
     """(owner, name) of OWNER/NAME or NAME; the owner is filled from the token later."""
     match = _REPO_ID.match(repo.strip())
     if not match or ".." in repo or repo.endswith((".git", ".")):
-        raise ConfigError(f"--repo {repo!r} is not a Hub dataset id", "pass OWNER/NAME, e.g. --repo alice/zh-instruct")
+        raise ConfigError(f"{flag} {repo!r} is not a Hub dataset id", f"pass OWNER/NAME, e.g. {flag} alice/zh-instruct")
     return match.group("owner"), match.group("name")
 
 

@@ -337,3 +337,77 @@ def test_budget_holds_when_unusable_replies_are_billed_and_retried(tmp_path):
     assert stats["faults"]["malformed"] >= 2
     assert (manifest["usage"]["prompt_tokens"], manifest["usage"]["completion_tokens"]) == (stats["prompt_tokens_sent"], stats["completion_tokens_sent"])
     assert 0 < manifest["cost"]["usd"] <= 3.0
+
+
+def test_resume_refuses_another_model_or_price_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher() as fake:
+        base = ["generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--base-url", fake.base_url, "--out", str(out), "--quiet"]
+        first = run_cli(*base, "--model", "m", "--price-in", "100", "--price-out", "300")
+        assert first.returncode == 0, first.stderr
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        sent = fake.stats["requests_received"]
+        other_model = run_cli(*base, "--n", "10", "--model", "other", "--price-in", "100", "--price-out", "300")
+        no_price = run_cli(*base, "--n", "10", "--model", "m")
+        assert fake.stats["requests_received"] == sent
+    assert other_model.returncode == 2 and "different --model (m)" in other_model.stderr
+    # Without the flags a local server costs $0: the $ already spent would vanish from the manifest.
+    assert no_price.returncode == 2 and "resume with --price-in 100 --price-out 300" in no_price.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--no-rule", "blacklistt"], "--no-rule 'blacklistt' is not a rule"),
+    (["--max-requests", "0"], "--max-requests must be at least 1"),
+    (["--model", " "], "--model is empty"),
+    (["--evol-rounds", "1", "--evol-ops", "deepen,bogus"], "--evol-ops: unknown operation 'bogus'"),
+    (["--push-to", "bad name!!"], "--push-to 'bad name!!' is not a Hub dataset id"),
+    (["--push-to", "alice/zh"], "no Hugging Face token"),
+    (["--api-key-env", "NOPE_KEY"], "no API key: $NOPE_KEY is not set"),
+])
+def test_bad_values_are_refused_before_any_request(tmp_path, extra, message):
+    env = {"HF_TOKEN": "", "HF_HOME": str(tmp_path / "hf"), "NOPE_KEY": ""}
+    with FakeTeacher() as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(tmp_path / "run"), "--quiet", *extra, env=env)
+        assert fake.stats["requests_received"] == 0
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_credentials_in_the_base_url_are_refused_and_never_recorded(tmp_path, monkeypatch):
+    done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--model", "m", "--out", str(tmp_path / "run"),
+                   "--base-url", "http://user:PWSECRET@127.0.0.1:9/v1")
+    assert done.returncode == 2 and "--base-url carries a user name or password" in done.stderr
+    assert "PWSECRET" not in done.stderr + done.stdout
+    from selfinstruct.cli import command_line
+
+    monkeypatch.setattr(sys, "argv", ["selfinstruct", "generate", "--base-url", "https://gw.example.com/v1?api-key=QSECRET&x=1",
+                                      "--base-url=http://u:PW2@h/v1"])
+    line = command_line()
+    assert "QSECRET" not in line and "PW2" not in line and "https://gw.example.com/v1?***" in line
+
+
+def test_dry_run_says_when_the_projection_is_over_the_budget(tmp_path):
+    done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "52000", "--model", "gpt-4o-mini",
+                   "--base-url", "http://127.0.0.1:9/v1", "--price-in", "0.15", "--price-out", "0.6", "--max-cost", "0.5", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "over --max-cost $0.5" in done.stdout
+
+
+def test_an_interrupted_evolve_prints_its_resume_command_on_one_line(tmp_path):
+    data = tmp_path / "tasks.json"
+    data.write_text(json.dumps([{"instruction": f"解释第{i}个关于天空和海洋颜色的科学问题", "input": "", "output": "因为散射。"}
+                                for i in range(40)], ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / ("a-rather-long-output-directory-name-" * 3)
+    with FakeTeacher(latency=0.3) as fake:
+        proc = cli("evolve", str(data), "--out", str(out), "--base-url", fake.base_url, "--model", "m", "--rounds", "2",
+                   "--ops", "deepen,concretize,mutate", "--concurrency", "2")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out / "requests.jsonl").exists():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    (line,) = [line for line in err.splitlines() if "Resume with:" in line]
+    assert line.endswith("--concurrency 2") and str(out) in line
