@@ -340,7 +340,7 @@ class Generation:
         if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
             raise RunStopped(
                 "teacher-unavailable",
-                f"the last {self.consecutive_failures} requests failed after retries, the last with: {self.last_error[:300]} "
+                f"the last {self.consecutive_failures} requests failed (each after the retries its error allows), the last with: {self.last_error[:300]} "
                 f"(hint: check the teacher at --base-url, or run `selfinstruct doctor`; re-run the same command to resume)",
                 exit_code=1,
             )
