@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+import shlex
+from pathlib import Path, PureWindowsPath
 from typing import Any, Iterable
 
 import jinja2
@@ -19,6 +20,7 @@ _FRONT = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(
 _SECRET_LIKE = re.compile(r"(sk-[A-Za-z0-9_-]{8,}|hf_[A-Za-z0-9]{8,})")
 _SECRET_FLAG = re.compile(r"(--[\w-]*(?:key|token|secret|password)[\w-]*)(=|\s+)(?!-)(\S+)", re.IGNORECASE)
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+_LOCAL_PATH = re.compile(r"^(?:/|~|[A-Za-z]:[\\/]|\\\\)")  # /abs, ~/x, C:\x or C:/x, \\server\share
 
 LANGUAGES = {"zh": ("zh", "Simplified Chinese"), "zh-Hans": ("zh", "Simplified Chinese"), "zh-Hant": ("zh", "Traditional Chinese"), "en": ("en", "English")}
 ENDPOINTS = {"openai": "the OpenAI API", "hosted": "a hosted OpenAI-compatible API", "local": "a self-hosted OpenAI-compatible server"}
@@ -67,6 +69,26 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     text = _URL.sub("<endpoint>", mask_secrets(text, secrets))
     home = str(Path.home())
     return text.replace(home, "~") if len(home) > 1 else text
+
+
+def file_name(path: str) -> str:
+    """The last part of a local path (POSIX or Windows): where a file sat on the maker's disk is private."""
+    return PureWindowsPath(path).name or path
+
+
+def local_paths_to_names(command: str) -> str:
+    """A command line with every absolute or ~ path (alone or as --flag=PATH) cut to its file name; relative paths stay."""
+    try:
+        args = shlex.split(command)
+    except ValueError:  # unbalanced quotes: fall back to whitespace-separated words
+        args = command.split()
+
+    def short(arg: str) -> str:
+        flag, eq, value = arg.partition("=") if arg.startswith("-") else ("", "", arg)
+        return flag + eq + file_name(value) if _LOCAL_PATH.match(value) else arg
+
+    shortened = [short(a) for a in args]
+    return command if shortened == args else shlex.join(shortened)  # untouched commands keep their exact spelling
 
 
 def size_category(n: int) -> str:
@@ -258,7 +280,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
     kind = teacher.get("endpoint_kind")
     declared = license or seeds.get("license")
 
-    seed_parts = [f"`{seeds['path']}`" if seeds.get("path") else "seed file not recorded"]
+    seed_parts = [f"`{file_name(str(seeds['path']))}`" if seeds.get("path") else "seed file not recorded"]
     if isinstance(seeds.get("count"), int):
         seed_parts.append(f"{seeds['count']:,} tasks")
     if seeds.get("sha256"):
@@ -325,7 +347,8 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
         load_code = f'from datasets import load_dataset\n\nds = load_dataset("{repo_id}")\nprint(ds)'
         load_note = "The repository is private: log in first (`hf auth login`) or set `HF_TOKEN`." if private is not False else ""
     else:
-        target = local_dir.as_posix() if local_dir else "."
+        # A relative folder reads the same for anyone; an absolute one would publish the maker's disk layout.
+        target = (local_dir.name if local_dir.is_absolute() else local_dir.as_posix()) if local_dir else "."
         load_code = f'from datasets import load_dataset\n\nds = load_dataset("{target}")  # this folder\nprint(ds)'
         load_note = "After `selfinstruct push`, load it by repository id instead."
     if build.fmt == "messages":
@@ -336,7 +359,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
     else:
         license_line = "The seed file declared no licence (pass `--license` or `--seeds-license` to record one); check the seeds' source before reuse."
 
-    command = redact(str(m.get("command") or "not recorded"), secrets)
+    command = redact(local_paths_to_names(str(m.get("command") or "not recorded")), secrets)
     title = repo_id.split("/")[-1] if repo_id else (Path(build.run_dir).resolve().name or "selfinstruct dataset")
     return {
         "begin": BEGIN, "end": END, "title": title, "version": m.get("selfinstruct_version", "unknown"),

@@ -12,7 +12,7 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Callable, Iterable, Sequence
 
 from selfinstruct import __version__
@@ -237,14 +237,49 @@ def records_sha256(records: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
-def read_base(paths: Sequence[Path], limit: int | None = None) -> list[dict]:
+class BaseRecords(list):
+    """The records an evolution starts from, with the seed file they were generated from (None if unknown)."""
+
+    seeds: dict | None = None
+
+
+def seed_file_name(path: str) -> str:
+    """Only the file name of a seed path (POSIX or Windows): a published card must not show local paths."""
+    return PureWindowsPath(path).name
+
+
+def input_seeds(paths: Sequence[Path]) -> dict | None:
+    """The seeds the input run directories' manifests record; None unless every input is a run that records them."""
+    found: list[dict] = []
+    for path in map(Path, paths):
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8")) if path.is_dir() else None
+        except (OSError, ValueError):
+            manifest = None
+        seeds = manifest.get("seeds") if isinstance(manifest, dict) else None
+        if not isinstance(seeds, dict) or not seeds.get("path"):
+            return None  # records not made from seeds (or not recorded): claiming a seed file would mislead the card
+        found.append({**seeds, "path": seed_file_name(str(seeds["path"]))})
+    unique = list({json.dumps(s, sort_keys=True): s for s in found}.values())
+    if len(unique) <= 1:
+        return unique[0] if unique else None
+    # Runs from several seed files: name them all; a licence holds only if they all declare the same.
+    counts = [s.get("count") for s in unique]
+    licences = {s.get("license") for s in unique}
+    return {"path": ", ".join(dict.fromkeys(s["path"] for s in unique)),
+            "count": sum(counts) if all(isinstance(c, int) for c in counts) else None,
+            "sha256": None, "license": licences.pop() if len(licences) == 1 else None}
+
+
+def read_base(paths: Sequence[Path], limit: int | None = None) -> BaseRecords:
     """Records of any dataset the project reads, in the run's record shape (meta kept when the input has one)."""
     from selfinstruct.corpus import read_records
 
     df = read_records(paths)
     if limit is not None:
         df = df.head(limit)
-    base = []
+    base = BaseRecords()
+    base.seeds = input_seeds(paths)
     for row in df.to_dicts():
         meta = row.get("meta")
         if isinstance(meta, str):
@@ -312,6 +347,7 @@ class Evolution:
         extra_index: Sequence[tuple[str, str]] = (),
         copy_base: bool = False,
         source: dict | None = None,
+        seeds: dict | None = None,
         base_manifest: Callable[[], dict] | None = None,
         base_usd: Callable[[], float] = lambda: 0.0,
         on_progress: Callable[["Evolution"], None] | None = None,
@@ -325,6 +361,8 @@ class Evolution:
         self.extra_index = extra_index
         self.copy_base = copy_base
         self.source = source or {}
+        # An evolved run directory's data still comes from its seeds: the card must name them and their licence.
+        self.seeds = seeds if seeds is not None else getattr(base, "seeds", None)
         self.base_manifest = base_manifest
         self.base_usd = base_usd
         self.on_progress = on_progress
@@ -612,7 +650,7 @@ class Evolution:
         entry = await self._ask(teacher, "evolve", round_no, pid, messages, min(REWRITE_MAX_TOKENS, self.cfg.max_tokens or REWRITE_MAX_TOKENS), op=op)
         self._note(meta, entry)
         if entry["status"] != "ok":
-            return self._eliminate(record, parent, "request-failed", entry.get("error", ""))
+            return self._failed(record, parent, entry)
         meta["raw"] = entry.get("content", "")
         instruction, input_text, problem = parse_rewrite(entry.get("content", ""), entry.get("finish_reason"))
         record["instruction"], record["input"] = instruction, input_text
@@ -628,8 +666,12 @@ class Evolution:
             )
             entry = await self._ask(teacher, "judge", round_no, pid, messages, min(JUDGE_MAX_TOKENS, self.cfg.max_tokens or JUDGE_MAX_TOKENS))
             self._note(meta, entry)
-            # A failed or unclear judgement keeps the evolution: the cheap checks already passed.
-            meta["judge"] = judge_verdict(entry.get("content", "")) if entry["status"] == "ok" else "failed"
+            if entry["status"] != "ok":
+                # Unjudged is not judged: keeping it would pass off an unchecked evolution as one the judge let through.
+                meta["judge"] = "failed"
+                return self._failed(record, parent, entry)
+            # An unclear judgement keeps the evolution: the judge answered, and the cheap checks already passed.
+            meta["judge"] = judge_verdict(entry.get("content", ""))
             if meta["judge"] == "equal" and "no-gain" in self.checks:
                 return self._eliminate(record, parent, "no-gain", "the teacher judged it equal to its parent")
 
@@ -637,7 +679,7 @@ class Evolution:
         entry = await self._ask(teacher, "respond", round_no, pid, messages, self.cfg.max_tokens)
         self._note(meta, entry)
         if entry["status"] != "ok":
-            return self._eliminate(record, parent, "request-failed", entry.get("error", ""))
+            return self._failed(record, parent, entry)
         meta["response_id"] = entry.get("response_id")
         meta["finish_reason"] = entry.get("finish_reason")
         record["output"] = strip_think(entry.get("content", ""))
@@ -709,6 +751,16 @@ class Evolution:
         if record["meta"].get("raw"):
             self.sample_reply = record["meta"]["raw"]
         return None
+
+    def _failed(self, record: dict, parent: dict, entry: dict) -> None:
+        """A step whose request failed after retries: eliminated as request-failed, naming the stage that failed."""
+        # A step stops at its first failed request, so each failed request in the ledger is exactly one request-failed
+        # rejection (counts.failed_requests == counts.rejected["request-failed"]). Like every elimination it is final:
+        # a re-run replays the failure from the ledger instead of resending it, whichever stage failed.
+        stage = entry["stage"]
+        record["meta"]["failed_stage"] = stage
+        what = {"evolve": "rewrite", "judge": "judge (--judge-equal)", "respond": "answer"}[stage]
+        return self._eliminate(record, parent, "request-failed", f"the {what} request failed: {entry.get('error', '')}")
 
     @staticmethod
     def _note(meta: dict, entry: dict) -> None:
@@ -815,7 +867,7 @@ class Evolution:
                 "top_p", "max_tokens", "similarity", "max_cost", "price_in", "price_out", "no_rule", "evol_rounds", "evol_ops",
                 "judge_equal", "min_yield", "yield_window")
         config = {k: v for k, v in cfg.to_dict().items() if k in keys}
-        return {
+        out = {
             "selfinstruct_version": __version__,
             "command": self.command,
             "created": self.created,
@@ -835,6 +887,9 @@ class Evolution:
             },
             "stages": {},
         }
+        if self.seeds:
+            out["seeds"] = self.seeds
+        return out
 
     def manifest(self) -> dict:
         """The run's manifest with evolution merged in: per-stage cost, totals across stages, counts per op and round."""

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from fakes.sample_run import EVOLVE_SHA, SAMPLE_CARD, SEEDS_SHA, TEMPLATE_SHA, make_run, sample_card
-from selfinstruct.card import BEGIN, END, hub_card, license_metadata, merge, redact, size_category, split_card
+from selfinstruct.card import (BEGIN, END, file_name, hub_card, license_metadata, local_paths_to_names, merge, redact, size_category,
+                               split_card)
 from selfinstruct.errors import PublishError
 from selfinstruct.export import build
 
@@ -91,6 +92,28 @@ def test_card_never_shows_keys_tokens_or_private_urls(run):
     for secret in (TOKEN, "sk-abcdefghijklmnop", "10.1.2.3", "http://", "?key="):
         assert secret not in card, secret
     assert "--base-url <endpoint>" in card and "--hf-token ***" in card and "--api-key-env MY_KEY" in card
+
+
+def test_card_shows_seed_and_other_local_files_by_name_only(tmp_path):
+    from selfinstruct.export import export_run
+
+    seeds = tmp_path / "private data" / "zh_seed_tasks.jsonl"
+    command = f"selfinstruct generate --seeds '{seeds}' --out={tmp_path}/runs/zh --template ~/prompts/mine.jinja --n 12"
+    run = make_run(tmp_path / "run", command=command, seeds_path=str(seeds))
+    export_run(run, tmp_path / "exports" / "zh", "alpaca")
+    cards = [(tmp_path / "exports" / "zh" / "README.md").read_text(encoding="utf-8"), hub_card(build(run, "alpaca"), None, "alice/x")]
+    for card in cards:
+        assert str(tmp_path) not in card and "private data" not in card and "~/" not in card
+        assert "| Seed tasks | `zh_seed_tasks.jsonl`, 175 tasks" in card
+        assert "selfinstruct generate --seeds zh_seed_tasks.jsonl --out=zh --template mine.jinja --n 12" in card
+    assert 'load_dataset("zh")  # this folder' in cards[0]
+
+
+def test_local_paths_to_names_keeps_relative_paths_and_untouched_commands():
+    plain = "selfinstruct generate --seeds seeds/zh.jsonl --stop '###'  --n 3"
+    assert local_paths_to_names(plain) == plain  # nothing to cut: the command keeps its exact spelling
+    assert local_paths_to_names(r"x --seeds 'C:\Users\al\s.json' --out=/srv/runs/a b.json") == "x --seeds s.json --out=a b.json"
+    assert file_name("/home/al/seeds.jsonl") == file_name(r"D:\data\seeds.jsonl") == "seeds.jsonl"
 
 
 def test_redact_masks_flags_keys_urls_and_home(monkeypatch, tmp_path):

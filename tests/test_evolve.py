@@ -112,6 +112,9 @@ def check_accounting(manifest: dict, stats: dict, records: list[dict], rejected:
         assert s["usd"] == pytest.approx((s["prompt_tokens"] * 0.5 + s["completion_tokens"] * 1.5) / 1e6, abs=1e-6), name
     assert manifest["counts"]["kept"] == len(records)
     assert sum(manifest["counts"]["rejected"].values()) == len(rejected)
+    # A failed request ends its step (or its generate request) as one request-failed record: the two counts agree.
+    failed = [e for e in ledger if e["status"] != "ok"]
+    assert manifest["counts"]["failed_requests"] == manifest["counts"]["rejected"].get("request-failed", 0) == len(failed)
     # Per op and round: kept and eliminated add up to what the files hold.
     kept = collections.Counter((r["meta"]["op"], r["meta"]["round"]) for r in evolved(records) if r["id"] not in inputs)
     gone = collections.Counter((r["meta"]["op"], r["meta"]["round"], r["reason"]) for r in rejected if r["meta"].get("stage") == "evolve")
@@ -487,6 +490,94 @@ def test_evolve_a_run_directory_continues_each_lineage(tmp_path):
         row = next(line for line in card.splitlines() if line.startswith(f"| `{check}` |"))
         assert row.split("|")[3].strip() == str(manifest["counts"]["rejected"].get(check, 0)), row
     assert "| `prompt-leak` | Evol-Instruct: the rewrite still contains the rewriting prompt's markers | 0 |" in card
+
+
+def test_a_failed_judge_request_rejects_the_evolution_as_request_failed(tmp_path):
+    rows = task_rows(30, "en", seed=11, triggers={"QJFAIL": 4, "QJUDGE": 2, "QFAIL": 2})
+    data = write_rows(tmp_path / "tasks.json", rows)
+    out = tmp_path / "run"
+    replies = EvolReplies()
+    with FakeTeacher(reply=replies) as fake:
+        args = ("evolve", str(data), "--rounds", "1", "--out", str(out), "--judge-equal", "--retries", "0",
+                "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        done = run_cli(*args)
+        assert done.returncode == 0, done.stderr
+        stats = fake.stats
+        records, rejected, ledger, manifest = load_run(out)
+        # A re-run treats a failed judge like a failed rewrite: replayed from the ledger, not sent again.
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert fake.stats["requests_received"] == stats["requests_received"]
+        assert load_run(out)[:3] == (records, rejected, ledger)
+    by_id = {r["id"]: r for r in records}
+    unjudged = {f"tasks.json:{i}" for i, row in enumerate(rows, 1) if row["instruction"].endswith("QJFAIL")}
+    failed_judge = [r for r in rejected if r["meta"].get("failed_stage") == "judge"]
+    assert {r["parent_id"] for r in failed_judge} == unjudged
+    for rec in failed_judge:
+        assert rec["reason"] == "request-failed" and rec["detail"].startswith("the judge (--judge-equal) request failed: ")
+        assert rec["meta"]["judge"] == "failed" and set(rec["meta"]["request_ids"]) == {"evolve", "judge"}  # no answer paid for
+        assert rec["parent_instruction"] == by_id[rec["parent_id"]]["instruction"]  # the parent is kept
+    assert not any(e["stage"] == "respond" and e["parent_id"] in unjudged for e in ledger)
+    # Nothing kept went unjudged; the rewrite failures are request-failed too, naming their stage.
+    assert all(r["meta"]["judge"] in ("not-equal", "unclear") for r in evolved(records))
+    assert {r["meta"]["failed_stage"] for r in rejected if r["reason"] == "request-failed"} == {"evolve", "judge"}
+    assert manifest["counts"]["failed_requests"] == manifest["counts"]["rejected"]["request-failed"] == 6
+    check_accounting(manifest, stats, records, rejected, ledger)
+    card = hub_card(build(out, "alpaca"), None, "alice/judged")
+    assert "| `request-failed` | the teacher request failed after retries | 6 |" in card and "(6 failed)" in card
+
+
+def test_rate_limited_judge_requests_are_request_failed_and_every_failure_is_counted(tmp_path):
+    # The reported run: 429s with --retries 0 hit every stage, the judge included.
+    data = write_rows(tmp_path / "tasks.json", task_rows(60, "en", seed=12, triggers={"QJUDGE": 4}))
+    out = tmp_path / "run"
+    with FakeTeacher(reply=EvolReplies(), seed=5, p_429=0.2, retry_after=0.01) as fake:
+        done = run_cli("evolve", str(data), "--rounds", "2", "--out", str(out), "--judge-equal", "--retries", "0",
+                       "--base-url", fake.base_url, "--model", "fake-model", *PRICE, "--quiet")
+        stats = fake.stats
+    assert done.returncode == 0, done.stderr
+    records, rejected, ledger, manifest = load_run(out)
+    failed = [e for e in ledger if e["status"] != "ok"]
+    assert {e["stage"] for e in failed} == {"evolve", "judge", "respond"} and stats["faults"]["429"] == len(failed)
+    assert sorted((e["stage"], e["round"], e["parent_id"]) for e in failed) == sorted(
+        (r["meta"]["failed_stage"], r["meta"]["round"], r["parent_id"]) for r in rejected if r["reason"] == "request-failed")
+    assert all(r["meta"].get("judge") in ("not-equal", "unclear") for r in evolved(records))
+    check_accounting(manifest, stats, records, rejected, ledger)  # failed_requests == request-failed rejections
+
+
+def test_evolving_a_generate_run_keeps_its_seed_file_and_licence(tmp_path):
+    from fakes.sample_run import SEEDS_SHA, make_run
+
+    source = make_run(tmp_path / "generated")
+    manifest = json.loads((source / "manifest.json").read_text(encoding="utf-8"))
+    manifest["seeds"]["path"] = str(tmp_path / "private" / "zh_seed_tasks.jsonl")  # as an older run may have written it
+    (source / "manifest.json").write_text(json.dumps(manifest, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "evolved"
+    with FakeTeacher(reply=EvolReplies()) as fake:
+        done = run_cli("evolve", str(source), "--rounds", "1", "--out", str(out), "--base-url", fake.base_url, "--model", "fake-model",
+                       *PRICE, "--quiet")
+    assert done.returncode == 0, done.stderr
+    seeds = load_run(out)[3]["seeds"]
+    assert seeds == {"path": "zh_seed_tasks.jsonl", "count": 175, "sha256": SEEDS_SHA, "license": "Apache-2.0"}
+    card = hub_card(build(out, "alpaca"), None, "alice/evolved")
+    assert f"| Seed tasks | `zh_seed_tasks.jsonl`, 175 tasks, sha256 `{SEEDS_SHA}` |" in card
+    assert "| Seed licence | `Apache-2.0` |" in card and "\nlicense: apache-2.0\n" in card
+    assert "seed file not recorded" not in card and str(tmp_path) not in card
+
+
+def test_input_seeds_only_when_every_input_is_a_run_that_records_them(tmp_path):
+    from fakes.sample_run import make_run
+
+    one, two = make_run(tmp_path / "one"), make_run(tmp_path / "two", license="MIT")
+    manifest = json.loads((two / "manifest.json").read_text(encoding="utf-8"))
+    manifest["seeds"] |= {"path": "en_seed_tasks.jsonl", "count": 25, "sha256": "f" * 64}
+    (two / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    data = write_rows(tmp_path / "tasks.json", task_rows(3, "zh"))
+    assert read_base([one]).seeds["license"] == "Apache-2.0"
+    assert read_base([one, one]).seeds == read_base([one]).seeds
+    assert read_base([one, data]).seeds is None and read_base([data]).seeds is None  # no claim for records not from seeds
+    both = read_base([one, two]).seeds
+    assert both == {"path": "zh_seed_tasks.jsonl, en_seed_tasks.jsonl", "count": 200, "sha256": None, "license": None}  # licences disagree
 
 
 def test_evolve_a_parquet_file(tmp_path):

@@ -19,6 +19,7 @@ Trigger words in a task make the teacher misbehave on purpose, one elimination r
     QSTOP       the answer is only punctuation and stop words      -> stopword-response
     QLONGSORRY  the answer apologises but is long                  -> kept (not a refusal)
     QFAIL       the rewrite request loses its connection           -> request-failed (with --retries 0)
+    QJFAIL      the judge request loses its connection             -> request-failed (with --judge-equal --retries 0)
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import re
 import threading
 from typing import Any
 
-TRIGGERS = ("QSAME", "QNEAR", "QJUDGE", "QLEAK", "QBLACK", "QDUP", "QREFUSE", "QSTOP", "QLONGSORRY", "QFAIL")
+TRIGGERS = ("QSAME", "QNEAR", "QJUDGE", "QLEAK", "QBLACK", "QDUP", "QREFUSE", "QSTOP", "QLONGSORRY", "QFAIL", "QJFAIL")
 # Triggers that must survive a rewrite because they act on the judge or the answer.
-CARRIED = ("QJUDGE", "QREFUSE", "QSTOP", "QLONGSORRY")
+CARRIED = ("QJUDGE", "QJFAIL", "QREFUSE", "QSTOP", "QLONGSORRY")
 
 _GIVEN = re.compile(r"(?:#给定指令#|#(?:The )?Given Prompt#:)\n(?:指令：|Instruction: )(.*)\n(?:输入：|Input: )(.*)\n")
 _SECOND = re.compile(r"(?:第二条指令：|The Second Prompt:)\n(.*?)\n\n(?:你的判断|Your judgement)", re.DOTALL)
@@ -149,6 +150,8 @@ class EvolReplies:
             return self.rewrite(text, lang)
         if kind == "judge":
             second = _SECOND.search(text)
+            if second is not None and "QJFAIL" in second.group(1):
+                raise ConnectionResetError("QJFAIL")  # the server closes the connection without a reply
             equal = second is not None and "QJUDGE" in second.group(1)
             return ("相同" if equal else "不同") if lang == "zh" else ("Equal" if equal else "Not Equal")
         if kind == "respond":

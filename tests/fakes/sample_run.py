@@ -35,7 +35,7 @@ TASKS = [
 
 def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str | None = "Apache-2.0",
              command: str = "selfinstruct generate --seeds seeds/zh_seed_tasks.jsonl --n 12 --model gpt-4o-mini --evol-rounds 1",
-             manifest: bool = True) -> Path:
+             manifest: bool = True, seeds_path: str = "zh_seed_tasks.jsonl") -> Path:
     """Write records.jsonl, rejected.jsonl, requests.jsonl and manifest.json for a small zh run."""
     run = RunDir(path)
     run.prepare()
@@ -82,7 +82,7 @@ def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str
             "config": {"model": "gpt-4o-mini", "lang": "zh", "n": n, "per_request": 10, "num_examples": 3, "temperature": 1.0,
                        "top_p": 1.0, "max_tokens": 3072, "similarity": 0.7, "seed": 42, "seeds_path": "seeds/zh_seed_tasks.jsonl",
                        "base_url": None, "json_mode": False, "evol_rounds": 1},
-            "seeds": {"path": "zh_seed_tasks.jsonl", "count": 175, "sha256": SEEDS_SHA, "license": license},
+            "seeds": {"path": seeds_path, "count": 175, "sha256": SEEDS_SHA, "license": license},
             "templates": {"generate": {"name": "generate_zh.jinja", "sha256": TEMPLATE_SHA},
                           "evolve": {"name": "evolve_zh.jinja", "sha256": EVOLVE_SHA}},
             "teacher": {"model": "gpt-4o-mini", "endpoint_kind": "openai"},
