@@ -440,7 +440,7 @@ def evolve(
     from rich.console import Console
 
     from selfinstruct.config import resolve
-    from selfinstruct.evolution import Evolution, check_evolvable, infer_lang, read_base, records_sha256
+    from selfinstruct.evolution import Evolution, check_evolvable, infer_lang, input_seeds, read_base, records_sha256
     from selfinstruct.pricing import endpoint_kind, resolve_price
     from selfinstruct.rundir import RunDir
     from selfinstruct.teacher import TeacherSettings
@@ -473,7 +473,8 @@ def evolve(
     api_key = _api_key(cfg, kind)
     run = RunDir(out)
     run.prepare()
-    evo = Evolution(cfg, run, price, lang, command_line(), base=base, copy_base=not evolved_only, source=source)
+    evo = Evolution(cfg, run, price, lang, command_line(), base=base, copy_base=not evolved_only, source=source,
+                    seeds=input_seeds(inputs))
     check_evolvable(run, cfg, lang, evo.templates, source)
     evo.load()
     if evo.tally.requests and not cfg.quiet:

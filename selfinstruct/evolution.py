@@ -237,12 +237,6 @@ def records_sha256(records: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
-class BaseRecords(list):
-    """The records an evolution starts from, with the seed file they were generated from (None if unknown)."""
-
-    seeds: dict | None = None
-
-
 def seed_file_name(path: str) -> str:
     """Only the file name of a seed path (POSIX or Windows): a published card must not show local paths."""
     return PureWindowsPath(path).name
@@ -271,15 +265,14 @@ def input_seeds(paths: Sequence[Path]) -> dict | None:
             "sha256": None, "license": licences.pop() if len(licences) == 1 else None}
 
 
-def read_base(paths: Sequence[Path], limit: int | None = None) -> BaseRecords:
+def read_base(paths: Sequence[Path], limit: int | None = None) -> list[dict]:
     """Records of any dataset the project reads, in the run's record shape (meta kept when the input has one)."""
     from selfinstruct.corpus import read_records
 
     df = read_records(paths)
     if limit is not None:
         df = df.head(limit)
-    base = BaseRecords()
-    base.seeds = input_seeds(paths)
+    base: list[dict] = []
     for row in df.to_dicts():
         meta = row.get("meta")
         if isinstance(meta, str):
@@ -362,7 +355,7 @@ class Evolution:
         self.copy_base = copy_base
         self.source = source or {}
         # An evolved run directory's data still comes from its seeds: the card must name them and their licence.
-        self.seeds = seeds if seeds is not None else getattr(base, "seeds", None)
+        self.seeds = seeds
         self.base_manifest = base_manifest
         self.base_usd = base_usd
         self.on_progress = on_progress

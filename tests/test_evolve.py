@@ -30,6 +30,7 @@ from selfinstruct.evolution import (
     OPS,
     Evolution,
     check_evolvable,
+    input_seeds,
     read_base,
     records_sha256,
     draw_op,
@@ -573,10 +574,10 @@ def test_input_seeds_only_when_every_input_is_a_run_that_records_them(tmp_path):
     manifest["seeds"] |= {"path": "en_seed_tasks.jsonl", "count": 25, "sha256": "f" * 64}
     (two / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     data = write_rows(tmp_path / "tasks.json", task_rows(3, "zh"))
-    assert read_base([one]).seeds["license"] == "Apache-2.0"
-    assert read_base([one, one]).seeds == read_base([one]).seeds
-    assert read_base([one, data]).seeds is None and read_base([data]).seeds is None  # no claim for records not from seeds
-    both = read_base([one, two]).seeds
+    assert input_seeds([one])["license"] == "Apache-2.0"
+    assert input_seeds([one, one]) == input_seeds([one])
+    assert input_seeds([one, data]) is None and input_seeds([data]) is None  # no claim for records not from seeds
+    both = input_seeds([one, two])
     assert both == {"path": "zh_seed_tasks.jsonl, en_seed_tasks.jsonl", "count": 200, "sha256": None, "license": None}  # licences disagree
 
 
