@@ -557,6 +557,7 @@ def test_knobs_are_checked():
         FakeTeacher(p_429=0.6, p_500=0.6)
     knobs, _ = knobs_from_args(["--p-429", "0.2", "--think", "--models", "a,b", "--seed", "4", "--config", '{"p_500": 0.1, "seed": 1}'])
     assert knobs == {"p_429": 0.2, "think": True, "models": ["a", "b"], "seed": 4, "p_500": 0.1}  # flags beat --config
+    assert knobs_from_args(["--no-json-mode", "--no-think"])[0] == {"no_json_mode": True, "think": False}
     out = subprocess.run([sys.executable, str(SERVER), "--help"], capture_output=True, text=True, timeout=30).stdout
     for flag in ("--latency", "--p-429", "--retry-after", "--usage-mode", "--reject-max-tokens", "--api-key", "--models", "--stats-out", "--config"):
         assert flag in out

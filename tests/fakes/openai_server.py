@@ -1324,7 +1324,10 @@ def _parser():
         flag = "--" + name.replace("_", "-")
         if name == "reply":
             continue
-        if isinstance(default, bool):
+        if isinstance(default, bool) and flag.startswith("--no-"):
+            # BooleanOptionalAction reads any --no-… spelling as False: --no-json-mode would switch itself off.
+            p.add_argument(flag, action="store_true", default=None)
+        elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif name in ("seed", "max_requests"):
             p.add_argument(flag, type=int, default=None)
