@@ -34,6 +34,8 @@ FILTERS = {
     "refusal": "the teacher refused or deflected",
     "output-equals-input": "output repeats the input",
     "near-duplicate": "too similar to a seed or an already kept instruction",
+    "exact-duplicate": "the same text as an earlier record after normalisation (Unicode form, case, spacing)",
+    "contaminated": "too similar to a record of an --against file (seeds or a test set)",
     "request-failed": "the teacher request failed after retries",
     "unparseable": "a reply item that could not be read as instruction, input and output",
     "truncated": "the last item of a reply cut by the token limit",
@@ -180,6 +182,11 @@ def uses_evol(build) -> bool:
     return _evol_rounds(build) > 0 or bool(build.evol_ops)
 
 
+def is_filtered(build) -> bool:
+    """Whether the rows come from `selfinstruct filter` output rather than a generate or evolve run."""
+    return build.manifest.get("kind") == "filter"
+
+
 def metadata(build, *, license: str | None = None, existing: dict | None = None, repo_id: str | None = None) -> dict:
     """The front-matter keys selfinstruct owns; `configs`/`dataset_info` are left to `datasets`."""
     existing = existing or {}
@@ -188,7 +195,8 @@ def metadata(build, *, license: str | None = None, existing: dict | None = None,
     if lic["license"] == "unknown" and existing.get("license") not in (None, "unknown"):
         lic = {k: existing[k] for k in ("license", "license_name", "license_link") if k in existing}
     code, _ = LANGUAGES.get(_lang(build), (_lang(build).split("-")[0], ""))
-    tags = TAGS + (["evol-instruct"] if uses_evol(build) else [])
+    # Filtered data is whatever the inputs were: no claim that it is synthetic.
+    tags = [] if is_filtered(build) else TAGS + (["evol-instruct"] if uses_evol(build) else [])
     old_tags = existing.get("tags") if isinstance(existing.get("tags"), list) else []
     out: dict[str, Any] = {
         "language": [code],
@@ -361,6 +369,12 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
 
     command = redact(local_paths_to_names(str(m.get("command") or "not recorded")), secrets)
     title = repo_id.split("/")[-1] if repo_id else (Path(build.run_dir).resolve().name or "selfinstruct dataset")
+    filtered = None
+    if is_filtered(build):
+        f = _dict(m.get("filter"))
+        filtered = {"inputs": _cell(", ".join(f"`{n}`" for n in f.get("inputs") or []) or "not recorded"),
+                    "total": _num(f.get("total")), "field": _cell(str(f.get("field") or "instruction")),
+                    "dedup": _cell(str(f.get("dedup") or "exact"))}
     return {
         "begin": BEGIN, "end": END, "title": title, "version": m.get("selfinstruct_version", "unknown"),
         "language_name": language_name or lang, "rows_line": rows_line,
@@ -376,7 +390,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
         "format_line": {"alpaca": "Alpaca style: one task per row.", "sharegpt": "ShareGPT style: one conversation per row.",
                         "messages": "OpenAI chat style: one conversation per row."}[build.fmt],
         "columns": _columns(build), "examples": examples, "load_code": load_code, "load_note": load_note,
-        "license_line": license_line,
+        "license_line": license_line, "filtered": filtered,
     }
 
 

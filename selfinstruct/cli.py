@@ -541,7 +541,7 @@ def _stderr(line: str) -> None:
 
 @app.command()
 def export(
-    run_dir: Path = typer.Argument(..., help="A run directory (generate's --out)."),
+    run_dir: Path = typer.Argument(..., help="A run directory (the --out of generate or evolve) or a filter --out directory."),
     to: Path = typer.Option(..., "--to", help="Output directory: parquet under data/, a README.md dataset card."),
     fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages."),
     jsonl: bool = typer.Option(False, "--jsonl", help="Also write <split>.jsonl files."),
@@ -561,7 +561,7 @@ def export(
 
 @app.command()
 def push(
-    run_dir: Path = typer.Argument(..., help="A run directory (generate's --out)."),
+    run_dir: Path = typer.Argument(..., help="A run directory (the --out of generate or evolve) or a filter --out directory."),
     repo: str = typer.Option(..., "--repo", help="Hub dataset repo, OWNER/NAME."),
     public: bool = typer.Option(False, "--public", help="Create the repo public (default: private)."),
     fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages."),

@@ -18,6 +18,9 @@ from selfinstruct.rundir import MANIFEST, RECORDS, read_jsonl
 FORMATS = ("alpaca", "sharegpt", "messages")
 LINEAGE = ("id", "seed_ids", "evol_ops", "model")
 DATA_DIR = "data"  # the layout push_to_hub uses, so an export folder uploads as-is
+# What `selfinstruct filter --out DIR` writes: its kept records and its report.
+FILTER_KEPT = ("kept.jsonl", "kept.parquet")
+FILTER_REPORT = "filter_report.json"
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -68,24 +71,57 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
+def _read_json(path: Path, hint: str) -> dict:
+    """A JSON object file, {} if missing or not an object."""
+    if not path.exists():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})", hint) from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _filter_manifest(report: dict) -> dict:
+    """What the card needs from a `selfinstruct filter` report, in the manifest's shape."""
+    if not report:
+        return {}
+    lang = report.get("lang")
+    inputs = [Path(str(i.get("path", ""))).name for i in report.get("inputs") or [] if isinstance(i, dict)]
+    return {
+        "kind": "filter",
+        "filter": {"inputs": inputs, "total": report.get("total"), "field": report.get("field"),
+                   "dedup": (report.get("dedup") or {}).get("mode")},
+        "selfinstruct_version": report.get("selfinstruct_version"),
+        "config": {"lang": lang, "similarity": report.get("similarity")},
+        "filters": {"rules": report.get("rules") or [], "similarity": report.get("similarity"), "lang": lang},
+        "counts": {"kept": report.get("kept"), "rejected": report.get("rejected_by_rule") or {}},
+    }
+
+
 def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
-    """The manifest (empty if missing) and kept records of a run, read without modifying anything."""
+    """The manifest (empty if missing) and kept records of a run or a filter output, read without modifying anything."""
     run_dir = Path(run_dir)
+    hint = "pass the --out directory of a generate, evolve or filter run"
     if not run_dir.is_dir():
-        raise InputError(f"{run_dir}: no such run directory", "pass the --out directory of a generate run")
+        raise InputError(f"{run_dir}: no such run directory", hint)
     records_path = run_dir / RECORDS
-    if not records_path.exists():
-        raise InputError(f"{run_dir}: no {RECORDS} here", "pass the --out directory of a generate run")
-    manifest: dict = {}
-    manifest_path = run_dir / MANIFEST
-    if manifest_path.exists():
-        try:
-            loaded = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise InputError(f"{manifest_path}: not valid JSON ({exc})", "re-run generate to rewrite it") from None
-        manifest = loaded if isinstance(loaded, dict) else {}
-    # repair=False: exporting must never truncate a run that may still be writing.
-    records = read_jsonl(records_path, repair=False)
+    filtered = next((run_dir / name for name in FILTER_KEPT if (run_dir / name).exists()), None)
+    if not records_path.exists() and filtered is None:
+        raise InputError(f"{run_dir}: no {RECORDS} here", hint)
+    if records_path.exists():
+        manifest = _read_json(run_dir / MANIFEST, "re-run generate to rewrite it")
+        # repair=False: exporting must never truncate a run that may still be writing.
+        records = read_jsonl(records_path, repair=False)
+    else:
+        records_path = filtered
+        manifest = _filter_manifest(_read_json(run_dir / FILTER_REPORT, "re-run filter to rewrite it"))
+        if filtered.suffix == ".parquet":
+            import polars as pl
+
+            records = pl.read_parquet(filtered).to_dicts()
+        else:
+            records = read_jsonl(filtered, repair=False)
     if not records:
         raise InputError(f"{records_path}: no kept records to export", "let the run finish, or check rejected.jsonl")
     for line_no, rec in enumerate(records, 1):

@@ -174,3 +174,26 @@ def test_cli_export_prints_a_summary_and_one_line_errors(run, tmp_path, monkeypa
     assert code == 0 and "exported 12 rows (train 9, test 3) as sharegpt" in out.out
     code, out = cli(str(run), "--to", str(tmp_path / "out2"), "--format", "chatml")
     assert code == 2 and out.err.count("\n") == 1 and out.err.startswith("error: --format 'chatml'")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_filter_output_exports_with_its_rules_on_the_card(tmp_path, fmt):
+    from selfinstruct.filtering import Filtering, FilterSettings
+
+    tasks = ["解释积雨云是怎样形成的", "写一首关于秋天落叶的短诗", "把这句话翻译成英文：今天很冷", "列出三种节约用水的方法",
+             "判断下面这条评论的情感倾向", "用一句话总结光合作用的过程"]
+    rows = [{"instruction": t, "input": "", "output": "好的，这是回答。"} for t in tasks]
+    rows += [{"instruction": "请解释积雨云是怎样形成的", "input": "", "output": "同上。"},  # a near-duplicate
+             {"instruction": "画一张图片", "input": "", "output": "好的"}]  # blacklist
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    Filtering(FilterSettings(inputs=(data,), out=tmp_path / "filtered", format=fmt, quiet=True)).run()
+    result = export_run(tmp_path / "filtered", tmp_path / "out", "messages")
+    assert result.rows == {"train": 6}
+    loaded = load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
+    assert loaded.num_rows == 6 and {row["messages"][0]["content"] for row in loaded} == set(tasks)
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "| `near-duplicate` | ROUGE-L" in card and "| `blacklist` |" in card and "| **total** | | **2** |" in card
+    # It says what it is: cleaned from the inputs, not synthetic data from a teacher with a cost.
+    assert "cleaned by `selfinstruct filter`" in card and "from `in.json` (8 records in)" in card
+    assert "synthetic" not in card.split("---")[1] and "Tokens and cost" not in card and "| Teacher model |" not in card and "written by" not in card
