@@ -475,7 +475,7 @@ def evolve(
     run.prepare()
     evo = Evolution(cfg, run, price, lang, command_line(), base=base, copy_base=not evolved_only, source=source,
                     seeds=input_seeds(inputs))
-    check_evolvable(run, cfg, lang, evo.templates, source)
+    check_evolvable(run, cfg, lang, evo.templates, source, price)
     evo.load()
     if evo.tally.requests and not cfg.quiet:
         console.print(f"resuming {run.path}: {evo.tally.kept:,} evolutions kept, {sum(evo.tally.rejected.values()):,} eliminated")

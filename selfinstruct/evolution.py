@@ -19,7 +19,7 @@ from selfinstruct import __version__
 from selfinstruct.config import GenerateConfig
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.export import prompt_text
-from selfinstruct.generate import MAX_CONSECUTIVE_FAILURES, Tally, public_url
+from selfinstruct.generate import MAX_CONSECUTIVE_FAILURES, Tally, public_url, teacher_mismatches
 from selfinstruct.parsing import clean_reply, normalise_input
 from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens
 from selfinstruct.prompts import Template, load_template
@@ -933,8 +933,9 @@ class Evolution:
             self._last_manifest = now
 
 
-def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: EvolTemplates, source: dict | None = None) -> None:
-    """Refuse to resume an evolution with other ops, judge, seed, templates or (for `evolve`) other input records."""
+def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: EvolTemplates, source: dict | None = None,
+                    price: Price | None = None) -> None:
+    """Refuse to resume an evolution with other ops, judge, seed, templates, model, prices or (for `evolve`) other input records."""
     previous = run.load_manifest()
     if not previous:
         return
@@ -944,7 +945,7 @@ def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: Evol
             "evolve as part of that run with generate --evol-rounds, or choose a new --out",
         )
     old = previous.get("evol") or {}
-    mismatches = []
+    mismatches, flags = teacher_mismatches(previous, cfg.model, price)
     if source is not None and previous["input"].get("sha256") != source.get("sha256"):
         mismatches.append("input records (files or --limit)")
     if old:
@@ -961,10 +962,8 @@ def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: Evol
         if key in old_templates and old_templates[key].get("sha256") != t["sha256"]:
             mismatches.append(f"template {t['name']}")
     if mismatches:
-        raise OutputError(
-            f"{run.path}: holds an evolution made with a different {', '.join(mismatches)}",
-            "re-run with the original settings to resume (only --rounds may change), or choose a new --out",
-        )
+        hint = f"resume with {' '.join(flags)}" if flags and len(flags) == len(mismatches) else "re-run with the original settings to resume (only --rounds may change)"
+        raise OutputError(f"{run.path}: holds an evolution made with a different {', '.join(mismatches)}", f"{hint}, or choose a new --out")
 
 
 # A planning prior for --dry-run, not a measurement: the share of evolutions that survive a round.
@@ -1003,5 +1002,5 @@ def after_generation(gen) -> Evolution:
         base_manifest=gen.manifest,
         base_usd=lambda: gen.usd,
     )
-    check_evolvable(gen.run, gen.cfg, gen.lang, evo.templates)
+    check_evolvable(gen.run, gen.cfg, gen.lang, evo.templates, price=gen.price)
     return evo

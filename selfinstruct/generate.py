@@ -7,6 +7,7 @@ import collections
 import datetime as dt
 import math
 import random
+import shlex
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -557,23 +558,34 @@ def project(cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Pric
     }
 
 
+def teacher_mismatches(previous: dict, model: str, price: Price | None) -> tuple[list[str], list[str]]:
+    """What differs from a run's recorded model and price, and the flags that would resume it.
+
+    A manifest has one model and one price for the whole run: resuming with others would relabel
+    records another model wrote and re-price (or zero) money already spent.
+    """
+    mismatches: list[str] = []
+    flags: list[str] = []
+    was_model = (previous.get("teacher") or {}).get("model")
+    if was_model not in (None, model):
+        mismatches.append(f"--model ({was_model})")
+        flags.append(f"--model {shlex.quote(str(was_model))}")
+    cost = previous.get("cost") or {}
+    was = (cost.get("price_in_per_1m"), cost.get("price_out_per_1m"))
+    if cost.get("priced") and None not in was and (price is None or (price.input, price.output) != was):
+        # repr, not :g: the hint must give back the exact figure (1.234567 must not become 1.23457).
+        mismatches.append(f"price (${was[0]!r} in, ${was[1]!r} out per 1M tokens)")
+        flags.append(f"--price-in {was[0]!r} --price-out {was[1]!r}")
+    return mismatches, flags
+
+
 def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Price | None) -> None:
     """Refuse to resume into a directory made from other seeds, template, language, model or prices."""
     previous = run.load_manifest()
     if not previous:
         return
     old = previous.get("config", {})
-    mismatches = []
-    # The manifest has one model and one price for the whole run: resuming with others would
-    # relabel records another model wrote and re-price (or zero) money already spent.
-    if previous.get("teacher", {}).get("model") not in (None, cfg.model):
-        mismatches.append(f"--model ({previous['teacher']['model']})")
-    cost = previous.get("cost", {})
-    hint = "re-run with the original settings to resume, or choose a new --out"
-    was = (cost.get("price_in_per_1m"), cost.get("price_out_per_1m"))
-    if cost.get("priced") and None not in was and (price is None or (price.input, price.output) != was):
-        mismatches.append(f"price (${was[0]:g} in, ${was[1]:g} out per 1M tokens)")
-        hint = f"resume with --price-in {was[0]:g} --price-out {was[1]:g}, or choose a new --out"
+    mismatches, flags = teacher_mismatches(previous, cfg.model, price)
     if previous.get("seeds", {}).get("sha256") not in (None, seeds.sha256):
         mismatches.append("seed file contents")
     if previous.get("templates", {}).get("generate", {}).get("sha256") not in (None, template.sha256):
@@ -582,4 +594,6 @@ def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: 
         if key in old and old[key] != getattr(cfg, key) and not (key == "lang" and cfg.lang is None):
             mismatches.append(f"--{key.replace('_', '-')}")
     if mismatches:
-        raise OutputError(f"{run.path}: holds a run made with a different {', '.join(mismatches)}", hint)
+        # The exact flags only when they are all that differs; otherwise the original command.
+        hint = f"resume with {' '.join(flags)}" if len(flags) == len(mismatches) else "re-run with the original settings to resume"
+        raise OutputError(f"{run.path}: holds a run made with a different {', '.join(mismatches)}", f"{hint}, or choose a new --out")

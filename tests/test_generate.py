@@ -339,20 +339,31 @@ def test_budget_holds_when_unusable_replies_are_billed_and_retried(tmp_path):
     assert 0 < manifest["cost"]["usd"] <= 3.0
 
 
-def test_resume_refuses_another_model_or_price_and_changes_nothing(tmp_path):
+@pytest.mark.parametrize("command", ["generate", "evolve"])
+def test_resume_refuses_another_model_or_price_and_changes_nothing(tmp_path, command):
     out = tmp_path / "run"
+    if command == "generate":
+        source = ["generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5"]
+    else:
+        data = tmp_path / "tasks.json"
+        data.write_text(json.dumps([{"instruction": t, "input": "", "output": "好的。"} for t in
+                                    ("解释积雨云是怎样形成的", "写一首关于秋天落叶的短诗", "列出三种节约用水的方法")], ensure_ascii=False), encoding="utf-8")
+        source = ["evolve", str(data)]
     with FakeTeacher() as fake:
-        base = ["generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--base-url", fake.base_url, "--out", str(out), "--quiet"]
-        first = run_cli(*base, "--model", "m", "--price-in", "100", "--price-out", "300")
+        base = [*source, "--base-url", fake.base_url, "--out", str(out), "--quiet"]
+        first = run_cli(*base, "--model", "m", "--price-in", "1.234567", "--price-out", "3")
         assert first.returncode == 0, first.stderr
         before = {p.name: p.read_bytes() for p in out.iterdir()}
         sent = fake.stats["requests_received"]
-        other_model = run_cli(*base, "--n", "10", "--model", "other", "--price-in", "100", "--price-out", "300")
-        no_price = run_cli(*base, "--n", "10", "--model", "m")
+        other_model = run_cli(*base, "--model", "other", "--price-in", "1.234567", "--price-out", "3")
+        no_price = run_cli(*base, "--model", "m")
+        both = run_cli(*base, "--model", "other")
         assert fake.stats["requests_received"] == sent
-    assert other_model.returncode == 2 and "different --model (m)" in other_model.stderr
+    assert other_model.returncode == 2 and "different --model (m)" in other_model.stderr and "resume with --model m," in other_model.stderr
     # Without the flags a local server costs $0: the $ already spent would vanish from the manifest.
-    assert no_price.returncode == 2 and "resume with --price-in 100 --price-out 300" in no_price.stderr
+    # The hint gives the figures back exactly (not rounded to 6 digits), so following it resumes.
+    assert no_price.returncode == 2 and "resume with --price-in 1.234567 --price-out 3.0" in no_price.stderr
+    assert both.returncode == 2 and "resume with --model m --price-in 1.234567 --price-out 3.0" in both.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
