@@ -106,7 +106,11 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run directory", hint)
     records_path = run_dir / RECORDS
-    filtered = next((run_dir / name for name in FILTER_KEPT if (run_dir / name).exists()), None)
+    report = {} if records_path.exists() else _read_json(run_dir / FILTER_REPORT, "re-run filter to rewrite it")
+    # The kept file the report names (by file name: the folder may have moved), else whichever is there.
+    named = Path(str((report.get("outputs") or {}).get("kept") or "")).name
+    kept_names = (named,) if named in FILTER_KEPT else FILTER_KEPT
+    filtered = next((run_dir / name for name in kept_names if (run_dir / name).exists()), None)
     if not records_path.exists() and filtered is None:
         raise InputError(f"{run_dir}: no {RECORDS} here", hint)
     if records_path.exists():
@@ -115,7 +119,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         records = read_jsonl(records_path, repair=False)
     else:
         records_path = filtered
-        manifest = _filter_manifest(_read_json(run_dir / FILTER_REPORT, "re-run filter to rewrite it"))
+        manifest = _filter_manifest(report)
         if filtered.suffix == ".parquet":
             import polars as pl
 

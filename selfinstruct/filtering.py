@@ -27,7 +27,7 @@ from rich.table import Table
 from selfinstruct import __version__
 from selfinstruct.corpus import compared_text, merge, read_one, read_records
 from selfinstruct.errors import ConfigError, InputError, OutputError
-from selfinstruct.rundir import LEDGER, MANIFEST, RECORDS
+from selfinstruct.rundir import LEDGER, RECORDS
 from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, same_text_key, script_of
 from selfinstruct.similarity import BatchDedup, rouge_l
 
@@ -46,7 +46,8 @@ FIELDS = ("instruction", "instruction+input")
 # silently reject a whole Chinese dataset.
 LANGS = ("zh", "zh-Hant", "en", "ja", "ko")
 # Files whose presence marks a generate or evolve run directory, which filter must never write into.
-RUN_MARKERS = (MANIFEST, RECORDS, LEDGER)
+# A run's files filter would clobber or sit beside confusingly; a lone manifest.json of some other tool is not one.
+RUN_MARKERS = (RECORDS, LEDGER)
 # Records handed to the Python rules at a time: bounded memory, steady progress.
 RULE_SLICE = 20_000
 # From this many records the rules run in one process per core (start-up costs about a second).
@@ -459,6 +460,9 @@ class Filtering:
         rejected = pl.concat([df, extra], how="horizontal").filter(~kept_mask)
         kept_path = out / f"kept.{self.settings.format}"
         _write_atomic(kept_path, lambda p: kept.write_parquet(p) if self.settings.format == "parquet" else kept.write_ndjson(p))
+        # An earlier run in the other --format left its kept file: it would be read (and published) as this one.
+        other = out / ("kept.jsonl" if self.settings.format == "parquet" else "kept.parquet")
+        other.unlink(missing_ok=True)
         advance(kept.height)
         _write_atomic(out / REJECTED_FILE, rejected.write_ndjson)
         advance(n)

@@ -188,6 +188,9 @@ def test_a_filter_output_exports_with_its_rules_on_the_card(tmp_path, fmt):
     data = tmp_path / "in.json"
     data.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     Filtering(FilterSettings(inputs=(data,), out=tmp_path / "filtered", format=fmt, quiet=True)).run()
+    # A stale kept file of the other format (an older filter version left them) is not what the report names.
+    stale = tmp_path / "filtered" / ("kept.parquet" if fmt == "jsonl" else "kept.jsonl")
+    stale.write_text("", encoding="utf-8")
     result = export_run(tmp_path / "filtered", tmp_path / "out", "messages")
     assert result.rows == {"train": 6}
     loaded = load_dataset("parquet", data_files=str(tmp_path / "out" / "data" / "*.parquet"), split="train")
@@ -196,4 +199,4 @@ def test_a_filter_output_exports_with_its_rules_on_the_card(tmp_path, fmt):
     assert "| `near-duplicate` | ROUGE-L" in card and "| `blacklist` |" in card and "| **total** | | **2** |" in card
     # It says what it is: cleaned from the inputs, not synthetic data from a teacher with a cost.
     assert "cleaned by `selfinstruct filter`" in card and "from `in.json` (8 records in)" in card
-    assert "synthetic" not in card.split("---")[1] and "Tokens and cost" not in card and "| Teacher model |" not in card and "written by" not in card
+    assert "synthetic" not in card.split("---")[1] and "Tokens and cost" not in card and "teacher" not in card.lower()

@@ -337,7 +337,7 @@ def run_dir(tmp_path):
     "args,message",
     [
         (["{r1}", "--out", "{r1}"], "would overwrite the input"),                 # the run itself
-        (["{a}", "--out", "{r1}"], "is a run directory (it has manifest.json)"),  # another run
+        (["{a}", "--out", "{r1}"], "is a run directory (it has records.jsonl)"),  # another run
         (["{r1}/records.jsonl", "--out", "{r1}"], "is a run directory"),
         (["{a}", "--out", "{a}"], "would overwrite the input"),                   # the input file itself
         (["{data}/rejected.jsonl", "--out", "{data}"], "would overwrite the input"),  # an input named like an output
@@ -360,11 +360,20 @@ def test_out_never_overwrites_a_run_or_an_input(cli, tmp_path, run_dir, args, me
     assert snapshot(tmp_path) == before
 
 
+def test_switching_format_leaves_one_kept_file(cli, tmp_path):
+    """A parquet run after a jsonl run into the same --out: export must not find the stale kept.jsonl."""
+    data = jsonl(tmp_path / "a.jsonl", [rec(t) for t in ZH_TASKS])
+    assert cli(str(data), "--out", str(tmp_path / "f"))[0] == 0
+    assert cli(str(data), "--out", str(tmp_path / "f"), "--format", "parquet")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "f").glob("kept.*")) == ["kept.parquet"]
+
+
 def test_out_beside_or_above_the_inputs_is_fine(cli, tmp_path, run_dir):
     """Only a real collision is refused: --out . next to data/a.jsonl overwrites nothing."""
     data = tmp_path / "data"
     data.mkdir()
     a = jsonl(data / "a.jsonl", [rec(t) for t in ZH_TASKS])
+    (data / "manifest.json").write_text("{}", encoding="utf-8")  # some other tool's: not a run
     before = a.read_bytes()
     code, out = cli(str(a), "--out", str(data))
     assert code == 0, out.err
