@@ -31,7 +31,7 @@ FILTERS = {
     "starts-with-punctuation": "instruction starts with punctuation",
     "wrong-language": "instruction is not mainly in the run's language",
     "blacklist": "instruction mentions a blacklisted word (images, files, …)",
-    "refusal": "the teacher refused or deflected",
+    "refusal": "the answer is a refusal or a model's self-reference",
     "output-equals-input": "output repeats the input",
     "near-duplicate": "too similar to a seed or an already kept instruction",
     "exact-duplicate": "the same text as an earlier record after normalisation (Unicode form, case, spacing)",
@@ -217,11 +217,12 @@ def _lang(build) -> str:
 
 
 def _columns(build) -> list[dict[str, str]]:
+    filtered = is_filtered(build)
     if build.fmt == "alpaca":
         cols = [
             {"name": "instruction", "type": "string", "meaning": "the task"},
             {"name": "input", "type": "string", "meaning": "optional context for the task (empty when none)"},
-            {"name": "output", "type": "string", "meaning": "the teacher's answer"},
+            {"name": "output", "type": "string", "meaning": "the answer" if filtered else "the teacher's answer"},
         ]
     elif build.fmt == "sharegpt":
         cols = [{"name": "conversations", "type": "list of {from, value}",
@@ -229,7 +230,15 @@ def _columns(build) -> list[dict[str, str]]:
     else:
         cols = [{"name": "messages", "type": "list of {role, content}",
                  "meaning": ("a `system` message, then " if build.system else "") + "`user` (instruction, blank line, input) then `assistant` (answer)"}]
-    if not build.slim:
+    if not build.slim and filtered:
+        # Filtered data was not generated here: the lineage columns hold what its inputs recorded.
+        cols += [
+            {"name": "id", "type": "string", "meaning": "the record's id in its input"},
+            {"name": "seed_ids", "type": "list of string", "meaning": "seed ids, where the input recorded them (else empty)"},
+            {"name": "evol_ops", "type": "list of string", "meaning": "Evol-Instruct operations, where the input recorded them (else empty)"},
+            {"name": "model", "type": "string", "meaning": "the model that wrote the row, where the input recorded it (else empty)"},
+        ]
+    elif not build.slim:
         cols += [
             {"name": "id", "type": "string", "meaning": "record id in the run (`r<request>.<item>`)"},
             {"name": "seed_ids", "type": "list of string", "meaning": "seed tasks shown to the teacher in the prompt"},
