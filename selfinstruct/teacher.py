@@ -401,7 +401,8 @@ class Teacher:
                             errors.append(error_kind(exc))
                             if isinstance(exc, MalformedReply) and exc.usage:
                                 wasted.add(exc.usage)
-                                if may_retry_billed is not None and not may_retry_billed(exc.usage):
+                                # Only when a retry is still allowed: after the last one "not retried" would be false.
+                                if may_retry_billed is not None and attempts <= self.settings.retries and not may_retry_billed(exc.usage):
                                     over_budget = True
                             raise
                         finally:
