@@ -12,10 +12,11 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass, field
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from selfinstruct import __version__
+from selfinstruct.card import file_name
 from selfinstruct.config import GenerateConfig
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.export import prompt_text
@@ -237,11 +238,6 @@ def records_sha256(records: Sequence[dict]) -> str:
     return h.hexdigest()
 
 
-def seed_file_name(path: str) -> str:
-    """Only the file name of a seed path (POSIX or Windows): a published card must not show local paths."""
-    return PureWindowsPath(path).name
-
-
 def input_seeds(paths: Sequence[Path]) -> dict | None:
     """The seeds the input run directories' manifests record; None unless every input is a run that records them."""
     found: list[dict] = []
@@ -253,7 +249,8 @@ def input_seeds(paths: Sequence[Path]) -> dict | None:
         seeds = manifest.get("seeds") if isinstance(manifest, dict) else None
         if not isinstance(seeds, dict) or not seeds.get("path"):
             return None  # records not made from seeds (or not recorded): claiming a seed file would mislead the card
-        found.append({**seeds, "path": seed_file_name(str(seeds["path"]))})
+        # Only the file name: a published card must not show where the seeds sat on the maker's disk.
+        found.append({**seeds, "path": file_name(str(seeds["path"]))})
     unique = list({json.dumps(s, sort_keys=True): s for s in found}.values())
     if len(unique) <= 1:
         return unique[0] if unique else None

@@ -13,14 +13,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from selfinstruct.errors import ConfigError, InputError, OutputError
-from selfinstruct.rundir import MANIFEST, RECORDS, read_jsonl
+from selfinstruct.card import file_name
+from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, MANIFEST, RECORDS, read_jsonl
 
 FORMATS = ("alpaca", "sharegpt", "messages")
 LINEAGE = ("id", "seed_ids", "evol_ops", "model")
 DATA_DIR = "data"  # the layout push_to_hub uses, so an export folder uploads as-is
-# What `selfinstruct filter --out DIR` writes: its kept records and its report.
-FILTER_KEPT = ("kept.jsonl", "kept.parquet")
-FILTER_REPORT = "filter_report.json"
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -87,7 +85,7 @@ def _filter_manifest(report: dict) -> dict:
     if not report:
         return {}
     lang = report.get("lang")
-    inputs = [Path(str(i.get("path", ""))).name for i in report.get("inputs") or [] if isinstance(i, dict)]
+    inputs = [file_name(str(i.get("path", ""))) for i in report.get("inputs") or [] if isinstance(i, dict)]
     return {
         "kind": "filter",
         "filter": {"inputs": inputs, "total": report.get("total"), "field": report.get("field"),
@@ -106,26 +104,25 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
     if not run_dir.is_dir():
         raise InputError(f"{run_dir}: no such run directory", hint)
     records_path = run_dir / RECORDS
-    report = {} if records_path.exists() else _read_json(run_dir / FILTER_REPORT, "re-run filter to rewrite it")
-    # The kept file the report names (by file name: the folder may have moved), else whichever is there.
-    named = Path(str((report.get("outputs") or {}).get("kept") or "")).name
-    kept_names = (named,) if named in FILTER_KEPT else FILTER_KEPT
-    filtered = next((run_dir / name for name in kept_names if (run_dir / name).exists()), None)
-    if not records_path.exists() and filtered is None:
-        raise InputError(f"{run_dir}: no {RECORDS} here", hint)
     if records_path.exists():
         manifest = _read_json(run_dir / MANIFEST, "re-run generate to rewrite it")
         # repair=False: exporting must never truncate a run that may still be writing.
         records = read_jsonl(records_path, repair=False)
     else:
-        records_path = filtered
+        report = _read_json(run_dir / FILTER_REPORT, "re-run filter to rewrite it")
+        # The kept file the report names (by file name: the folder may have moved), else whichever is there.
+        named = file_name(str((report.get("outputs") or {}).get("kept") or ""))
+        kept_names = (named,) if named in FILTER_KEPT.values() else tuple(FILTER_KEPT.values())
+        records_path = next((run_dir / name for name in kept_names if (run_dir / name).exists()), None)
+        if records_path is None:
+            raise InputError(f"{run_dir}: no {RECORDS} here", hint)
         manifest = _filter_manifest(report)
-        if filtered.suffix == ".parquet":
+        if records_path.name == FILTER_KEPT["parquet"]:
             import polars as pl
 
-            records = pl.read_parquet(filtered).to_dicts()
+            records = pl.read_parquet(records_path).to_dicts()
         else:
-            records = read_jsonl(filtered, repair=False)
+            records = read_jsonl(records_path, repair=False)
     if not records:
         raise InputError(f"{records_path}: no kept records to export", "let the run finish, or check rejected.jsonl")
     for line_no, rec in enumerate(records, 1):

@@ -27,7 +27,7 @@ from rich.table import Table
 from selfinstruct import __version__
 from selfinstruct.corpus import compared_text, merge, read_one, read_records
 from selfinstruct.errors import ConfigError, InputError, OutputError
-from selfinstruct.rundir import LEDGER, RECORDS
+from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, LEDGER, RECORDS, REJECTED
 from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, same_text_key, script_of
 from selfinstruct.similarity import BatchDedup, rouge_l
 
@@ -36,9 +36,7 @@ CONTAMINATED = "contaminated"
 NEAR_DUPLICATE = "near-duplicate"
 # Every rule filter knows, in the order they run; user rules run after the built-ins.
 FILTER_RULES = (*REASONS, CONTAMINATED, EXACT_DUPLICATE, NEAR_DUPLICATE)
-REJECTED_FILE = "rejected.jsonl"
-REPORT_FILE = "filter_report.json"
-FORMATS = ("jsonl", "parquet")
+FORMATS = tuple(FILTER_KEPT)
 DEDUP_MODES = ("exact", "minhash")
 # What --field may compare (the near-duplicate and contamination stages work on one text).
 FIELDS = ("instruction", "instruction+input")
@@ -229,7 +227,7 @@ class Filtering:
         """Refuse an --out whose kept/rejected/report files would overwrite a run or an input; nothing is written yet."""
         s = self.settings
         out = Path(s.out).resolve()
-        written = {out / f"kept.{s.format}", out / REJECTED_FILE, out / REPORT_FILE}
+        written = {out / FILTER_KEPT[s.format], out / REJECTED, out / FILTER_REPORT}
         for p in (*s.inputs, *s.against):
             src = Path(p).resolve()
             # Only a real collision counts: --out . beside data/x.jsonl overwrites nothing.
@@ -237,7 +235,7 @@ class Filtering:
                 raise OutputError(f"--out {s.out}: would overwrite the input {p}", "choose a new directory, e.g. --out filtered")
         marker = next((m for m in RUN_MARKERS if (out / m).exists()), None)
         if marker is not None:
-            raise OutputError(f"--out {s.out}: is a run directory (it has {marker}), whose {REJECTED_FILE} filter would overwrite", "choose a new directory, e.g. --out filtered")
+            raise OutputError(f"--out {s.out}: is a run directory (it has {marker}), whose {REJECTED} filter would overwrite", "choose a new directory, e.g. --out filtered")
 
     def _enabled_rules(self) -> list[str]:
         s = self.settings
@@ -299,7 +297,7 @@ class Filtering:
         self.report.rejected = counts
         self.report.kept = n - sum(counts.values())
         text = json.dumps(self.report.to_json(s), ensure_ascii=False, indent=2) + "\n"
-        _write_atomic(out / REPORT_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+        _write_atomic(out / FILTER_REPORT, lambda p: Path(p).write_text(text, encoding="utf-8"))
         return self.report
 
     def _standing(self) -> np.ndarray:
@@ -458,15 +456,16 @@ class Filtering:
         kept_mask = reason.is_null()
         kept = df.filter(kept_mask)
         rejected = pl.concat([df, extra], how="horizontal").filter(~kept_mask)
-        kept_path = out / f"kept.{self.settings.format}"
+        kept_path = out / FILTER_KEPT[self.settings.format]
         _write_atomic(kept_path, lambda p: kept.write_parquet(p) if self.settings.format == "parquet" else kept.write_ndjson(p))
         # An earlier run in the other --format left its kept file: it would be read (and published) as this one.
-        other = out / ("kept.jsonl" if self.settings.format == "parquet" else "kept.parquet")
-        other.unlink(missing_ok=True)
+        for fmt, name in FILTER_KEPT.items():
+            if fmt != self.settings.format:
+                (out / name).unlink(missing_ok=True)
         advance(kept.height)
-        _write_atomic(out / REJECTED_FILE, rejected.write_ndjson)
+        _write_atomic(out / REJECTED, rejected.write_ndjson)
         advance(n)
-        self.report.outputs = {"kept": str(kept_path), "rejected": str(out / REJECTED_FILE), "report": str(out / REPORT_FILE)}
+        self.report.outputs = {"kept": str(kept_path), "rejected": str(out / REJECTED), "report": str(out / FILTER_REPORT)}
 
 
 def judge(cols: dict[str, list[str]], settings: RuleSettings, users: list[UserRule]) -> list[tuple[str, str] | None]:

@@ -14,6 +14,9 @@ RECORDS = "records.jsonl"
 REJECTED = "rejected.jsonl"
 LEDGER = "requests.jsonl"
 MANIFEST = "manifest.json"
+# What `selfinstruct filter --out DIR` writes beside its REJECTED: kept records in one format, and a report.
+FILTER_KEPT = {"jsonl": "kept.jsonl", "parquet": "kept.parquet"}
+FILTER_REPORT = "filter_report.json"
 
 
 def dump_line(obj: Any) -> str:
