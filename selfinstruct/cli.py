@@ -83,11 +83,11 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        # Known by name: newer typer raises its own vendored copy of click's classes, not click's.
+        kinds = {cls.__name__ for cls in type(exc).__mro__}
+        if "ClickException" in kinds and hasattr(exc, "show"):
+            exc.show()  # the usage line, the error and click's "Did you mean" suggestion
+            sys.exit(2 if "UsageError" in kinds else getattr(exc, "exit_code", 1))
         if _debug:
             raise
         typer.echo(f"error: unexpected {type(exc).__name__}: {exc} (hint: re-run with --debug and report it)", err=True)

@@ -227,12 +227,18 @@ class Filtering:
         """Refuse an --out whose kept/rejected/report files would overwrite a run or an input; nothing is written yet."""
         s = self.settings
         out = Path(s.out).resolve()
-        written = {out / FILTER_KEPT[s.format], out / REJECTED, out / FILTER_REPORT}
+        touched = {out / FILTER_KEPT[s.format]: "overwrite", out / REJECTED: "overwrite", out / FILTER_REPORT: "overwrite"}
+        # The kept file of the other --format is removed after writing (see _write): an input too.
+        touched |= {out / name: "delete" for fmt, name in FILTER_KEPT.items() if fmt != s.format}
         for p in (*s.inputs, *s.against):
             src = Path(p).resolve()
             # Only a real collision counts: --out . beside data/x.jsonl overwrites nothing.
-            if src == out or src in written:
+            if src == out:
                 raise OutputError(f"--out {s.out}: would overwrite the input {p}", "choose a new directory, e.g. --out filtered")
+            for target, verb in touched.items():
+                # samefile: a hard link is the same file under another name.
+                if src == target or (src.is_file() and target.is_file() and os.path.samefile(src, target)):
+                    raise OutputError(f"--out {s.out}: would {verb} the input {p}", "choose a new directory, e.g. --out filtered")
         marker = next((m for m in RUN_MARKERS if (out / m).exists()), None)
         if marker is not None:
             raise OutputError(f"--out {s.out}: is a run directory (it has {marker}), whose {REJECTED} filter would overwrite", "choose a new directory, e.g. --out filtered")
@@ -266,6 +272,7 @@ class Filtering:
                 for k, p in enumerate(s.inputs, start=1):
                     frames.append(read_one(Path(p)))
                     advance(k)
+                self._check_empty(frames)
                 df = merge(frames)
                 texts = compared_text(df, s.field).to_list()
                 self.ids = df["id"].to_list()
@@ -420,6 +427,14 @@ class Filtering:
         except OSError as exc:
             raise OutputError(f"{out}: cannot write the output directory ({exc.strerror or exc})", "choose another --out") from None
         return out
+
+    def _check_empty(self, frames: list[pl.DataFrame]) -> None:
+        """Say which inputs hold no records; when none holds any there is nothing to filter."""
+        empty = [str(p) for p, f in zip(self.settings.inputs, frames) if f.height == 0]
+        if empty and len(empty) == len(frames):
+            raise InputError(f"every input is empty: {', '.join(empty)}", "check the paths; a 0-byte file or an empty list has no records")
+        for name in empty:
+            self.console.print(f"warning: {name}: empty, no records read", markup=False, highlight=False)
 
     def _check_fields(self, df: pl.DataFrame) -> None:
         for rule in self.user_rules:
