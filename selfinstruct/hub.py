@@ -186,7 +186,7 @@ def _retrying(what: str, attempts: int, echo: Callable[[str], None] | None) -> t
 
 
 def _scrub(text: str, token: str | None) -> str:
-    from selfinstruct.card import mask_secrets
+    from selfinstruct.redaction import mask_secrets
 
     return mask_secrets(text, [token] if token else [])
 
@@ -313,7 +313,7 @@ def push_run(
     echo: Callable[[str], None] | None = None,
 ) -> PushResult:
     """Push a run directory's kept records and dataset card to a Hub dataset repo (private unless told)."""
-    from selfinstruct.export import build as build_rows, check_format, status_note
+    from selfinstruct.rows import build as build_rows, check_format, status_note
 
     check_format(fmt)
     if retries < 0:

@@ -1,0 +1,258 @@
+"""Rows: a run's or filter output's kept records read, converted to alpaca, sharegpt or messages rows, and split."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfinstruct.errors import ConfigError, InputError
+from selfinstruct.redaction import file_name
+from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, MANIFEST, RECORDS, read_jsonl
+
+FORMATS = ("alpaca", "sharegpt", "messages")
+LINEAGE = ("id", "seed_ids", "evol_ops", "model")
+DATA_DIR = "data"  # the layout push_to_hub uses, so an export folder uploads as-is
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@dataclass
+class Build:
+    """A run converted to rows: the splits, their format and the manifest they came from."""
+
+    run_dir: Path
+    fmt: str
+    splits: dict[str, list[dict]]
+    manifest: dict
+    slim: bool = False
+    system: str | None = None
+    seed: int = 42
+    test_size: float | None = None
+    evol_ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(rows) for rows in self.splits.values())
+
+    def features(self):
+        """The `datasets` schema; explicit, so empty lists still get a string type."""
+        from datasets import Features, List, Value
+
+        text = Value("string")
+        columns: dict[str, Any] = {
+            "alpaca": {"instruction": text, "input": text, "output": text},
+            "sharegpt": {"conversations": List({"from": text, "value": text})},
+            "messages": {"messages": List({"role": text, "content": text})},
+        }[self.fmt]
+        if not self.slim:
+            columns |= {"id": text, "seed_ids": List(text), "evol_ops": List(text), "model": text}
+        return Features(columns)
+
+    def dataset_dict(self):
+        """The splits as a `datasets.DatasetDict`."""
+        from datasets import Dataset, DatasetDict
+
+        features = self.features()
+        return DatasetDict({name: Dataset.from_list(rows, features=features) for name, rows in self.splits.items()})
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}", "pass --format alpaca, sharegpt or messages")
+    return fmt
+
+
+def _read_json(path: Path, hint: str) -> dict:
+    """A JSON object file, {} if missing or not an object."""
+    if not path.exists():
+        return {}
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})", hint) from None
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _filter_manifest(report: dict) -> dict:
+    """What the card needs from a `selfinstruct filter` report, in the manifest's shape."""
+    if not report:
+        return {}
+    lang = report.get("lang")
+    inputs = [file_name(str(i.get("path", ""))) for i in report.get("inputs") or [] if isinstance(i, dict)]
+    return {
+        "kind": "filter",
+        "filter": {"inputs": inputs, "total": report.get("total"), "field": report.get("field"),
+                   "dedup": (report.get("dedup") or {}).get("mode")},
+        "selfinstruct_version": report.get("selfinstruct_version"),
+        "config": {"lang": lang, "similarity": report.get("similarity")},
+        "filters": {"rules": report.get("rules") or [], "similarity": report.get("similarity"), "lang": lang},
+        "counts": {"kept": report.get("kept"), "rejected": report.get("rejected_by_rule") or {}},
+    }
+
+
+def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The manifest (empty if missing) and kept records of a run or a filter output, read without modifying anything."""
+    run_dir = Path(run_dir)
+    hint = "pass the --out directory of a generate, evolve or filter run"
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run directory", hint)
+    records_path = run_dir / RECORDS
+    if records_path.exists():
+        manifest = _read_json(run_dir / MANIFEST, "re-run generate to rewrite it")
+        # repair=False: exporting must never truncate a run that may still be writing.
+        records = read_jsonl(records_path, repair=False)
+    else:
+        report = _read_json(run_dir / FILTER_REPORT, "re-run filter to rewrite it")
+        # The kept file the report names (by file name: the folder may have moved), else whichever is there.
+        named = file_name(str((report.get("outputs") or {}).get("kept") or ""))
+        kept_names = (named,) if named in FILTER_KEPT.values() else tuple(FILTER_KEPT.values())
+        records_path = next((run_dir / name for name in kept_names if (run_dir / name).exists()), None)
+        if records_path is None:
+            raise InputError(f"{run_dir}: no {RECORDS} here", hint)
+        manifest = _filter_manifest(report)
+        if records_path.name == FILTER_KEPT["parquet"]:
+            import polars as pl
+
+            records = pl.read_parquet(records_path).to_dicts()
+        else:
+            records = read_jsonl(records_path, repair=False)
+    if not records:
+        raise InputError(f"{records_path}: no kept records to export", "let the run finish, or check rejected.jsonl")
+    for line_no, rec in enumerate(records, 1):
+        if not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip() or not isinstance(rec.get("output"), str):
+            raise InputError(f"{records_path}:{line_no}: record has no instruction or output", "the file was edited by hand; fix or delete that line")
+    return manifest, records
+
+
+def _meta(rec: dict) -> dict:
+    meta = rec.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _evol_ops(rec: dict) -> list[str]:
+    steps = _meta(rec).get("evol") or []
+    return [str(s["op"]) for s in steps if isinstance(s, dict) and s.get("op")]
+
+
+def prompt_text(instruction: str, input_text: str) -> str:
+    """The user turn of a chat format: the instruction, then the input after a blank line."""
+    return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
+
+
+def convert(rec: dict, fmt: str, *, system: str | None = None, slim: bool = False, default_model: str = "") -> dict:
+    """One kept record as a row of `fmt`, with lineage columns unless `slim`."""
+    instruction = rec["instruction"]
+    input_text = rec.get("input") if isinstance(rec.get("input"), str) else ""
+    output = rec["output"]
+    if fmt == "alpaca":
+        row: dict[str, Any] = {"instruction": instruction, "input": input_text, "output": output}
+    elif fmt == "sharegpt":
+        turns = [{"from": "system", "value": system}] if system else []
+        turns += [{"from": "human", "value": prompt_text(instruction, input_text)}, {"from": "gpt", "value": output}]
+        row = {"conversations": turns}
+    else:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": prompt_text(instruction, input_text)}, {"role": "assistant", "content": output}]
+        row = {"messages": messages}
+    if not slim:
+        meta = _meta(rec)
+        row |= {
+            "id": str(rec.get("id", "")),
+            "seed_ids": [str(s) for s in meta.get("seed_ids") or []],
+            "evol_ops": _evol_ops(rec),
+            "model": str(meta.get("model") or default_model),
+        }
+    return row
+
+
+def _lineage_root(rec: dict) -> str:
+    """The record an evolved record descends from, so a task and its variants share a split."""
+    steps = _meta(rec).get("evol") or []
+    if steps and isinstance(steps[0], dict) and steps[0].get("parent_id"):
+        return str(steps[0]["parent_id"])
+    return str(rec.get("id", id(rec)))
+
+
+def holdout_count(test_size: float, n: int) -> int:
+    """--test-size as a row count: a fraction below 1, a whole number of rows from 1 up."""
+    if 0 < test_size < 1:
+        k = max(1, round(n * test_size))
+    elif test_size >= 1 and float(test_size).is_integer():
+        k = int(test_size)
+    else:
+        raise ConfigError(f"--test-size {test_size:g} is neither a fraction in (0, 1) nor a whole number of rows", "pass e.g. --test-size 0.05 or --test-size 500")
+    if k >= n:
+        raise ConfigError(f"--test-size {test_size:g} leaves no training rows out of {n:,}", "pass a smaller --test-size")
+    return k
+
+
+def split(records: list[dict], test_size: float | None, seed: int) -> dict[str, list[dict]]:
+    """Seeded shuffle, then a test split grouped by lineage so evolved variants never straddle splits."""
+    rng = random.Random(seed)
+    if not test_size:
+        rows = list(records)
+        rng.shuffle(rows)
+        return {"train": rows}
+    k = holdout_count(test_size, len(records))
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(_lineage_root(rec), []).append(rec)
+    roots = sorted(groups)
+    rng.shuffle(roots)
+    test: list[dict] = []
+    train: list[dict] = []
+    for root in roots:
+        (test if len(test) < k else train).extend(groups[root])
+    if not train:
+        raise ConfigError(f"--test-size {test_size:g} leaves no training rows (records are grouped by lineage)", "pass a smaller --test-size")
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return {"train": train, "test": test}
+
+
+def build(
+    run_dir: Path,
+    fmt: str = "alpaca",
+    *,
+    test_size: float | None = None,
+    seed: int = 42,
+    slim: bool = False,
+    system: str | None = None,
+) -> Build:
+    """Read a run and convert its kept records into split rows of one format."""
+    check_format(fmt)
+    if system is not None and fmt == "alpaca":
+        raise ConfigError("--system needs a chat format; alpaca has no system field", "pass --format messages or --format sharegpt")
+    manifest, records = load_run(run_dir)
+    model = str((manifest.get("teacher") or {}).get("model") or (manifest.get("config") or {}).get("model") or "")
+    ops: dict[str, int] = {}
+    for rec in records:
+        for op in _evol_ops(rec):
+            ops[op] = ops.get(op, 0) + 1
+    splits = {
+        name: [convert(rec, fmt, system=system, slim=slim, default_model=model) for rec in rows]
+        for name, rows in split(records, test_size, seed).items()
+    }
+    return Build(Path(run_dir), fmt, splits, manifest, slim=slim, system=system, seed=seed, test_size=test_size, evol_ops=ops)
+
+
+def infer_lang(build: Build) -> str:
+    """The run's language: from the manifest, else from how much of the text is Chinese."""
+    cfg = build.manifest.get("config") or {}
+    lang = cfg.get("lang") or (build.manifest.get("filters") or {}).get("lang")
+    if isinstance(lang, str) and lang:
+        return lang
+    rows = [r for rows in build.splits.values() for r in rows][:200]
+    text = [json.dumps(r, ensure_ascii=False) for r in rows]
+    return "zh" if sum(bool(_CJK.search(t)) for t in text) * 2 >= max(1, len(text)) else "en"
+
+
+def status_note(b: Build) -> list[str]:
+    status = b.manifest.get("status")
+    if status and status != "completed":
+        return [f"note: the run's status is {status!r}; exported the {b.rows:,} records kept so far"]
+    return []
