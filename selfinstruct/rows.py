@@ -11,7 +11,7 @@ from typing import Any
 
 from selfinstruct.errors import ConfigError, InputError
 from selfinstruct.redaction import file_name
-from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, MANIFEST, RECORDS, read_jsonl
+from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, MANIFEST, RECORDS, check_manifest, read_jsonl
 
 FORMATS = ("alpaca", "sharegpt", "messages")
 LINEAGE = ("id", "seed_ids", "evol_ops", "model")
@@ -102,7 +102,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
         raise InputError(f"{run_dir}: no such run directory", hint)
     records_path = run_dir / RECORDS
     if records_path.exists():
-        manifest = _read_json(run_dir / MANIFEST, "re-run generate to rewrite it")
+        manifest = check_manifest(_read_json(run_dir / MANIFEST, "re-run generate to rewrite it"), run_dir / MANIFEST)
         # repair=False: exporting must never truncate a run that may still be writing.
         records = read_jsonl(records_path, repair=False)
     else:

@@ -62,6 +62,44 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
     return rows
 
 
+# What a manifest's fields must be when present: the readers (resume checks, cards) index into them.
+_MANIFEST_FIELDS: dict[str, tuple[type, ...]] = {
+    "created": (str,), "updated": (str,), "status": (str,), "command": (str,), "selfinstruct_version": (str,),
+    "config": (dict,), "seeds": (dict,), "templates": (dict,), "teacher": (dict,), "filters": (dict,), "counts": (dict,),
+    "usage": (dict,), "cost": (dict,), "stages": (dict,), "evol": (dict,), "input": (dict,),
+    "counts.rejected": (dict,), "counts.attempt_errors": (dict,), "evol.rounds_completed": (int,),
+    "evol.ops_enabled": (list,), "input.sha256": (str,), "seeds.sha256": (str,),
+}
+# Sections whose every value is an object ({stage: {...}}, {name: {...}}).
+_MANIFEST_MAPS = ("templates", "stages")
+_JSON_TYPES = {dict: "a JSON object", list: "a list", str: "a string", int: "an integer"}
+
+
+def _json_type(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", float: "a number"}.get(type(value)) or _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def check_manifest(manifest: Any, path: Path) -> dict:
+    """The manifest if its fields have the shapes the readers expect; else a user error naming the first wrong field."""
+    hint = "the manifest was edited by hand; restore that field, or delete manifest.json and re-run (it is rebuilt from the JSONL files)"
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path}: the manifest must be a JSON object, got {_json_type(manifest)}", hint)
+    for name, types in _MANIFEST_FIELDS.items():
+        section, _, key = name.partition(".")
+        holder = manifest if not key else manifest.get(section)
+        field = key or section
+        if not isinstance(holder, dict) or field not in holder:
+            continue
+        value = holder[field]
+        if not isinstance(value, types) or (int in types and isinstance(value, bool)):
+            raise InputError(f"{path}: {name} must be {_JSON_TYPES[types[0]]}, got {_json_type(value)}", hint)
+    for section in _MANIFEST_MAPS:
+        for key, value in (manifest.get(section) or {}).items():
+            if not isinstance(value, dict):
+                raise InputError(f"{path}: {section}.{key} must be a JSON object, got {_json_type(value)}", hint)
+    return manifest
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to a temp file and rename it over `path`, so a reader never sees half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -92,12 +130,14 @@ class RunDir:
         return self.manifest_path.exists() or (self.path / LEDGER).exists()
 
     def prepare(self) -> None:
-        """Create the directory and prove it is writable before any money is spent."""
+        """Create the directory, prove it is writable before any money is spent, and start its records file."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / ".write-probe"
             probe.write_text("ok", encoding="utf-8")
             probe.unlink()
+            # Even a run that keeps nothing has its records file: export, filter and evolve know it as a run.
+            (self.path / RECORDS).open("a", encoding="utf-8").close()
         except OSError as exc:
             raise OutputError(
                 f"{self.path}: cannot write the run directory ({exc.strerror or exc})",
@@ -112,12 +152,13 @@ class RunDir:
         if not self.manifest_path.exists():
             return None
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise InputError(
                 f"{self.manifest_path}: not valid JSON ({exc})",
                 "the manifest is rebuilt from the JSONL files; delete it and re-run",
             ) from None
+        return check_manifest(manifest, self.manifest_path)
 
     def append(self, name: str, rows: Iterable[dict]) -> None:
         """Append rows to a JSONL file and flush them to the OS (survives kill -9)."""

@@ -107,3 +107,42 @@ def test_a_typo_prints_clicks_usage_with_its_suggestion_and_exits_2(main_cli, ar
     assert code == 2
     assert "Usage:" in captured.err and suggestion in captured.err
     assert "unexpected" not in captured.err and "report it" not in captured.err
+
+
+# ---- run directories ----------------------------------------------------------------------------
+
+
+def test_a_run_that_kept_nothing_is_still_a_run(main_cli, tmp_path):
+    from fakes.openai_server import FakeTeacher
+    from test_generate import run_cli, seeds_file
+
+    out = tmp_path / "run"
+    with FakeTeacher(p_garbage=1.0) as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(out), "--max-requests", "2", "--quiet")
+    assert done.returncode == 3, done.stderr
+    assert (out / "records.jsonl").read_bytes() == b""
+    code, captured = main_cli("export", out, "--to", tmp_path / "exported")
+    assert code == 2 and "no kept records to export" in captured.err, captured.err
+    code, captured = main_cli("filter", out, "--out", tmp_path / "filtered", "--quiet")
+    assert code == 2 and "every input is empty" in captured.err, captured.err
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_a_hand_edited_manifest_of_the_wrong_shape_names_the_field(main_cli, tmp_path, command):
+    from test_generate import run_cli, seeds_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text('{"config": 5, "seeds": "x"}', encoding="utf-8")
+    jsonl(run / "records.jsonl", [{"id": "a", **ROWS[0]}])
+    if command == "generate":
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--out", str(run), "--model", "m",
+                       "--base-url", "http://127.0.0.1:9/v1")
+        code, err = done.returncode, done.stderr
+    else:
+        code, captured = main_cli("export", run, "--to", tmp_path / "exported")
+        err = captured.err
+    assert code == 2, err
+    assert "manifest.json: config must be a JSON object, got an integer" in err
+    assert "unexpected" not in err and "Traceback" not in err

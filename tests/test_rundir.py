@@ -58,3 +58,41 @@ def test_unwritable_directory_is_a_user_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError, match="cannot write the run directory"):
         RunDir(blocker / "run").prepare()
+
+
+@pytest.mark.parametrize(
+    "manifest, field",
+    [
+        ({"config": 5, "seeds": "x"}, "config"),
+        ({"seeds": "x"}, "seeds"),
+        ({"templates": {"generate": "abc"}}, "templates.generate"),
+        ({"evol": {"rounds_completed": "two"}}, "evol.rounds_completed"),
+        ({"created": 7}, "created"),
+        ([1, 2], "the manifest"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_names_the_field(tmp_path, manifest, field):
+    run = RunDir(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        run.load_manifest()
+    assert err.value.exit_code == 2
+    assert f"{tmp_path / 'manifest.json'}: {field}" in err.value.message and "must be" in err.value.message
+
+
+def test_a_well_formed_manifest_loads(tmp_path):
+    run = RunDir(tmp_path)
+    good = {"created": "2026-01-01T00:00:00+00:00", "config": {"model": "m"}, "seeds": {"sha256": "x"},
+            "templates": {"generate": {"sha256": "y"}}, "teacher": {"model": "m"}, "evol": {"rounds_completed": 1},
+            "counts": {"kept": 3}, "stages": {"generate": {"requests": 1}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(good), encoding="utf-8")
+    assert run.load_manifest() == good
+
+
+def test_a_prepared_run_always_has_records_jsonl(tmp_path):
+    run = RunDir(tmp_path / "new")
+    run.prepare()
+    assert (tmp_path / "new" / "records.jsonl").read_bytes() == b""
+    (tmp_path / "new" / "records.jsonl").write_text('{"id": "a"}\n', encoding="utf-8")
+    run.prepare()  # a resumed run keeps what it had
+    assert (tmp_path / "new" / "records.jsonl").read_text(encoding="utf-8") == '{"id": "a"}\n'
