@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -46,8 +47,29 @@ class SeedSet:
     extra: dict = field(default_factory=dict)
 
 
+def _wide_encoding(data: bytes) -> str | None:
+    """UTF-16 or UTF-32, from a byte-order mark or from where the NUL bytes fall; None for anything else."""
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if data.startswith(bom):
+            return name
+    # JSON text never holds a raw NUL byte, but every ASCII character of UTF-16 (one of two bytes)
+    # and UTF-32 (three of four) comes with them, which UTF-8 decoding accepts without complaint.
+    head = data[:4096]
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if not even and not odd:
+        return None
+    if odd > 2 * even:
+        return "UTF-16 little-endian"
+    if even > 2 * odd:
+        return "UTF-16 big-endian"
+    return "UTF-32"
+
+
 def _decode(path: Path, data: bytes) -> str:
     """Decode UTF-8 (with or without BOM), else GB18030 (a GBK superset), else fail clearly."""
+    wide = _wide_encoding(data)
+    if wide is not None:
+        raise InputError(f"{path}: the file is {wide}, not UTF-8", "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8")
     for encoding in ("utf-8-sig", "gb18030"):
         try:
             return data.decode(encoding)
@@ -61,9 +83,7 @@ def _text(value: object, where: str, key: str, required: bool) -> str:
         if required:
             raise InputError(f"{where}: missing `{key}`", _HINT)
         return ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    if not isinstance(value, str):
+    if not isinstance(value, str):  # a number too: 42 as an instruction is a broken file, not the text "42"
         raise InputError(f"{where}: `{key}` must be a string, got {type(value).__name__}", _HINT)
     return value
 

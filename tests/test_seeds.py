@@ -54,7 +54,10 @@ def test_bom_gbk_and_crlf_are_read(tmp_path):
     [
         (['{"instruction": "a", "output": "b"}', "{not json"], ":2: invalid JSON"),
         (['{"input": "x", "output": "b"}'], ":1: missing `instruction`"),
-        (['{"instruction": 5, "output": "b"}'], None),  # numbers are accepted as text
+        (['{"instruction": 42, "output": "b"}'], ":1: `instruction` must be a string, got int"),
+        (['{"instruction": "a", "output": 3.5}'], ":1: `output` must be a string, got float"),
+        (['{"instruction": "a", "instances": [{"input": 7, "output": "b"}]}'], ":1: `instances[0].input` must be a string, got int"),
+        (['{"instruction": true, "output": "b"}'], ":1: `instruction` must be a string, got bool"),
         (['{"instruction": ["a"], "output": "b"}'], ":1: `instruction` must be a string"),
         (['{"instruction": "a", "instances": []}'], ":1: `instances` must be a non-empty list"),
         (['{"instruction": "a", "output": "b", "is_classification": "yes"}'], ":1: `is_classification` must be true or false"),
@@ -81,3 +84,15 @@ def test_empty_and_missing_files(tmp_path):
         read_seeds(empty)
     with pytest.raises(InputError, match="no such seed file"):
         read_seeds(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("encoding, name", [("utf-16-le", "UTF-16 little-endian"), ("utf-16-be", "UTF-16 big-endian"),
+                                            ("utf-16", "UTF-16"), ("utf-32", "UTF-32")])
+def test_utf16_and_utf32_files_are_named_with_or_without_a_bom(tmp_path, encoding, name):
+    path = tmp_path / "seeds.jsonl"
+    line = json.dumps({"instruction": "解释天空为什么是蓝色的", "input": "", "output": "散射"}, ensure_ascii=False) + "\n"
+    path.write_bytes(line.encode(encoding) * 3)
+    with pytest.raises(InputError) as err:
+        read_seeds(path)
+    assert f"{path}: the file is {name}" in err.value.message and "UTF-8" in err.value.hint
+    assert "invalid JSON" not in str(err.value)
