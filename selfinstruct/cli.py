@@ -662,3 +662,22 @@ def doctor(
         console.print(f"{verdict} ({report.seconds:.1f} s)", highlight=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run directory (the --out of generate or evolve) or a filter --out directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The HTML file to write (default: report.html inside RUN_DIR)."),
+    seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed file to measure similarity against (default: the one the run recorded)."),
+) -> None:
+    """Write one self-contained HTML page (no network needed) of a run or filter output: funnel, lengths, similarity, diversity, cost, requests, records."""
+    import time
+
+    from selfinstruct.report import check_source, write_report
+
+    check_source(run_dir)
+    started = time.monotonic()
+    path, stats = write_report(run_dir, out, seeds=seeds)
+    for note in stats["notes"]:
+        _stderr(f"note: {note}")
+    typer.echo(f"wrote {path} ({stats['counts']['kept']:,} kept, {stats['counts']['rejected']:,} rejected; {time.monotonic() - started:.1f} s)")
