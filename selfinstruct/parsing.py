@@ -20,6 +20,20 @@ _LABEL = re.compile(
     rf"^[ \t>*_#-]*(?:(?P<num>\d+)\s*[.、)．:：]\s*)?[*_]*\s*(?P<label>{_INSTRUCTION}|{_INPUT}|{_OUTPUT})\s*[*_]*\s*[:：]\s*[*_]*[ \t]*",
     re.IGNORECASE | re.MULTILINE,
 )
+# "No input" written as a tag, the way templates show it: <noinput>, {noinput}, [noinput], <无输入>, 【无输入】…
+_NO_INPUT_TAG = r"[<{\[(（【]\s*(?:no[\s_-]*input|无输入|無輸入)\s*[>}\])）】]"
+_NO_INPUT_TAG_RE = re.compile(_NO_INPUT_TAG, re.IGNORECASE)
+_EDGE_TAGS_RE = re.compile(rf"^(?:\s*{_NO_INPUT_TAG})+\s*|(?:\s*{_NO_INPUT_TAG})+\s*$", re.IGNORECASE)
+# An input that is a fill-in-the-blank instead of content: [insert text here], <your code>, 【在此插入段落】,
+# {input}, {{ input }}. Bracketed data ([1, 2, 3], <input type="text">, {"a": 1}) has none of these words.
+_FILL_IN_RE = re.compile(
+    r"""^(?:
+        [\[【]\s*(?:insert|enter|paste|add|put|your|placeholder|sample|在此|此处|这里|這裡|此處|插入|填写|填寫|填入|粘贴|貼上)[^\[\]【】\n]{0,80}[\]】]
+      | <\s*(?:insert|enter|paste|your|placeholder|在此|此处|插入|填写)[^<>\n]{0,80}>
+      | \{\{?\s*(?:input|insert|placeholder|text|输入|輸入)[^{}\n]{0,40}\}\}?
+    )$""",
+    re.IGNORECASE | re.VERBOSE,
+)
 _NO_INPUT = {
     "", "<无输入>", "<無輸入>", "<noinput>", "<no input>", "无输入", "無輸入", "无", "無", "空",
     "none", "n/a", "no input", "<none>", "(无)", "（无）", "<无>", "<無>", "null", "-",
@@ -58,7 +72,23 @@ def clean_reply(content: str) -> str:
 def normalise_input(value: str) -> str:
     """Map the many spellings of "no input" to the empty string."""
     stripped = value.strip()
-    return "" if stripped.lower() in _NO_INPUT else stripped
+    folded = stripped.lower().rstrip(".。")
+    return "" if folded in _NO_INPUT or _NO_INPUT_TAG_RE.fullmatch(stripped) else stripped
+
+
+def strip_markers(text: str) -> str:
+    """The text without a "no input" tag a model glued to its start or end ("{noinput}A room is…")."""
+    return _EDGE_TAGS_RE.sub("", text).strip()
+
+
+def placeholder_problem(instruction: str, input: str) -> str | None:
+    """Why an item still holds a template placeholder (a "no input" tag mid-instruction, a fill-in input), or None."""
+    tag = _NO_INPUT_TAG_RE.search(instruction)
+    if tag:
+        return f"the instruction holds a {tag.group(0)} marker"
+    if _FILL_IN_RE.match(input.strip()):
+        return f"the input is a placeholder, not content: {input.strip()[:60]!r}"
+    return None
 
 
 def _from_json(text: str) -> list[dict] | None:
@@ -79,13 +109,17 @@ def _from_json(text: str) -> list[dict] | None:
 
 
 def _item_from_fields(index: int, fields: dict[str, str], raw: str) -> ParsedItem:
-    instruction = fields.get("instruction", "").strip()
-    output = fields.get("output", "").strip()
+    instruction = strip_markers(fields.get("instruction", ""))
+    output = strip_markers(fields.get("output", ""))
     if not instruction:
         return ParsedItem(index, "", "", "", raw, "unparseable", "no instruction found")
     if "output" not in fields:
         return ParsedItem(index, instruction, "", "", raw, "unparseable", "no output found")
-    return ParsedItem(index, instruction, normalise_input(fields.get("input", "")), output, raw)
+    input_text = normalise_input(fields.get("input", ""))
+    problem = placeholder_problem(instruction, input_text)
+    if problem:
+        return ParsedItem(index, instruction, input_text, output, raw, "unparseable", problem)
+    return ParsedItem(index, instruction, input_text, output, raw)
 
 
 def _parse_json_items(items: list) -> list[ParsedItem]:

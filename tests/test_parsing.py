@@ -86,3 +86,42 @@ def test_no_input_spellings():
 def test_parse_never_raises(text, finish, json_mode):
     for item in parse_reply(text, finish, json_mode):
         assert item.problem in (None, "unparseable", "truncated")
+
+
+def test_placeholder_spellings_of_no_input_become_empty():
+    for spelling in ("{noinput}", "<noinput>", "<无输入>", "[noinput]", "{无输入}", "【无输入】", "(no input)", "N/A", "n/a.", "<No_Input>"):
+        assert normalise_input(spelling) == "", spelling
+    # Real inputs that merely look bracketed stay.
+    for real in ("[1, 2, 3]", '<input type="text">', "{\"a\": 1}", "N/A 表示不适用"):
+        assert normalise_input(real) == real
+
+
+def test_a_leaked_noinput_marker_is_stripped_from_the_instruction():
+    # JSON mode, a real llama.cpp teacher: the marker ended up glued to the instruction.
+    reply = '{"tasks": [{"instruction": "{noinput}A room is 5 meters long and 4 meters wide. What is its area?", "input": "{noinput}", "output": "20 square meters."},' \
+            ' {"instruction": "把下面的句子翻译成英文<无输入>", "input": "我爱北京", "output": "<noinput> I love Beijing."}]}'
+    first, second = parse_reply(reply, "stop", json_mode=True)
+    assert first.problem is None and first.instruction == "A room is 5 meters long and 4 meters wide. What is its area?" and first.input == ""
+    assert second.problem is None and second.instruction == "把下面的句子翻译成英文" and second.output == "I love Beijing."
+
+
+def test_a_marker_inside_the_instruction_or_a_fill_in_input_is_rejected():
+    reply = """1. Instruction: Summarise the <noinput> article below.
+Input: An article about tides.
+Output: Tides come from the moon.
+###
+2. Instruction: Translate the sentence into French.
+Input: [insert sentence here]
+Output: Voici la phrase.
+###
+3. 指令：总结下面的段落。
+输入：【在此插入段落】
+输出：这段话讲的是潮汐。
+###
+4. Instruction: Fix the bug in this function.
+Input: {input}
+Output: Done."""
+    items = parse_reply(reply, "stop")
+    assert [i.problem for i in items] == ["unparseable"] * 4
+    assert "<noinput>" in items[0].detail and "[insert sentence here]" in items[1].detail
+    assert "placeholder" in items[2].detail and "{input}" in items[3].detail
