@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ import jinja2
 from selfinstruct.errors import InputError
 
 _ROLE_LINE = re.compile(r"^<<(system|user|assistant)>>[ \t]*$", re.MULTILINE)
+# The template's own marker lines are swapped for this before compiling, so that a `<<system>>` line
+# inside a seed, an input or an evolved instruction is text and can never start a message: the
+# split happens on markers only the template source could have written.
+_NONCE = secrets.token_hex(16)
+_SENTINEL = re.compile(rf"<<(system|user|assistant):{_NONCE}>>[ \t]*")
 
 
 def prompts_dir() -> Path:
@@ -45,7 +51,7 @@ class Template:
             ) from None
         except jinja2.TemplateError as exc:
             raise InputError(f"{self.path}{_error_line(exc, str(self.path))}: template error ({exc})", "fix the template") from None
-        return split_messages(text)
+        return _split(_SENTINEL, text)
 
 
 def _error_line(exc: Exception, filename: str) -> str:
@@ -61,7 +67,11 @@ def _error_line(exc: Exception, filename: str) -> str:
 
 def split_messages(text: str) -> list[dict[str, str]]:
     """Split rendered text on `<<role>>` lines; text with no marker is one user message."""
-    parts = _ROLE_LINE.split(text)
+    return _split(_ROLE_LINE, text)
+
+
+def _split(markers: re.Pattern, text: str) -> list[dict[str, str]]:
+    parts = markers.split(text)
     messages = []
     if parts[0].strip():
         messages.append({"role": "user", "content": parts[0].strip()})
@@ -85,7 +95,7 @@ def load_template(name_or_path: str | Path) -> Template:
         raise InputError(f"{path}: cannot read template ({exc})", "save it as UTF-8 text") from None
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     try:
-        compiled = env.from_string(source)
+        compiled = env.from_string(_ROLE_LINE.sub(lambda m: f"<<{m.group(1)}:{_NONCE}>>", source))
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(f"{path}:{exc.lineno}: template syntax error ({exc.message})", "fix the Jinja syntax") from None
     compiled.filename = str(path)
