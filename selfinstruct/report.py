@@ -197,7 +197,7 @@ def lengths(src: Source) -> dict:
     return {"unit": "characters" if chinese else "words", "fields": out}
 
 
-def _max_similarity(queries: list[str], reference: list[str], skip_self: np.ndarray | None = None, workers: int = -1) -> np.ndarray:
+def max_similarity(queries: list[str], reference: list[str], skip_self: np.ndarray | None = None, workers: int = -1) -> np.ndarray:
     """Each query's highest ROUGE-L F1 against the reference texts, on the tokens the filter compares."""
     from rapidfuzz import process
     from rapidfuzz.distance import Indel
@@ -223,13 +223,13 @@ def similarity(src: Source, *, sample: int = NEAREST_SAMPLE, seed: int = 0) -> d
     out: dict[str, Any] = {"threshold": threshold if isinstance(threshold, (int, float)) else None, "seeds_note": src.seeds_note}
     if src.seeds:
         seed_codes = [vocab.encode(s) for s in src.seeds]
-        scores = _max_similarity(codes, seed_codes)
+        scores = max_similarity(codes, seed_codes)
         out["seed"] = histogram(scores.tolist(), bins=20, lo=0.0, hi=1.0) | {"seeds": len(src.seeds)}
     if len(codes) > 1:
         idx = np.arange(len(codes))
         if len(codes) > sample:
             idx = np.sort(np.random.default_rng(seed).choice(len(codes), size=sample, replace=False))
-        scores = _max_similarity([codes[i] for i in idx], codes, skip_self=idx)
+        scores = max_similarity([codes[i] for i in idx], codes, skip_self=idx)
         out["kept"] = histogram(scores.tolist(), bins=20, lo=0.0, hi=1.0) | {"sampled": len(idx) < len(codes)}
     return out
 
@@ -266,11 +266,12 @@ def _zh_pair(words: list[tuple[str, str]]) -> tuple[str, str] | None:
     if i >= len(words) or not words[i][1].startswith("v") or words[i][0] in _ZH_NOT_VERBS:
         return None
     verb = words[i][0]
-    for word, flag in words[i + 1:i + 8]:
+    # The first noun of the clause: it may sit after a modifier with its own verb (给出保持健康的三个建议 → 建议).
+    for word, flag in words[i + 1:i + 10]:
         if flag.startswith("n") or flag in ("vn", "l", "eng"):
             return verb, word
-        if flag.startswith("v") and flag != "vn" or flag == "x" and word in "，。？！,.?!；;":
-            break  # a second verb or the end of the clause: no object of this verb
+        if flag == "x" and word in "，。？！,.?!；;：:":
+            break  # the end of the clause: this verb has no object
     return None
 
 
