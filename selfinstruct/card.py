@@ -246,7 +246,16 @@ def _stages(m: dict) -> tuple[list[dict[str, str]], dict[str, str]]:
     return rows, total
 
 
-def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str | None, secrets: Iterable[str], private: bool | None) -> dict:
+def _figures(names: Iterable[str]) -> list[dict[str, str]]:
+    """Image links for the figures beside the card (figures/<name>.png), in the order the report draws them."""
+    from selfinstruct.report import FIGURES
+
+    shown = {Path(n).stem: n for n in names}
+    return [{"path": shown[key], "alt": what} for key, what in FIGURES.items() if key in shown]
+
+
+def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str | None, secrets: Iterable[str], private: bool | None,
+             figures: Iterable[str] = ()) -> dict:
     m = build.manifest
     cfg, seeds, teacher, counts = (_dict(m.get(k)) for k in ("config", "seeds", "teacher", "counts"))
     lang = _lang(build)
@@ -357,7 +366,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
         "format_line": {"alpaca": "Alpaca style: one task per row.", "sharegpt": "ShareGPT style: one conversation per row.",
                         "messages": "OpenAI chat style: one conversation per row."}[build.fmt],
         "columns": _columns(build), "examples": examples, "load_code": load_code, "load_note": load_note,
-        "license_line": license_line, "filtered": filtered,
+        "license_line": license_line, "filtered": filtered, "figures": _figures(figures),
     }
 
 
@@ -370,10 +379,11 @@ def _template() -> jinja2.Template:
 
 
 def body(build, *, repo_id: str | None = None, local_dir: Path | None = None, license: str | None = None,
-         secrets: Iterable[str] = (), private: bool | None = None) -> str:
-    """The generated Markdown block, between the selfinstruct markers."""
+         secrets: Iterable[str] = (), private: bool | None = None, figures: Iterable[str] = ()) -> str:
+    """The generated Markdown block, between the selfinstruct markers; `figures` are PNG paths beside the card."""
     secrets = [s for s in secrets if s]
-    text = _template().render(**_context(build, repo_id=repo_id, local_dir=local_dir, license=license, secrets=secrets, private=private))
+    text = _template().render(**_context(build, repo_id=repo_id, local_dir=local_dir, license=license, secrets=secrets, private=private,
+                                         figures=figures))
     for secret in secrets:  # belt and braces: the data itself is left as it is otherwise
         if secret:
             text = text.replace(secret, "***")
@@ -440,15 +450,17 @@ def datasets_yaml(build, dd, sizes: dict[str, int]) -> dict:
     return card_data.to_dict()
 
 
-def local_card(build, dd, sizes: dict[str, int], to: Path, *, existing: str | None = None, license: str | None = None) -> str:
+def local_card(build, dd, sizes: dict[str, int], to: Path, *, existing: str | None = None, license: str | None = None,
+               figures: Iterable[str] = ()) -> str:
     """The README.md of an export folder."""
     data, _ = split_card(existing)
     meta = metadata(build, license=license, existing=data) | datasets_yaml(build, dd, sizes)
-    return merge(existing, meta, body(build, local_dir=Path(to), license=license))
+    return merge(existing, meta, body(build, local_dir=Path(to), license=license, figures=figures))
 
 
-def hub_card(build, existing: str | None, repo_id: str, *, license: str | None = None, secrets: Iterable[str] = (), private: bool | None = None) -> str:
+def hub_card(build, existing: str | None, repo_id: str, *, license: str | None = None, secrets: Iterable[str] = (), private: bool | None = None,
+             figures: Iterable[str] = ()) -> str:
     """The README.md of a Hub repo, merged into the card `datasets` just wrote (which holds configs/dataset_info)."""
     data, _ = split_card(existing)
     meta = metadata(build, license=license, existing=data, repo_id=repo_id)
-    return merge(existing, meta, body(build, repo_id=repo_id, license=license, secrets=secrets, private=private))
+    return merge(existing, meta, body(build, repo_id=repo_id, license=license, secrets=secrets, private=private, figures=figures))

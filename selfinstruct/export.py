@@ -25,7 +25,7 @@ class ExportResult:
     rows: dict[str, int]
 
 
-_OURS = re.compile(r"^(data/[A-Za-z0-9_.-]+-\d{5}-of-\d{5}\.parquet|[A-Za-z0-9_.-]+\.jsonl|README\.md)$")
+_OURS = re.compile(r"^(data/[A-Za-z0-9_.-]+-\d{5}-of-\d{5}\.parquet|[A-Za-z0-9_.-]+\.jsonl|figures/[a-z_-]+\.png|README\.md)$")
 
 
 def _previous_export(to: Path) -> bool:
@@ -65,6 +65,7 @@ def export_run(
 ) -> ExportResult:
     """Write parquet shards (and JSONL) plus a dataset card to `to`, laid out the way the Hub stores them."""
     from selfinstruct.card import local_card
+    from selfinstruct.report import card_figures
 
     check_format(fmt)
     to = Path(to)
@@ -90,8 +91,13 @@ def export_run(
             if jsonl:
                 ds.to_json(str(stage / f"{name}.jsonl"), lines=True, force_ascii=False)
                 written.append(f"{name}.jsonl")
+        figures = card_figures(run_dir)
+        for rel, png in figures.items():
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_bytes(png)
+            written.append(rel)
         existing = (to / "README.md").read_text(encoding="utf-8") if (to / "README.md").exists() else None
-        (stage / "README.md").write_text(local_card(b, dd, sizes, to, existing=existing, license=license), encoding="utf-8")
+        (stage / "README.md").write_text(local_card(b, dd, sizes, to, existing=existing, license=license, figures=figures), encoding="utf-8")
         written.append("README.md")
         to.mkdir(exist_ok=True)
         for old in list(to.rglob("*")):  # only our files are left here: _check_target made sure

@@ -278,20 +278,23 @@ def _read_card(api: Any, repo_id: str, revision: str | None, token: str) -> str 
     return response.content.decode("utf-8")
 
 
-def push_card(api: Any, build: Any, repo_id: str, *, token: str, revision: str | None, license: str | None, private: bool | None = None) -> bool:
-    """Merge the generated card into the repo's README.md; returns whether it changed."""
+def push_card(api: Any, build: Any, repo_id: str, *, token: str, revision: str | None, license: str | None, private: bool | None = None,
+              figures: dict[str, bytes] | None = None) -> bool:
+    """Merge the generated card into the repo's README.md, with the PNG figures it shows, in one commit; returns whether it changed."""
     from huggingface_hub import CommitOperationAdd
 
     from selfinstruct.card import hub_card
 
+    figures = figures or {}
     existing = _read_card(api, repo_id, revision, token)
-    text = hub_card(build, existing, repo_id, license=license, secrets=[token], private=private)
+    text = hub_card(build, existing, repo_id, license=license, secrets=[token], private=private, figures=figures)
     if token in text:  # redact() should make this impossible; never upload a card that leaks it
         raise PublishError("refusing to upload a dataset card that contains the Hub token", "report this bug")
     if text == existing:
         return False
-    api.create_commit(repo_id, [CommitOperationAdd("README.md", text.encode("utf-8"))], commit_message=CARD_MESSAGE,
-                      repo_type="dataset", revision=revision, token=token)
+    operations = [CommitOperationAdd("README.md", text.encode("utf-8"))]
+    operations += [CommitOperationAdd(path, png) for path, png in figures.items()]
+    api.create_commit(repo_id, operations, commit_message=CARD_MESSAGE, repo_type="dataset", revision=revision, token=token)
     return True
 
 
@@ -324,6 +327,9 @@ def push_run(
     token = token or get_token()
     api = HfApi(endpoint=endpoint(), token=token)
     b = build_rows(run_dir, fmt, test_size=test_size, seed=seed, slim=slim, system=system)  # local errors before any upload
+    from selfinstruct.report import card_figures
+
+    figures = card_figures(run_dir)
     repo_id, is_private = prepare_repo(api, repo, token=token, private=private, attempts=attempts, echo=echo)
     if echo:
         for line in status_note(b):
@@ -339,7 +345,7 @@ def push_run(
           what="uploading the data", repo_id=repo_id, token=token, attempts=attempts, echo=echo)
     if echo:
         echo("writing the dataset card")
-    _call(lambda: push_card(api, b, repo_id, token=token, revision=revision, license=license, private=is_private),
+    _call(lambda: push_card(api, b, repo_id, token=token, revision=revision, license=license, private=is_private, figures=figures),
           what="writing the dataset card", repo_id=repo_id, token=token, attempts=attempts, echo=echo)
     url = f"{endpoint()}/datasets/{repo_id}" + (f"/tree/{revision}" if revision else "")
     return PushResult(repo_id, url, revision or "main", is_private, {k: len(v) for k, v in b.splits.items()})

@@ -159,7 +159,8 @@ def funnel(src: Source) -> list[dict]:
         reasons = reasons_by_stage[stage]
         # Failed requests are counted as requests, not as items: they produced none.
         items = kept_by_stage[stage] + sum(n for r, n in reasons.items() if r != "request-failed")
-        steps = [{"label": "requests", "count": requests[stage], "kind": "in"}]
+        # A run without a ledger (or an old one) has no request counts: show none rather than zero.
+        steps = [{"label": "requests", "count": requests[stage], "kind": "in"}] if requests[stage] else []
         if failed[stage]:
             steps.append({"label": "failed requests", "count": failed[stage], "kind": "drop"})
         steps.append({"label": "items read" if stage == "generate" else "evolutions", "count": items, "kind": "in"})
@@ -494,3 +495,132 @@ def check_source(path: Path) -> None:
         raise InputError(f"{path}: no such directory", "pass the --out directory of a generate, evolve or filter run")
     if not any((path / name).exists() for name in (MANIFEST, FILTER_REPORT, "records.jsonl")):
         raise InputError(f"{path}: neither a run directory nor a filter output", "pass the --out directory of a generate, evolve or filter run")
+
+
+# ---- PNG figures for the dataset card ----------------------------------------------------------
+
+FIGURES = {"funnel": "How many candidates each filter removed", "lengths": "Lengths of the kept records",
+           "similarity": "ROUGE-L to the nearest seed and to the nearest other kept instruction"}
+FIGURES_DIR = "figures"
+# Families that hold CJK glyphs, by platform: Debian/Ubuntu (fonts-noto-cjk, fonts-wqy-*), macOS, Windows.
+CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Noto Sans CJK TC", "Noto Sans CJK JP", "WenQuanYi Zen Hei",
+                "WenQuanYi Micro Hei", "Droid Sans Fallback", "PingFang SC", "Hiragino Sans GB", "Heiti SC", "STHeiti",
+                "Microsoft YaHei", "SimHei", "Arial Unicode MS")
+
+
+def cjk_font() -> str | None:
+    """The first installed font family matplotlib can use for Chinese, or None (nothing is downloaded)."""
+    from matplotlib import font_manager
+
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    return next((name for name in CJK_FAMILIES if name in installed), None)
+
+
+def _figure(width: float, height: float, ncols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+
+
+def _label(text: str, font: str | None) -> str:
+    """A label a font can draw: with no CJK font, Chinese is written as code points rather than drawn as empty boxes."""
+    if font or not CJK_RE.search(text):
+        return text
+    return CJK_RE.sub(lambda m: f"U+{ord(m.group(0)):04X}", text)
+
+
+def draw_funnel(stats: dict, font: str | None):
+    stages = stats["funnel"]
+    rows = [(f"{st['stage']}: {s['label']}" if len(stages) > 1 else s["label"], s["count"], s["kind"]) for st in stages for s in st["steps"]]
+    fig, (ax,) = _figure(7.5, 0.9 + 0.32 * len(rows))
+    colors = {"in": "#3b6fb6", "drop": "#c8553d", "out": "#2e8b57"}
+    ys = list(range(len(rows)))[::-1]
+    ax.barh(ys, [r[1] for r in rows], color=[colors[r[2]] for r in rows])
+    ax.set_yticks(ys, [_label(r[0], font) for r in rows])
+    top = max([r[1] for r in rows] + [1])
+    for y, (_, n, _) in zip(ys, rows):
+        ax.text(n + top * 0.01, y, f"{n:,}", va="center", fontsize=8)
+    ax.set_xlim(0, top * 1.15)
+    ax.set_title("Funnel: requests → items → rejections by filter → kept", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def _bars(ax, hist: dict, color: str, share: bool = True, **kw) -> None:
+    edges, counts = hist["edges"], hist["counts"]
+    if not counts:
+        ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
+        return
+    total = sum(counts) or 1
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    ax.bar(edges[:-1], [c / total if share else c for c in counts], width=widths, align="edge", color=color, **kw)
+
+
+def draw_lengths(stats: dict, font: str | None):
+    fields = stats["lengths"]["fields"]
+    unit = stats["lengths"]["unit"]
+    fig, axes = _figure(3.2 * max(1, len(fields)), 2.8, max(1, len(fields)))
+    for ax, (name, f) in zip(axes, fields.items()):
+        _bars(ax, f["kept"], "#3b6fb6", alpha=0.9)
+        ax.set_title(f"{name} (median {f['kept']['median']:g} {unit})" if f["kept"]["n"] else name, fontsize=9)
+        ax.set_xlabel(f"{unit} (last bin: longest 1%)", fontsize=8)
+        ax.yaxis.set_major_formatter(_percent())
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def _percent():
+    from matplotlib.ticker import PercentFormatter
+
+    return PercentFormatter(1.0, decimals=0)
+
+
+def draw_similarity(stats: dict, font: str | None):
+    sim = stats["similarity"]
+    parts = [(k, t) for k, t in (("seed", "nearest seed"), ("kept", "nearest other kept instruction")) if sim.get(k)]
+    fig, axes = _figure(3.6 * max(1, len(parts)), 2.8, max(1, len(parts)))
+    if not parts:
+        axes[0].text(0.5, 0.5, "fewer than two kept records and no seed file", ha="center", transform=axes[0].transAxes)
+        axes[0].set_axis_off()
+    for ax, (key, title) in zip(axes, parts):
+        h = sim[key]
+        _bars(ax, h, "#8e6cc0" if key == "seed" else "#2a9d8f")
+        if sim.get("threshold") is not None:
+            ax.axvline(sim["threshold"], color="#111827", linestyle="--", linewidth=1)
+        sampled = " (sample)" if h.get("sampled") else ""
+        ax.set_title(f"ROUGE-L to the {title}{sampled}\nmedian {h['median']:g}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("ROUGE-L F1", fontsize=8)
+        ax.yaxis.set_major_formatter(_percent())
+        ax.spines[["top", "right"]].set_visible(False)
+    return fig
+
+
+def render_figures(stats: dict) -> dict[str, bytes]:
+    """The card's figures as PNG bytes, by file name under figures/."""
+    import io
+
+    import matplotlib
+
+    font = cjk_font()
+    # Chinese rule names or labels need a CJK face; DejaVu stays first for Latin text and numbers.
+    families = ["DejaVu Sans", *([font] if font else [])]
+    out = {}
+    with matplotlib.rc_context({"font.family": families, "axes.unicode_minus": False}):
+        for name, draw in (("funnel", draw_funnel), ("lengths", draw_lengths), ("similarity", draw_similarity)):
+            fig = draw(stats, font)
+            buf = io.BytesIO()
+            # No timestamp or software tag: the same data gives the same bytes, so a repeated push uploads nothing new.
+            fig.savefig(buf, format="png", metadata={"Software": None})
+            out[f"{FIGURES_DIR}/{name}.png"] = buf.getvalue()
+    return out
+
+
+def card_figures(path: Path) -> dict[str, bytes]:
+    """Measure what the card's figures need (funnel, lengths, similarity) and draw them."""
+    src = load_source(path)
+    stats = {"funnel": funnel(src), "lengths": lengths(src), "similarity": similarity(src)}
+    return render_figures(stats)

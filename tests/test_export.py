@@ -127,7 +127,8 @@ def test_re_export_replaces_shards_and_keeps_user_card_text(run, tmp_path):
     readme = (out / "README.md").read_text(encoding="utf-8")
     (out / "README.md").write_text(readme + "\n## 我的备注\n\n只在本地使用。\n", encoding="utf-8")
     export_run(run, out, "messages")
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["README.md", "data/train-00000-of-00001.parquet"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "README.md", "data/train-00000-of-00001.parquet", "figures/funnel.png", "figures/lengths.png", "figures/similarity.png"]
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "只在本地使用。" in card and card.count("<!-- selfinstruct:begin") == 1 and "`messages` format" in card
 
@@ -200,3 +201,40 @@ def test_a_filter_output_exports_with_its_rules_on_the_card(tmp_path, fmt):
     # It says what it is: cleaned from the inputs, not synthetic data from a teacher with a cost.
     assert "cleaned by `selfinstruct filter`" in card and "from `in.json` (8 records in)" in card
     assert "synthetic" not in card.split("---")[1] and "Tokens and cost" not in card and "teacher" not in card.lower()
+
+
+def test_export_adds_the_key_figures_as_png_and_shows_them_in_the_card(run, tmp_path):
+    from PIL import Image
+
+    result = export_run(run, tmp_path / "out", "alpaca")
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    for name in ("funnel", "lengths", "similarity"):
+        png = tmp_path / "out" / "figures" / f"{name}.png"
+        assert png in result.files and f"](figures/{name}.png)" in card
+        with Image.open(png) as img:
+            assert img.format == "PNG" and img.size[0] > 300 and len(img.getcolors(1 << 20) or []) > 10  # drawn, not blank
+    # The same run gives the same bytes (no timestamp inside), so a repeated push uploads nothing new.
+    first = (tmp_path / "out" / "figures" / "funnel.png").read_bytes()
+    export_run(run, tmp_path / "out", "alpaca")
+    assert (tmp_path / "out" / "figures" / "funnel.png").read_bytes() == first
+
+
+def test_figure_labels_in_chinese_are_drawn_with_a_cjk_font_or_spelled_as_code_points():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from selfinstruct.report import _label, cjk_font, render_figures
+
+    def funnel_png(rule: str) -> np.ndarray:
+        stats = {"funnel": [{"stage": "filter", "steps": [{"label": "records in", "count": 3, "kind": "in"},
+                                                          {"label": rule, "count": 1, "kind": "drop"}, {"label": "kept", "count": 2, "kind": "out"}]}],
+                 "lengths": {"unit": "characters", "fields": {}}, "similarity": {"threshold": None}}
+        return np.asarray(Image.open(io.BytesIO(render_figures(stats)["figures/funnel.png"])).convert("L"))
+
+    if cjk_font() is None:
+        assert _label("敏感词", None) == "U+654F U+611F U+8BCD".replace(" ", "")
+        pytest.skip("no CJK font installed (.ci/run installs fonts-noto-cjk)")
+    # A rule file may name its rules in Chinese: two names must draw differently (missing glyphs all draw the same box).
+    assert not np.array_equal(funnel_png("敏感词"), funnel_png("广告语"))

@@ -95,6 +95,9 @@ def test_push_alpaca_private_with_test_split_then_repush_messages(hub, run, tmp_
     assert card.startswith("---\n") and "license: apache-2.0" in card and "evol-instruct" in card
     assert "configs:" in card and "dataset_info:" in card and "path: data/test-*" in card
     assert card.count("<!-- selfinstruct:begin") == 1 and 'load_dataset("alice/zh-instruct")' in card
+    # The card's figures are uploaded beside it, and the card shows them by their repo paths.
+    for name in ("funnel", "lengths", "similarity"):
+        assert files[f"figures/{name}.png"].startswith(b"\x89PNG\r\n") and f"](figures/{name}.png)" in card
     assert snapshot(run) == before
 
     # Same repo again as messages without a split: the stale test shard goes, the card block is replaced, not repeated.

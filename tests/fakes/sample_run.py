@@ -121,6 +121,12 @@ def sample_card(workdir: Path) -> str:
 if __name__ == "__main__":
     import tempfile
 
+    import shutil
+
     with tempfile.TemporaryDirectory() as tmp:
         SAMPLE_CARD.write_text(sample_card(Path(tmp)), encoding="utf-8")
+        # The card links figures/*.png beside it: copy them next to docs/sample-card.md so it renders as exported.
+        (SAMPLE_CARD.parent / "figures").mkdir(exist_ok=True)
+        for png in sorted((Path(tmp) / "exports" / "zh-sample" / "figures").glob("*.png")):
+            shutil.copyfile(png, SAMPLE_CARD.parent / "figures" / png.name)
     print(f"wrote {SAMPLE_CARD}", file=sys.stderr)
