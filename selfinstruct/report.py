@@ -508,12 +508,26 @@ CJK_FAMILIES = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "Noto 
                 "Microsoft YaHei", "SimHei", "Arial Unicode MS")
 
 
+_CJK_FILE = re.compile(r"(cjk|wqy|wenquanyi|droidsansfallback|msyh|simhei|pingfang|hiragino|sourcehansans)", re.IGNORECASE)
+
+
 def cjk_font() -> str | None:
     """The first installed font family matplotlib can use for Chinese, or None (nothing is downloaded)."""
     from matplotlib import font_manager
 
     installed = {f.name for f in font_manager.fontManager.ttflist}
-    return next((name for name in CJK_FAMILIES if name in installed), None)
+    found = next((name for name in CJK_FAMILIES if name in installed), None)
+    if found is None:
+        # matplotlib's font cache predates a font installed later: look for CJK font files on the system once.
+        for path in font_manager.findSystemFonts():
+            if _CJK_FILE.search(Path(path).name):
+                try:
+                    font_manager.fontManager.addfont(path)
+                except (OSError, RuntimeError, ValueError):
+                    continue
+        installed = {f.name for f in font_manager.fontManager.ttflist}
+        found = next((name for name in CJK_FAMILIES if name in installed), None)
+    return found
 
 
 def _figure(width: float, height: float, ncols: int = 1):
