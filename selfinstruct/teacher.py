@@ -93,6 +93,20 @@ class RequestFailed(Exception):
         self.errors = errors or []
 
 
+class RequestCancelled(Exception):
+    """A request given up because the run is stopping: no retry was started; resume sends it again."""
+
+    def __init__(self, attempts: int, wasted: Usage, errors: list[str]) -> None:
+        super().__init__("cancelled: the run is stopping")
+        self.attempts = attempts
+        self.wasted = wasted
+        self.errors = errors
+
+
+class RequestTimeout(Exception):
+    """One attempt passed --timeout, counted from connect to the last byte (a trickling reply cannot hold it open)."""
+
+
 class MalformedReply(Exception):
     """A 200 reply without usable choices; worth another try."""
 
@@ -136,6 +150,8 @@ def _timed_out(exc: BaseException) -> bool:
 
 def error_kind(exc: BaseException) -> str:
     """A short name for why one attempt failed: timeout, connection, http-<status> or malformed."""
+    if isinstance(exc, RequestTimeout):
+        return "timeout"
     if isinstance(exc, openai.APITimeoutError):
         return "timeout" if _timed_out(exc) else "connection"
     if isinstance(exc, openai.APIConnectionError):
@@ -150,7 +166,7 @@ def error_kind(exc: BaseException) -> str:
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, JsonModeUnsupported):
         return False  # only with a text rendering to fall back to; see Teacher.complete
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, MalformedReply, ParameterRejected)):
+    if isinstance(exc, (RequestTimeout, openai.APITimeoutError, openai.APIConnectionError, MalformedReply, ParameterRejected)):
         return True
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
@@ -307,6 +323,27 @@ class Teacher:
         # The server's answer when it rejected response_format; later requests go out as text.
         self.json_mode_error: str | None = None
         self.in_flight = 0
+        # Set when the run stops: no new attempt starts, and backoff sleeps end at once.
+        self._stopping = asyncio.Event()
+
+    def stop_retrying(self) -> None:
+        """Start no more attempts: requests between attempts end as RequestCancelled, those in flight may land."""
+        self._stopping.set()
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        """Sleep between attempts, cut short when the run stops."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _attempt_within_deadline(self, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None) -> tuple[dict, str]:
+        """One attempt bounded as a whole by --timeout: the HTTP client's read timeout restarts on every byte."""
+        try:
+            return await asyncio.wait_for(self._attempt(messages, json_mode, max_tokens), timeout=self.settings.timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"no complete reply within --timeout {self.settings.timeout:g} s") from None
+
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -380,6 +417,7 @@ class Teacher:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.retries + 1),
             wait=_Backoff(),
+            sleep=self._backoff_sleep,
             retry=retry_if_exception(
                 lambda e: not over_budget and (_retryable(e) or (isinstance(e, JsonModeUnsupported) and text_messages is not None))
             ),
@@ -387,16 +425,20 @@ class Teacher:
         )
         try:
             async for attempt in retrying:
+                if self._stopping.is_set():
+                    raise RequestCancelled(attempts, wasted, errors)
                 with attempt:
-                    attempts += 1
                     entry = await self._limiter.acquire(estimate)
                     async with self._slots:
+                        if self._stopping.is_set():  # stopped while this request queued for a slot: it never left
+                            raise RequestCancelled(attempts, wasted, errors)
+                        attempts += 1
                         # Checked once a slot is ours: a refusal may have come back while we waited.
                         if json_mode and self.json_mode_error and text_messages is not None:
                             messages, json_mode = text_messages(), False
                         self.in_flight += 1
                         try:
-                            response, content = await self._attempt(messages, json_mode, max_tokens)
+                            response, content = await self._attempt_within_deadline(messages, json_mode, max_tokens)
                         except Exception as exc:
                             errors.append(error_kind(exc))
                             if isinstance(exc, MalformedReply) and exc.usage:
@@ -419,6 +461,8 @@ class Teacher:
                 f"the teacher does not know model {self.settings.model!r} or the URL path (HTTP {exc.status_code})",
                 "check --model and --base-url (it usually ends in /v1)",
             ) from None
+        except RequestCancelled:
+            raise
         except Exception as exc:  # every other failure is recorded in the ledger, not raised
             if isinstance(exc, JsonModeUnsupported) and text_messages is None:
                 raise  # nothing to fall back to: the caller (doctor) wants to know
