@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 import re
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,7 +13,7 @@ from typing import Optional
 import typer
 
 from selfinstruct import __version__
-from selfinstruct.errors import ConfigError, RunStopped, UserError
+from selfinstruct.errors import ConfigError, UserError
 
 app = typer.Typer(
     name="selfinstruct",
@@ -105,58 +103,6 @@ def _check_rule_names(names) -> None:
             raise ConfigError(f"--no-rule {name!r} is not a rule", f"choose from {', '.join(known)}")
 
 
-def _api_key(cfg, kind: str) -> str | None:
-    """The key from the variable --api-key-env names; a local server needs none unless one was named."""
-    api_key = os.environ.get(cfg.api_key_env)
-    if not api_key and (kind != "local" or cfg.api_key_env != "OPENAI_API_KEY"):
-        raise ConfigError(
-            f"no API key: ${cfg.api_key_env} is not set for {cfg.base_url or 'the OpenAI API'}",
-            f"export {cfg.api_key_env}=..., or pass --api-key-env NAME, or --base-url for a local server",
-        )
-    return api_key or None
-
-
-def _default_out(seeds: Path, model: str) -> Path:
-    """outputs/<seed file>-<model>: the same command resumes into the same directory."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
-    return Path("outputs") / f"{seeds.stem}-{slug}"
-
-
-def _infer_lang(seeds) -> str:
-    """zh, zh-Hant or en from the seed instructions (and a Hant/TW hint in the file name)."""
-    from selfinstruct.rules import script_of
-
-    scripts = [script_of(t.instruction) for t in seeds.tasks]
-    if scripts.count("zh") * 2 >= len(scripts):
-        stem = seeds.path.stem.lower()
-        return "zh-Hant" if ("hant" in stem or "tw" in stem.split("_") or stem.endswith("-tw")) else "zh"
-    return "en"
-
-
-def _print_summary(gen, console) -> None:
-    from rich.table import Table
-
-    t = gen.tally
-    table = Table(title=f"selfinstruct generate: {gen.status}", show_header=False)
-    table.add_row("run directory", str(gen.run.path))
-    table.add_row("kept", f"{t.kept:,} / {gen.cfg.n:,}")
-    for reason, count in t.rejected.most_common():
-        table.add_row(f"rejected: {reason}", f"{count:,}")
-    table.add_row("requests", f"{t.requests:,} ({t.failed_requests:,} failed)")
-    estimated = " (some estimated)" if t.estimated_requests else ""
-    table.add_row("tokens", f"{t.prompt_tokens:,} prompt + {t.completion_tokens:,} completion{estimated}")
-    table.add_row("cost", f"${gen.usd:.4f}" if gen.price else "unknown (no price for this model; pass --price-in/--price-out)")
-    console.print(table)
-
-
-def _summary_line(gen) -> str:
-    """The end of a --quiet run in one line, for logs."""
-    t = gen.tally
-    cost = f"${gen.usd:.4f}" if gen.price else "cost unknown (no price)"
-    return (f"{gen.status}: kept {t.kept:,}/{gen.cfg.n:,}, rejected {sum(t.rejected.values()):,}, requests {t.requests:,} "
-            f"({t.failed_requests:,} failed), tokens {t.prompt_tokens:,}+{t.completion_tokens:,}, {cost}; {gen.run.path}")
-
-
 @app.command()
 def generate(
     seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed file: Self-Instruct/BELLE JSONL or Alpaca JSON/JSONL."),
@@ -174,7 +120,8 @@ def generate(
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request (default 120)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
     retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
@@ -197,16 +144,9 @@ def generate(
     """Generate instruction data from seed tasks with a teacher model. Re-run the same command to resume."""
     flags = {k: v for k, v in locals().items() if k != "config"}
     from rich.console import Console
-    from rich.markup import escape
 
     from selfinstruct.config import resolve
-    from selfinstruct.generate import Generation, check_resumable, project
-    from selfinstruct.pricing import endpoint_kind, resolve_price
-    from selfinstruct.progress import ProgressView
-    from selfinstruct.prompts import generation_template_name, load_template
-    from selfinstruct.rundir import RunDir
-    from selfinstruct.seeds import read_seeds
-    from selfinstruct.teacher import Teacher, TeacherSettings
+    from selfinstruct.generate import run_generate
 
     cfg = resolve(flags, config)
     _check_rule_names(cfg.no_rule)
@@ -217,191 +157,9 @@ def generate(
             resolve_ops(cfg.evol_ops)
         except ConfigError as exc:
             raise ConfigError(exc.message.replace("--ops", "--evol-ops", 1), exc.hint) from None
-    console = Console(stderr=True)
-    seed_set = read_seeds(cfg.seeds, cfg.seeds_license)
-    cfg = dataclasses.replace(cfg, lang=cfg.lang or _infer_lang(seed_set), out=cfg.out or _default_out(cfg.seeds, cfg.model))
-    tpl = load_template(cfg.template or generation_template_name(cfg.lang))
-    kind = endpoint_kind(cfg.base_url)
-    price = resolve_price(cfg.model, kind, cfg.price_in, cfg.price_out)
-    if price is None:
-        if cfg.max_cost is not None:
-            raise ConfigError(
-                f"--max-cost needs a price, and {cfg.model!r} is not in the price table",
-                "pass --price-in and --price-out (USD per 1M tokens)",
-            )
-        console.print(f"[yellow]warning:[/] no price known for {cfg.model!r}; cost will be reported as unknown (pass --price-in/--price-out)")
-    if cfg.dry_run:
-        projection = project(cfg, seed_set, tpl, price)
-        usd = f"${projection['usd']:.2f}" if projection["usd"] is not None else "unknown (no price)"
-        typer.echo(
-            f"dry run: {cfg.n:,} records ≈ {projection['requests']:,} requests "
-            f"(assuming {projection['assumed_yield']:.0%} of {cfg.per_request} tasks per request are kept), "
-            f"≈ {projection['prompt_tokens']:,} prompt + {projection['completion_tokens']:,} completion tokens, ≈ {usd}"
-        )
-        projected = projection["usd"]
-        if cfg.evol_rounds:
-            from selfinstruct.evolution import project_evolution
-
-            samples = [(t.instruction, t.instances[0].input, t.instances[0].output) for t in seed_set.tasks]
-            evo = project_evolution(cfg, cfg.lang, cfg.n, samples)
-            evo_usd = price.usd(evo["prompt_tokens"], evo["completion_tokens"]) if price else None
-            total = f"${projection['usd'] + evo_usd:.2f}" if evo_usd is not None else "unknown (no price)"
-            typer.echo(
-                f"then --evol-rounds {cfg.evol_rounds}: ≈ {evo['steps']:,} evolutions, {evo['requests']:,} requests "
-                f"(assuming {evo['assumed_survival']:.0%} survive each round, ≈ {evo['kept']:,} more records), "
-                f"≈ {evo['prompt_tokens']:,} prompt + {evo['completion_tokens']:,} completion tokens, "
-                f"≈ {'$%.2f' % evo_usd if evo_usd is not None else 'unknown'}; in all ≈ {total}"
-            )
-            projected = projected + evo_usd if projected is not None and evo_usd is not None else None
-        if cfg.max_cost is not None and projected is not None and projected > cfg.max_cost:
-            typer.echo(f"note: that is over --max-cost ${cfg.max_cost:g}; the run would stop at the budget with about "
-                       f"{cfg.max_cost / projected:.0%} of it done (re-run with a higher --max-cost to resume)")
-        return
-    api_key = _api_key(cfg, kind)
-    if cfg.push_to:
-        from selfinstruct.hub import get_token, parse_repo
-
-        # Checked before the run: a bad repo id or a missing token would otherwise show up hours later.
-        parse_repo(cfg.push_to, flag="--push-to")
-        get_token()
-    run = RunDir(cfg.out)
-    run.prepare()
-    check_resumable(run, cfg, seed_set, tpl, price)
-    gen = Generation(cfg, seed_set, tpl, run, price, command_line())
-    evo = None
-    if cfg.evol_rounds:
-        from selfinstruct.evolution import after_generation
-
-        evo = after_generation(gen)  # evol templates and resume settings are checked before anything is spent
-    replayed = gen.load()
-    if gen.tally.requests and not cfg.quiet:
-        console.print(f"resuming {run.path}: {gen.tally.kept:,} kept from {gen.tally.requests:,} requests" + (f", {replayed} records recovered from the ledger" if replayed else ""))
-    settings = TeacherSettings(
-        model=cfg.model, base_url=cfg.base_url, timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency,
-        rpm=cfg.rpm, tpm=cfg.tpm, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-    )
-    exit_code = 0
-    with ProgressView(cfg.n, quiet=cfg.quiet, console=console) as view:
-        gen.on_progress = lambda g: view.update(g, g.tally.kept)
-        try:
-            exit_code = asyncio.run(_drive(gen, settings, api_key))
-        except RunStopped as stop:
-            view.__exit__(None, None, None)
-            # The message may quote a teacher's reply: no markup from it, and one line to grep.
-            console.print(f"[yellow]stopped:[/] {escape(stop.message)}", soft_wrap=True, highlight=False)
-            exit_code = stop.exit_code
-        finally:
-            run.close()
-    if not cfg.quiet or exit_code:
-        _print_summary(gen, console)
-    else:
-        console.print(_summary_line(gen), soft_wrap=True, highlight=False, markup=False)
-    if exit_code in (130, 143):
-        console.print(f"interrupted; everything finished is saved. Resume with: {escape(gen.command)}", soft_wrap=True, highlight=False)
+    exit_code = run_generate(cfg, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True), typer.echo)
     if exit_code:
         raise typer.Exit(exit_code)
-    if evo is not None:
-        evo.load()
-        exit_code = _run_evolution(evo, settings, api_key, console)
-        if exit_code:
-            raise typer.Exit(exit_code)
-    if cfg.push_to:
-        from selfinstruct.hub import push_run
-
-        # Re-running a finished run goes straight here, so a failed push is retried by the same command.
-        push_run(run.path, cfg.push_to, private=True, license=seed_set.license, echo=_stderr)
-
-
-async def _drive(gen, settings, api_key) -> int:
-    """Run the generation with signal handling: first SIGINT/SIGTERM stops gracefully, a second one hard."""
-    from selfinstruct.teacher import Teacher
-
-    loop = asyncio.get_running_loop()
-    teacher = Teacher(settings, api_key)
-    received: list[int] = []
-    main_task = asyncio.current_task()
-
-    def on_signal(signum: int) -> None:
-        received.append(signum)
-        if len(received) == 1:
-            gen.request_stop("interrupted" if signum == signal.SIGINT else "terminated")
-        elif main_task is not None:
-            main_task.cancel()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signum, on_signal, signum)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
-            pass
-    try:
-        await gen.run_async(teacher)
-    except RunStopped:
-        if received:
-            return 128 + received[0]
-        raise
-    except asyncio.CancelledError:
-        return 128 + received[0] if received else 130
-    finally:
-        await teacher.aclose()
-    return 128 + received[0] if received else 0
-
-
-def _run_evolution(evo, settings, api_key, console) -> int:
-    """Run Evol-Instruct rounds (a progress bar per round), print the summary, return the exit code."""
-    from rich.markup import escape
-
-    from selfinstruct.progress import ProgressView
-
-    views: dict[int, ProgressView] = {}
-
-    def close_views() -> None:
-        while views:
-            views.popitem()[1].__exit__(None, None, None)
-
-    def progress(e) -> None:
-        if e.round not in views:
-            close_views()
-            views[e.round] = ProgressView(e.round_size, label=f"evolve round {e.round}", quiet=e.cfg.quiet, console=console).__enter__()
-        views[e.round].update(e, e.round_done)
-
-    evo.on_progress = progress
-    exit_code = 0
-    try:
-        exit_code = asyncio.run(_drive(evo, settings, api_key))
-    except RunStopped as stop:
-        close_views()
-        console.print(f"[yellow]stopped:[/] {escape(stop.message)}", soft_wrap=True, highlight=False)
-        exit_code = stop.exit_code
-    finally:
-        close_views()
-        evo.run.close()
-    if not evo.cfg.quiet or exit_code:
-        _print_evol_summary(evo, console)
-    if exit_code in (130, 143):
-        # soft_wrap: the command must stay on one line to be copied, whatever the terminal width.
-        console.print(f"interrupted; everything finished is saved. Resume with: {escape(evo.command)}", soft_wrap=True, highlight=False)
-    return exit_code
-
-
-def _print_evol_summary(evo, console) -> None:
-    from rich.table import Table
-
-    summary = evo.evol_summary()
-    table = Table(title=f"selfinstruct evolve: {evo.status} ({evo.run.path})")
-    for column in ("round", "op", "kept", "eliminated"):
-        table.add_column(column)
-    rows = sorted((int(r), op, c) for op, rounds in summary["ops"].items() for r, c in rounds.items())
-    for r, op, c in rows:
-        table.add_row(str(r), op, f"{c['kept']:,}", ", ".join(f"{k} {v:,}" for k, v in c["eliminated"].items()) or "-")
-    console.print(table)
-    stages = evo.manifest()["stages"]
-    costs = Table(show_header=True)
-    for column in ("stage", "requests", "prompt tokens", "completion tokens", "cost"):
-        costs.add_column(column)
-    for name, st in stages.items():
-        costs.add_row(name, f"{st['requests']:,}", f"{st['prompt_tokens']:,}", f"{st['completion_tokens']:,}",
-                      f"${st['usd']:.4f}" if evo.price else "unknown")
-    console.print(costs)
 
 
 @app.command()
@@ -421,7 +179,8 @@ def evolve(
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request (default 120)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
     retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
@@ -440,10 +199,7 @@ def evolve(
     from rich.console import Console
 
     from selfinstruct.config import resolve
-    from selfinstruct.evolution import Evolution, check_evolvable, infer_lang, input_seeds, read_base, records_sha256
-    from selfinstruct.pricing import endpoint_kind, resolve_price
-    from selfinstruct.rundir import RunDir
-    from selfinstruct.teacher import TeacherSettings
+    from selfinstruct.evolution import run_evolve
 
     cfg = resolve(flags, config)
     _check_rule_names(cfg.no_rule)
@@ -451,39 +207,8 @@ def evolve(
         raise ConfigError("--rounds must be at least 1", "one round rewrites every input record once")
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be at least 1", "leave it out to evolve every record")
-    cfg = dataclasses.replace(cfg, evol_rounds=cfg.evol_rounds or 1)
-    if any(Path(p).resolve() == out.resolve() for p in inputs):
-        raise ConfigError(f"--out {out} is also an input", "write the evolution to a new directory, or evolve a run with generate --evol-rounds")
-    console = Console(stderr=True)
-    base = read_base(inputs, limit)
-    if not base:
-        raise ConfigError(f"no records to evolve in {', '.join(map(str, inputs))}", "check the input files")
-    lang = cfg.lang or infer_lang(r["instruction"] for r in base)
-    cfg = dataclasses.replace(cfg, lang=lang, out=out)
-    source = {"paths": [Path(p).name for p in inputs], "records": len(base), "limit": limit, "sha256": records_sha256(base)}
-    kind = endpoint_kind(cfg.base_url)
-    price = resolve_price(cfg.model, kind, cfg.price_in, cfg.price_out)
-    if price is None:
-        if cfg.max_cost is not None:
-            raise ConfigError(
-                f"--max-cost needs a price, and {cfg.model!r} is not in the price table",
-                "pass --price-in and --price-out (USD per 1M tokens)",
-            )
-        console.print(f"[yellow]warning:[/] no price known for {cfg.model!r}; cost will be reported as unknown (pass --price-in/--price-out)")
-    api_key = _api_key(cfg, kind)
-    run = RunDir(out)
-    run.prepare()
-    evo = Evolution(cfg, run, price, lang, command_line(), base=base, copy_base=not evolved_only, source=source,
-                    seeds=input_seeds(inputs))
-    check_evolvable(run, cfg, lang, evo.templates, source, price)
-    evo.load()
-    if evo.tally.requests and not cfg.quiet:
-        console.print(f"resuming {run.path}: {evo.tally.kept:,} evolutions kept, {sum(evo.tally.rejected.values()):,} eliminated")
-    settings = TeacherSettings(
-        model=cfg.model, base_url=cfg.base_url, timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency,
-        rpm=cfg.rpm, tpm=cfg.tpm, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-    )
-    exit_code = _run_evolution(evo, settings, api_key, console)
+    cfg = dataclasses.replace(cfg, evol_rounds=cfg.evol_rounds or 1, out=out)
+    exit_code = run_evolve(cfg, inputs, limit, evolved_only, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True))
     if exit_code:
         raise typer.Exit(exit_code)
 

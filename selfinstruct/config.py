@@ -59,6 +59,7 @@ class GenerateConfig:
     evol_ops: tuple[str, ...] = ()
     judge_equal: bool = False
     push_to: str | None = None
+    grace: float = 10.0
     quiet: bool = False
     dry_run: bool = False
 
@@ -191,6 +192,7 @@ def validate(cfg: GenerateConfig) -> None:
         (cfg.concurrency >= 1, "--concurrency must be at least 1", "try 16"),
         (0.0 < cfg.similarity <= 1.0, "--similarity must be in (0, 1]", "0.7 is the Self-Instruct threshold"),
         (cfg.timeout > 0, "--timeout must be positive", "seconds per request, e.g. 120"),
+        (cfg.grace >= 0, "--grace cannot be negative", "seconds a stop waits for requests in flight, e.g. 10"),
         (cfg.retries >= 0, "--retries cannot be negative", "the default is 6"),
         (cfg.rpm is None or cfg.rpm >= 1, "--rpm must be at least 1", "leave it out for no limit"),
         (cfg.tpm is None or cfg.tpm >= 1, "--tpm must be at least 1", "leave it out for no limit"),
@@ -206,3 +208,14 @@ def validate(cfg: GenerateConfig) -> None:
     for ok, message, hint in checks:
         if not ok:
             raise ConfigError(message, hint)
+
+
+def require_key(cfg: GenerateConfig, api_key: str | None) -> None:
+    """A key must be set unless the teacher is a local server and no variable was named."""
+    from selfinstruct.pricing import endpoint_kind
+
+    if not api_key and (endpoint_kind(cfg.base_url) != "local" or cfg.api_key_env != "OPENAI_API_KEY"):
+        raise ConfigError(
+            f"no API key: ${cfg.api_key_env} is not set for {cfg.base_url or 'the OpenAI API'}",
+            f"export {cfg.api_key_env}=..., or pass --api-key-env NAME, or --base-url for a local server",
+        )

@@ -2,32 +2,30 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import datetime as dt
+import dataclasses
 import hashlib
 import json
 import random
 import re
-import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Awaitable, Callable, Iterable, Iterator, Sequence
 
-from selfinstruct import __version__
 from selfinstruct.card import file_name
-from selfinstruct.config import GenerateConfig
-from selfinstruct.errors import ConfigError, OutputError, RunStopped
+from selfinstruct.config import GenerateConfig, require_key
+from selfinstruct.dirlock import DirectoryLock
+from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
+from selfinstruct.errors import ConfigError, OutputError
 from selfinstruct.export import prompt_text
-from selfinstruct.generate import MAX_CONSECUTIVE_FAILURES, Tally, public_url, teacher_mismatches
 from selfinstruct.parsing import clean_reply, normalise_input
-from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens
+from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
 from selfinstruct.prompts import Template, load_template
 from selfinstruct.rules import RULES, RuleSettings, check, fold, measure, same_text_key
-from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
+from selfinstruct.rundir import RECORDS, REJECTED, RunDir
 from selfinstruct.similarity import TOKEN_RE, DedupIndex, rouge_l
-from selfinstruct.teacher import Completion, RequestFailed, Teacher, Usage
+from selfinstruct.teacher import Teacher
 
 IN_DEPTH = ("add-constraints", "deepen", "concretize", "increase-reasoning", "complicate-input")
 IN_BREADTH = ("mutate",)
@@ -318,53 +316,46 @@ class _OpCounts:
     eliminated: collections.Counter = field(default_factory=collections.Counter)
 
 
-class _Halted(Exception):
-    """A step stopped before its next request (interrupt or budget elsewhere); resume finishes it."""
-
-
 class Evolution:
-    """Evol-Instruct rounds into a run directory: rewrite, judge, answer, eliminate; ledger first, resumable."""
+    """The evolve stage: Evol-Instruct rounds into a run directory (rewrite, judge, answer, eliminate), a job per step."""
+
+    name = "evolve"
 
     def __init__(
         self,
         cfg: GenerateConfig,
-        run: RunDir,
-        price: Price | None,
+        engine: Engine,
         lang: str,
-        command: str,
         *,
         base: list[dict] | None = None,
         extra_index: Sequence[tuple[str, str]] = (),
         copy_base: bool = False,
         source: dict | None = None,
         seeds: dict | None = None,
-        base_manifest: Callable[[], dict] | None = None,
-        base_usd: Callable[[], float] = lambda: 0.0,
-        on_progress: Callable[["Evolution"], None] | None = None,
+        own_manifest: bool = True,
     ) -> None:
         self.cfg = cfg
-        self.run = run
-        self.price = price
+        self.engine = engine
+        self.run = engine.run
         self.lang = lang
-        self.command = command
         self.base = base
         self.extra_index = extra_index
         self.copy_base = copy_base
         self.source = source or {}
         # An evolved run directory's data still comes from its seeds: the card must name them and their licence.
         self.seeds = seeds
-        self.base_manifest = base_manifest
-        self.base_usd = base_usd
-        self.on_progress = on_progress
+        # A stand-alone `evolve` writes the whole manifest; after generate it adds to the generation's.
+        self.own_manifest = own_manifest
         self.ops = resolve_ops(cfg.evol_ops)
         self.templates = load_templates(lang, self.ops, cfg.judge_equal)
+        self.ledger_stages = STAGES if self.templates.judge is not None else tuple(s for s in STAGES if s != "judge")
+        # A step is up to three requests in a row: twice --concurrency steps keep the teacher busy.
+        self.window = cfg.concurrency * 2
         self.rules = RuleSettings(lang=lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.checks = frozenset(r for r in (*REASONS, "near-duplicate") if r not in cfg.no_rule)
         self.index = DedupIndex(cfg.similarity)
         self.tally = Tally()
-        self.stage_tally = {s: Tally() for s in STAGES}
         self.by_op: dict[str, dict[int, _OpCounts]] = {}
-        self.replies: dict[str, dict] = {}
         self.kept: dict[str, dict] = {}
         self.finished: set[str] = set()
         self.base_ids: set[str] = set()
@@ -373,31 +364,18 @@ class Evolution:
         self.round_size = 0
         self.round_done = 0
         self.rounds_completed = 0
-        self.status = "running"
-        self.stop_reason: str | None = None
-        self.started = time.monotonic()
-        self.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.recent: collections.deque[int] = collections.deque(maxlen=cfg.yield_window)
-        self.consecutive_failures = 0
         self.sample_reply = ""
-        self._reserved = 0.0
-        # Billed but unusable replies of requests still retrying: spent, not in the tally yet.
-        self._billed = 0.0
-        self._in_flight = 0
-        self._stop_requested: str | None = None
-        self._budget_hit = False
-        self._last_manifest = 0.0
+        self._parents: list[dict] = []
+        self._children: dict[str, dict] = {}
+        self._queue: Iterator[dict] = iter(())
 
     # ---- resume -------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read what earlier attempts wrote: kept and rejected records, and every paid reply in the ledger."""
+        """Read what earlier attempts wrote: kept and rejected records (the engine holds every paid reply)."""
         records = self.run.load(RECORDS)
         rejected = self.run.load(REJECTED)
-        ledger = self.run.load(LEDGER)
-        previous = self.run.load_manifest() or {}
-        if self.base_manifest is None:
-            self.created = previous.get("created", self.created)
+        previous = self.engine.previous or {}
         self.rounds_completed = int((previous.get("evol") or {}).get("rounds_completed", 0) or 0)
         if self.base is None:
             self.base = [r for r in records if stage_of(r) == "generate"]
@@ -418,15 +396,13 @@ class Evolution:
             if self._ours(rec):
                 self.finished.add(rec["id"])
                 self._count(rec, rec.get("reason", "unknown"))
-        for entry in ledger:
-            if entry.get("stage") in STAGES:
-                self.replies[entry["request_id"]] = entry
-                self._add_usage(entry)
         if self.copy_base:
             missing = [self._original(r) for r in self.base if r["id"] not in present]
             if missing:
                 self.run.append(RECORDS, missing)
             self.originals = len(self.base)
+        self._parents = list(self.base)
+        self._start_round(1)
 
     def _ours(self, rec: dict) -> bool:
         return stage_of(rec) == "evolve" and rec["id"] not in self.base_ids and bool(chain_of(rec))
@@ -461,155 +437,66 @@ class Evolution:
             self.tally.rejected[reason] += 1
         self.tally.items += 1
 
-    def _add_usage(self, entry: dict) -> None:
-        for tally in (self.tally, self.stage_tally[entry["stage"]]):
-            tally.requests += 1
-            tally.add_usage(entry)
-            tally.add_attempts(entry)
-            if entry.get("status") != "ok":
-                tally.failed_requests += 1
+    def counts(self) -> tuple[int, collections.Counter]:
+        return self.originals + self.tally.kept, self.tally.rejected
 
-    def stage_usd(self, stage: str) -> float:
-        t = self.stage_tally[stage]
-        return self.price.usd(t.prompt_tokens, t.completion_tokens) if self.price else 0.0
+    # ---- jobs: round after round, a step per parent ------------------------------------
 
-    @property
-    def usd(self) -> float:
-        """Dollars of the whole run so far, generation included."""
-        return self.base_usd() + sum(self.stage_usd(s) for s in STAGES)
-
-    def worst_case_usd(self, messages: list[dict[str, str]], max_tokens: int | None) -> float:
-        if not self.price:
-            return 0.0
-        # Estimates can undershoot real tokenisers on CJK text; pad the prompt by half.
-        return self.price.usd(estimate_prompt_tokens(messages) * 1.5, max_tokens or self.cfg.max_tokens or 4096)
-
-    # ---- stopping -----------------------------------------------------------------------
-
-    def request_stop(self, reason: str) -> None:
-        """Ask the run to stop starting requests (signal handlers call this)."""
-        self._stop_requested = reason
-
-    def check_health(self) -> None:
-        """Stop an evolution that only spends: almost nothing survives, or the teacher is down."""
-        window = self.cfg.yield_window
-        if len(self.recent) >= window and sum(self.recent) < self.cfg.min_yield * window:
-            sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
-            raise RunStopped(
-                "low-yield",
-                f"only {sum(self.recent)} of the last {window} evolutions survived; stopping instead of spending on. "
-                f"A sample rewrite: {sample!r} (hint: check the model and rejected.jsonl, then re-run to resume)",
-                exit_code=1,
-            )
-        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-            raise RunStopped(
-                "teacher-unavailable",
-                f"the last {self.consecutive_failures} requests failed after retries "
-                f"(hint: check the teacher at --base-url; re-run the same command to resume)",
-                exit_code=1,
-            )
-
-    # ---- the loop -----------------------------------------------------------------------
-
-    async def run_async(self, teacher: Teacher) -> None:
-        """Run the rounds: each evolves the survivors of the last; finished steps are skipped on resume."""
-        self.save_manifest(force=True)
-        try:
-            parents = list(self.base or [])
-            for round_no in range(1, self.cfg.evol_rounds + 1):
-                parents = await self._round(teacher, round_no, parents)
-                if self._stop_requested:
-                    raise RunStopped(self._stop_requested, "stopped on request")
-                self.rounds_completed = max(self.rounds_completed, round_no)
-            self.status = "completed"
-        except RunStopped as stop:
-            self.status = "stopped"
-            self.stop_reason = stop.reason
-            raise
-        except BaseException:
-            self.status = "failed"
-            raise
-        finally:
-            self.save_manifest(force=True)
-
-    async def _round(self, teacher: Teacher, round_no: int, parents: list[dict]) -> list[dict]:
-        """Evolve every parent once; return the survivors in parent order."""
-        self.round, self.round_size, self.round_done = round_no, len(parents), 0
-        children: dict[str, dict] = {}
+    def _start_round(self, round_no: int) -> None:
+        """Queue every parent of a round whose step is not finished yet."""
+        self.round, self.round_size, self.round_done = round_no, len(self._parents), 0
+        self._children = {}
         todo = []
-        for parent in parents:
+        for parent in self._parents:
             cid = self.child_id(parent["id"], round_no)
             if cid in self.kept:
-                children[parent["id"]] = self.kept[cid]
+                self._children[parent["id"]] = self.kept[cid]
             if cid in self.finished:
                 self.round_done += 1
             else:
                 todo.append(parent)
-        queue = iter(todo)
-        pending: set[asyncio.Task] = set()
-        window = self.cfg.concurrency * 2
-        try:
-            while True:
-                self.check_health()
-                while not self._stop_requested and not self._budget_hit and len(pending) < window:
-                    parent = next(queue, None)
-                    if parent is None:
-                        break
-                    pending.add(asyncio.ensure_future(self._step(teacher, round_no, parent)))
-                if not pending:
-                    break
-                done, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
-                errors = [task.exception() for task in done if task.exception() is not None]
-                for task in done:
-                    if task.exception() is None:
-                        self._collect(task.result(), children)
-                if errors:
-                    raise errors[0]
-                self.save_manifest()
-                if self.on_progress:
-                    self.on_progress(self)
-        except RunStopped:
-            self._budget_hit = True
-            await self._drain(pending, children)
-            raise
-        except BaseException:
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            raise
-        return [children[p["id"]] for p in parents if p["id"] in children]
+        self._queue = iter(todo)
 
-    def _collect(self, result: tuple[str, dict | None, bool], children: dict[str, dict]) -> None:
-        parent_id, child, finished = result
-        if not finished:
-            return
-        self.round_done += 1
-        self.recent.append(1 if child is not None else 0)
-        if child is not None:
-            children[parent_id] = child
+    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
+        """The next step of this round; the next round starts once every step of this one is back."""
+        while True:
+            parent = next(self._queue, None)
+            if parent is not None:
+                round_no = self.round
+                return lambda: self._step(round_no, parent)
+            if running or self.round >= self.cfg.evol_rounds:
+                return None
+            # The survivors, in parent order, are the next round's parents.
+            self._parents = [self._children[p["id"]] for p in self._parents if p["id"] in self._children]
+            self.rounds_completed = max(self.rounds_completed, self.round)
+            self._start_round(self.round + 1)
 
-    async def _drain(self, pending: set[asyncio.Task], children: dict[str, dict], grace: float = 10.0) -> None:
-        """Let requests in flight land (they are paid for) for a few seconds, then cancel the rest."""
-        if not pending:
-            return
-        done, rest = await asyncio.wait(pending, timeout=grace)
-        for task in done:
-            if not task.cancelled() and task.exception() is None:
-                self._collect(task.result(), children)
-        for task in rest:
-            task.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
+    def finish(self) -> None:
+        self.rounds_completed = max(self.rounds_completed, self.round)
+
+    def low_yield(self, useful: int, window: int) -> str | None:
+        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        return (f"only {useful} of the last {window} evolutions survived; stopping instead of spending on. "
+                f"A sample rewrite: {sample!r} (hint: check the model and rejected.jsonl, then re-run to resume)")
+
+    def progress(self) -> tuple[str, int, int]:
+        return f"evolve round {self.round}", self.round_done, self.round_size
 
     # ---- one step: rewrite → checks → (judge) → answer → checks -------------------------
 
-    async def _step(self, teacher: Teacher, round_no: int, parent: dict) -> tuple[str, dict | None, bool]:
-        pid = parent["id"]
-        try:
-            return pid, await self._evolve(teacher, round_no, parent), True
-        except _Halted:
-            return pid, None, False
+    async def _step(self, round_no: int, parent: dict) -> None:
+        child = await self._evolve(round_no, parent)  # Halted passes through: the step is not finished
+        self.round_done += 1
+        self.engine.outcome(1 if child is not None else 0)
+        if child is not None:
+            self._children[parent["id"]] = child
 
-    async def _evolve(self, teacher: Teacher, round_no: int, parent: dict) -> dict | None:
+    async def _ask(self, stage: str, round_no: int, parent_id: str, messages: list[dict[str, str]], max_tokens: int | None,
+                   op: str | None = None) -> dict:
+        fields = {"round": round_no, "parent_id": parent_id} | ({"op": op} if op else {})
+        return await self.engine.ask(stage, f"{stage}:{round_no}:{parent_id}", messages, max_tokens=max_tokens, fields=fields)
+
+    async def _evolve(self, round_no: int, parent: dict) -> dict | None:
         pid = parent["id"]
         op = draw_op(self.ops, self.cfg.seed, round_no, pid)
         prior = chain_of(parent)
@@ -637,7 +524,7 @@ class Evolution:
         record["meta"] = meta
 
         messages = template.render(instruction=parent["instruction"], input=parent["input"], lang=self.lang)
-        entry = await self._ask(teacher, "evolve", round_no, pid, messages, min(REWRITE_MAX_TOKENS, self.cfg.max_tokens or REWRITE_MAX_TOKENS), op=op)
+        entry = await self._ask("evolve", round_no, pid, messages, min(REWRITE_MAX_TOKENS, self.cfg.max_tokens or REWRITE_MAX_TOKENS), op=op)
         self._note(meta, entry)
         if entry["status"] != "ok":
             return self._failed(record, parent, entry)
@@ -654,7 +541,7 @@ class Evolution:
             messages = self.templates.judge.render(
                 first=prompt_text(parent["instruction"], parent["input"]), second=prompt_text(instruction, input_text), lang=self.lang
             )
-            entry = await self._ask(teacher, "judge", round_no, pid, messages, min(JUDGE_MAX_TOKENS, self.cfg.max_tokens or JUDGE_MAX_TOKENS))
+            entry = await self._ask("judge", round_no, pid, messages, min(JUDGE_MAX_TOKENS, self.cfg.max_tokens or JUDGE_MAX_TOKENS))
             self._note(meta, entry)
             if entry["status"] != "ok":
                 # Unjudged is not judged: keeping it would pass off an unchecked evolution as one the judge let through.
@@ -666,7 +553,7 @@ class Evolution:
                 return self._eliminate(record, parent, "no-gain", "the teacher judged it equal to its parent")
 
         messages = self.templates.respond.render(instruction=instruction, input=input_text, lang=self.lang)
-        entry = await self._ask(teacher, "respond", round_no, pid, messages, self.cfg.max_tokens)
+        entry = await self._ask("respond", round_no, pid, messages, self.cfg.max_tokens)
         self._note(meta, entry)
         if entry["status"] != "ok":
             return self._failed(record, parent, entry)
@@ -761,77 +648,6 @@ class Evolution:
             meta["usage"][key] += int(usage.get(key, 0))
         meta["usage"]["estimated"] = meta["usage"]["estimated"] or bool(usage.get("estimated"))
 
-    # ---- requests -----------------------------------------------------------------------
-
-    async def _ask(self, teacher: Teacher, stage: str, round_no: int, parent_id: str, messages: list[dict[str, str]],
-                   max_tokens: int | None, op: str | None = None) -> dict:
-        """One request of a step: replayed from the ledger if an earlier attempt paid for it, else sent and logged first."""
-        rid = f"{stage}:{round_no}:{parent_id}"
-        entry = self.replies.get(rid)
-        if entry is not None:
-            return entry
-        worst = self.worst_case_usd(messages, max_tokens)
-        while True:
-            if self._stop_requested or self._budget_hit:
-                raise _Halted()
-            if self.cfg.max_cost is None or self.usd + self._reserved + self._billed + worst <= self.cfg.max_cost:
-                break
-            if self._in_flight == 0:
-                self._budget_hit = True
-                raise RunStopped(
-                    "budget",
-                    f"stopped at ${self.usd:.4f}: one more request could pass --max-cost ${self.cfg.max_cost:g} "
-                    f"(hint: raise --max-cost and re-run the same command to resume)",
-                    exit_code=3,
-                )
-            await asyncio.sleep(0.05)
-        self._reserved += worst
-        self._in_flight += 1
-        billed = 0.0
-
-        def may_retry_billed(usage: Usage) -> bool:
-            # This request's reservation still covers its next attempt; the billed reply is extra.
-            nonlocal billed
-            cost = self.price.usd(usage.prompt_tokens, usage.completion_tokens)
-            billed += cost
-            self._billed += cost
-            return self.usd + self._reserved + self._billed <= self.cfg.max_cost
-
-        guard = may_retry_billed if self.cfg.max_cost is not None and self.price else None
-        try:
-            try:
-                result: Completion | RequestFailed = await teacher.complete(messages, max_tokens=max_tokens, may_retry_billed=guard)
-            except RequestFailed as failed:
-                result = failed
-        finally:
-            self._in_flight -= 1
-            self._reserved = max(0.0, self._reserved - worst) if self._in_flight else 0.0
-            self._billed = max(0.0, self._billed - billed) if self._in_flight else 0.0
-        return self._log(rid, stage, round_no, parent_id, op, result)
-
-    def _log(self, rid: str, stage: str, round_no: int, parent_id: str, op: str | None, result: Completion | RequestFailed) -> dict:
-        """Append a finished request to the ledger before anything acts on it."""
-        entry: dict = {"request_id": rid, "stage": stage, "round": round_no, "parent_id": parent_id}
-        if op:
-            entry["op"] = op
-        if isinstance(result, RequestFailed):
-            entry.update(
-                status="failed", error=result.message, error_kind=result.kind, http_status=result.status, attempts=result.attempts,
-                errors=list(getattr(result, "errors", [])), usage={"prompt_tokens": 0, "completion_tokens": 0, "estimated": False}, wasted=vars(result.wasted),
-            )
-            self.consecutive_failures += 1
-        else:
-            entry.update(
-                status="ok", response_id=result.response_id, finish_reason=result.finish_reason, usage=vars(result.usage),
-                wasted=vars(result.wasted), attempts=result.attempts, errors=list(getattr(result, "errors", [])),
-                latency=round(result.latency, 3), content=result.content,
-            )
-            self.consecutive_failures = 0
-        self.run.append(LEDGER, [entry])
-        self.replies[rid] = entry
-        self._add_usage(entry)
-        return entry
-
     # ---- manifest -----------------------------------------------------------------------
 
     def evol_summary(self) -> dict:
@@ -850,84 +666,68 @@ class Evolution:
             "ops": ops,
         }
 
-    def _own_manifest(self) -> dict:
-        """The manifest skeleton of a stand-alone `selfinstruct evolve` run."""
+    def describe(self, m: dict) -> None:
+        """Evolution's manifest sections: on a stand-alone run the config and input too, after generate only its own."""
         cfg = self.cfg
-        keys = ("model", "base_url", "api_key_env", "seed", "concurrency", "rpm", "tpm", "timeout", "retries", "temperature",
-                "top_p", "max_tokens", "similarity", "max_cost", "price_in", "price_out", "no_rule", "evol_rounds", "evol_ops",
-                "judge_equal", "min_yield", "yield_window")
-        config = {k: v for k, v in cfg.to_dict().items() if k in keys}
-        out = {
-            "selfinstruct_version": __version__,
-            "command": self.command,
-            "created": self.created,
-            "config": config | {"lang": self.lang, "base_url": public_url(cfg.base_url)},
-            "input": self.source,
-            "templates": {},
-            "teacher": {"model": cfg.model, "endpoint_kind": endpoint_kind(cfg.base_url)},
-            "filters": {"similarity": cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang},
-            "counts": {"kept": self.originals, "rejected": {}, "requests": 0, "failed_requests": 0},
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "estimated": False, "estimated_requests": 0},
-            "cost": {
-                "usd": 0.0,
-                "priced": self.price is not None,
-                "price_in_per_1m": self.price.input if self.price else None,
-                "price_out_per_1m": self.price.output if self.price else None,
-                "price_source": self.price.source if self.price else None,
-            },
-            "stages": {},
-        }
-        if self.seeds:
-            out["seeds"] = self.seeds
-        return out
-
-    def manifest(self) -> dict:
-        """The run's manifest with evolution merged in: per-stage cost, totals across stages, counts per op and round."""
-        m = self.base_manifest() if self.base_manifest else self._own_manifest()
-        stages = dict(m.get("stages") or {})
-        for name in STAGES:
-            t = self.stage_tally[name]
-            if name == "judge" and self.templates.judge is None and not t.requests:
-                continue
-            stages[name] = {"requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
-                            "usd": round(self.stage_usd(name), 6)}
-        m["stages"] = stages
-        estimated = int((m.get("usage") or {}).get("estimated_requests", 0)) + self.tally.estimated_requests
-        m["usage"] = {
-            "prompt_tokens": sum(int(s.get("prompt_tokens", 0)) for s in stages.values()),
-            "completion_tokens": sum(int(s.get("completion_tokens", 0)) for s in stages.values()),
-            "estimated": estimated > 0,
-            "estimated_requests": estimated,
-        }
-        # The total is the sum of the stage figures shown, so the card's table adds up.
-        m["cost"] = dict(m.get("cost") or {}) | {"usd": round(sum(float(s.get("usd", 0.0)) for s in stages.values()), 6)}
-        counts = dict(m.get("counts") or {})
-        rejected = collections.Counter(counts.get("rejected") or {})
-        rejected.update(self.tally.rejected)
-        counts.update(
-            kept=int(counts.get("kept", 0)) + self.tally.kept,
-            rejected=dict(sorted(rejected.items())),
-            requests=int(counts.get("requests", 0)) + self.tally.requests,
-            failed_requests=int(counts.get("failed_requests", 0)) + self.tally.failed_requests,
-            attempts=int(counts.get("attempts", 0)) + self.tally.attempts,
-            attempt_errors=dict(sorted((collections.Counter(counts.get("attempt_errors") or {}) + self.tally.attempt_errors).items())),
-        )
-        m["counts"] = counts
+        if self.own_manifest:
+            keys = ("model", "base_url", "api_key_env", "seed", "concurrency", "rpm", "tpm", "timeout", "retries", "temperature",
+                    "top_p", "max_tokens", "similarity", "max_cost", "price_in", "price_out", "no_rule", "evol_rounds", "evol_ops",
+                    "judge_equal", "min_yield", "yield_window", "grace")
+            m["config"] = {k: v for k, v in cfg.to_dict().items() if k in keys} | {"lang": self.lang, "base_url": public_url(cfg.base_url)}
+            m["input"] = self.source
+            if self.seeds:
+                m["seeds"] = self.seeds
+            m["filters"] = {"similarity": cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang}
         m["templates"] = dict(m.get("templates") or {}) | self.templates.manifest()
         m["filters"] = dict(m.get("filters") or {}) | {"evol_checks": sorted(self.checks)}
         m["evol"] = self.evol_summary()
-        m["status"] = self.status
-        m["stop_reason"] = self.stop_reason
-        m["updated"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        m["elapsed_seconds"] = round(time.monotonic() - self.started, 1)
-        return m
 
-    def save_manifest(self, force: bool = False) -> None:
-        """Rewrite the manifest atomically, at most once a second unless forced."""
-        now = time.monotonic()
-        if force or now - self._last_manifest >= 1.0:
-            self.run.write_manifest(self.manifest())
-            self._last_manifest = now
+
+def run_evolution(engine: Engine, evo: Evolution, settings, api_key: str | None, console) -> int:
+    """Drive Evol-Instruct rounds on the engine (a progress bar per round), print the summary, return the exit code."""
+    from selfinstruct.progress import print_evolution_summary, run_displayed
+
+    try:
+        exit_code = run_displayed(engine, evo, lambda: Teacher(settings, api_key), console, evo.cfg.quiet)
+    finally:
+        engine.run.close()
+    if not evo.cfg.quiet or exit_code:
+        print_evolution_summary(engine, evo, console)
+    if exit_code in (130, 143):
+        # soft_wrap: the command must stay on one line to be copied, whatever the terminal width.
+        console.print(f"interrupted; everything finished is saved. Resume with: {engine.command}", soft_wrap=True, highlight=False,
+                      markup=False)
+    return exit_code
+
+
+def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, evolved_only: bool, api_key: str | None,
+               command: str, console) -> int:
+    """The evolve command after its flags: any dataset → an evolved run directory (resumed). Returns the exit code."""
+    from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
+
+    out = cfg.out
+    if any(Path(p).resolve() == out.resolve() for p in inputs):
+        raise ConfigError(f"--out {out} is also an input", "write the evolution to a new directory, or evolve a run with generate --evol-rounds")
+    base = read_base(inputs, limit)
+    if not base:
+        raise ConfigError(f"no records to evolve in {', '.join(map(str, inputs))}", "check the input files")
+    lang = cfg.lang or infer_lang(r["instruction"] for r in base)
+    cfg = dataclasses.replace(cfg, lang=lang)
+    source = {"paths": [Path(p).name for p in inputs], "records": len(base), "limit": limit, "sha256": records_sha256(base)}
+    price = run_price(cfg, console)
+    require_key(cfg, api_key)
+    run = RunDir(out)
+    run.prepare()
+    with DirectoryLock(run.path, command):
+        check_orphaned(run)
+        engine = make_engine(run, cfg, price, command)
+        evo = Evolution(cfg, engine, lang, base=base, copy_base=not evolved_only, source=source, seeds=input_seeds(inputs))
+        check_evolvable(run, cfg, lang, evo.templates, source, price)
+        engine.load()
+        evo.load()
+        if evo.engine.tally.requests and not cfg.quiet:
+            console.print(f"resuming {run.path}: {evo.tally.kept:,} evolutions kept, {sum(evo.tally.rejected.values()):,} eliminated")
+        return run_evolution(engine, evo, teacher_settings(cfg), api_key, console)
 
 
 def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: EvolTemplates, source: dict | None = None,
@@ -993,11 +793,7 @@ def project_evolution(cfg: GenerateConfig, lang: str, records: int, samples: Seq
 
 def after_generation(gen) -> Evolution:
     """The evolution step of `generate --evol-rounds`: evolves the run's kept records into the same run directory."""
-    evo = Evolution(
-        gen.cfg, gen.run, gen.price, gen.lang, gen.command,
-        extra_index=[(f"seed:{task.id}", task.instruction) for task in gen.seeds.tasks],
-        base_manifest=gen.manifest,
-        base_usd=lambda: gen.usd,
-    )
-    check_evolvable(gen.run, gen.cfg, gen.lang, evo.templates, price=gen.price)
+    evo = Evolution(gen.cfg, gen.engine, gen.lang, extra_index=[(f"seed:{task.id}", task.instruction) for task in gen.seeds.tasks],
+                    own_manifest=False)
+    check_evolvable(gen.run, gen.cfg, gen.lang, evo.templates, price=gen.engine.price)
     return evo

@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import datetime as dt
+import dataclasses
 import math
 import random
-import shlex
-import time
-from dataclasses import dataclass, field
-from typing import Callable
+import re
+from pathlib import Path
+from typing import Awaitable, Callable
 
-from selfinstruct import __version__
-from selfinstruct.config import GenerateConfig
+from selfinstruct.config import GenerateConfig, require_key
+from selfinstruct.dirlock import DirectoryLock
+from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches, teacher_settings
 from selfinstruct.errors import OutputError, RunStopped
 from selfinstruct.parsing import ParsedItem, parse_reply
-from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens
+from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
 from selfinstruct.prompts import Template
 from selfinstruct.rules import RuleSettings, check
-from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
+from selfinstruct.rundir import RECORDS, REJECTED, RunDir
 from selfinstruct.seeds import SeedSet, SeedTask
 from selfinstruct.similarity import DedupIndex
-from selfinstruct.teacher import Completion, RequestFailed, Teacher, Usage
+from selfinstruct.teacher import Teacher
 
 # Until a few requests are back, assume half the asked-for tasks survive the filters.
 PRIOR_YIELD = 0.5
-# Stop when this many requests in a row failed after retries: the teacher is down.
-MAX_CONSECUTIVE_FAILURES = 20
 
 
 def request_rng(seed: int, request_no: int) -> random.Random:
@@ -59,90 +56,40 @@ def apply_rules(item: ParsedItem, settings: RuleSettings) -> tuple[str, str] | N
     return check(item.instruction, item.input, item.output, settings)
 
 
-@dataclass
-class Tally:
-    """Running counts for the manifest and the progress line."""
-
-    kept: int = 0
-    rejected: collections.Counter = field(default_factory=collections.Counter)
-    requests: int = 0
-    failed_requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    estimated_requests: int = 0
-    items: int = 0
-    # Every HTTP request sent, retries included, and why the failed ones failed (timeout, http-429...).
-    attempts: int = 0
-    attempt_errors: collections.Counter = field(default_factory=collections.Counter)
-
-    def add_usage(self, entry: dict) -> None:
-        for key in ("usage", "wasted"):
-            usage = entry.get(key) or {}
-            self.prompt_tokens += int(usage.get("prompt_tokens", 0))
-            self.completion_tokens += int(usage.get("completion_tokens", 0))
-        if (entry.get("usage") or {}).get("estimated"):
-            self.estimated_requests += 1
-
-    def add_attempts(self, entry: dict) -> None:
-        self.attempts += int(entry.get("attempts", 1))
-        self.attempt_errors.update(entry.get("errors", []))
-
-
 class Generation:
-    """One generate run over a run directory; owns the counters, the dedup index and the files."""
+    """The generate stage: one job a request, each reply parsed, filtered and deduplicated into the run directory."""
 
-    def __init__(
-        self,
-        cfg: GenerateConfig,
-        seeds: SeedSet,
-        template: Template,
-        run: RunDir,
-        price: Price | None,
-        command: str,
-        on_progress: Callable[["Generation"], None] | None = None,
-    ) -> None:
+    name = "generate"
+    ledger_stages = ("generate",)
+
+    def __init__(self, cfg: GenerateConfig, seeds: SeedSet, template: Template, engine: Engine) -> None:
         self.cfg = cfg
         self.seeds = seeds
         self.template = template
-        self.run = run
-        self.price = price
-        self.command = command
-        self.on_progress = on_progress
+        self.engine = engine
+        self.run = engine.run
+        self.window = cfg.concurrency
         self.lang = cfg.lang or "zh"
         self.rules = RuleSettings(lang=self.lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.index = DedupIndex(cfg.similarity)
+        # Records kept and rejected by reason (the engine counts requests and tokens).
         self.tally = Tally()
         self.next_request = 1
-        self.status = "running"
-        self.stop_reason: str | None = None
-        self.started = time.monotonic()
-        self.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        self.recent: collections.deque[int] = collections.deque(maxlen=cfg.yield_window)
-        self.consecutive_failures = 0
         self.sample_reply = ""
         self.sample_finish: str | None = None
-        self.last_error = ""
         # The server's refusal of response_format, once seen: the run then asks in the text template.
         self.json_fallback: str | None = None
-        # In-flight requests and the most each can still cost; billed-but-unusable replies of
-        # requests still retrying (not in the tally yet). Both count against --max-cost.
-        self._pending: dict[asyncio.Task, float] = {}
-        self._billed_in_flight: dict[int, float] = {}
-        self._stop_requested: str | None = None
-        self._last_manifest = 0.0
 
     # ---- resume -------------------------------------------------------------------------
 
-    def load(self) -> int:
-        """Reload an earlier attempt: index seeds and kept records, finish half-processed replies."""
+    def load(self, finished: list[dict]) -> int:
+        """Reload an earlier attempt from the engine's ledger: index seeds and kept records, finish half-processed replies."""
         for task in self.seeds.tasks:
             self.index.add(f"seed:{task.id}", task.instruction)
-        previous = self.run.load_manifest()
+        previous = self.engine.previous
         if previous:
-            self.created = previous.get("created", self.created)
             self.json_fallback = (previous.get("teacher") or {}).get("json_mode_fallback")
         # generate --evol-rounds shares these files; evolved records and evol requests are the evolution's to count.
-        ledger = [e for e in self.run.load(LEDGER) if e.get("stage", "generate") == "generate"]
         kept = self.run.load(RECORDS)
         rejected = [r for r in self.run.load(REJECTED) if (r.get("meta") or {}).get("stage", "generate") == "generate"]
         done = set()
@@ -156,15 +103,12 @@ class Generation:
             done.add(rec["id"])
         self.tally.items = len(done)
         replayed = 0
-        for entry in ledger:
+        for entry in finished:
+            if entry.get("stage", "generate") != "generate":
+                continue
             self.next_request = max(self.next_request, int(entry["request_no"]) + 1)
-            self.tally.requests += 1
-            self.tally.add_usage(entry)
-            self.tally.add_attempts(entry)
             if entry.get("status") != "ok":
-                self.tally.failed_requests += 1
-                rid = entry["request_id"]
-                if f"{rid}.0" not in done:
+                if f"{entry['request_id']}.0" not in done:
                     self._write([], [self._failed_record(entry)])
                 continue
             # A reply logged before a kill but not fully written: finish it from the ledger.
@@ -180,7 +124,7 @@ class Generation:
             "instruction": "",
             "input": "",
             "output": "",
-            "reason": "request-failed",
+            "reason": "oversized" if entry.get("error_kind") == "oversized" else "request-failed",
             "detail": entry.get("error", ""),
             "meta": self._meta(entry, None, 1),
         }
@@ -249,102 +193,29 @@ class Generation:
         for rec in rejected:
             self.tally.rejected[rec["reason"]] += 1
 
-    def handle(self, request_no: int, seed_ids: list[str], result: Completion | RequestFailed) -> None:
-        """Log a finished request to the ledger first (the source of truth), then its records."""
-        rid = f"r{request_no:06d}"
-        entry: dict = {"request_id": rid, "request_no": request_no, "seed_ids": seed_ids, "stage": "generate"}
-        if isinstance(result, RequestFailed):
-            entry.update(
-                status="failed",
-                error=result.message,
-                error_kind=result.kind,
-                http_status=result.status,
-                attempts=result.attempts,
-                errors=result.errors,
-                usage={"prompt_tokens": 0, "completion_tokens": 0, "estimated": False},
-                wasted=vars(result.wasted),
-            )
-        else:
-            entry.update(
-                status="ok",
-                response_id=result.response_id,
-                finish_reason=result.finish_reason,
-                usage=vars(result.usage),
-                wasted=vars(result.wasted),
-                attempts=result.attempts,
-                errors=result.errors,
-                json_mode=result.json_mode,
-                latency=round(result.latency, 3),
-                content=result.content,
-            )
-        self.run.append(LEDGER, [entry])
-        self._billed_in_flight.pop(request_no, None)  # its wasted tokens are in the tally from here on
-        self.tally.requests += 1
-        self.tally.add_usage(entry)
-        self.tally.add_attempts(entry)
+    def handle(self, entry: dict) -> None:
+        """Turn one ledgered reply (or failure) into records."""
         kept_before = self.tally.kept
-        if isinstance(result, RequestFailed):
-            self.tally.failed_requests += 1
-            self.consecutive_failures += 1
-            self.last_error = result.message
+        if entry.get("status") != "ok":
             self._write([], [self._failed_record(entry)])
         else:
-            self.consecutive_failures = 0
             self._process(entry)
             if self.tally.kept == kept_before:
-                self.sample_reply, self.sample_finish = result.content, result.finish_reason
-        self.recent.append(self.tally.kept - kept_before)
+                self.sample_reply, self.sample_finish = entry.get("content", ""), entry.get("finish_reason")
+        self.engine.outcome(self.tally.kept - kept_before)
 
-    # ---- money --------------------------------------------------------------------------
+    # ---- jobs ---------------------------------------------------------------------------
 
     @property
-    def usd(self) -> float:
-        return self.price.usd(self.tally.prompt_tokens, self.tally.completion_tokens) if self.price else 0.0
-
-    def worst_case_usd(self, messages: list[dict[str, str]]) -> float:
-        """The most one request can cost: its prompt plus a full max_tokens reply, on every retry's last try."""
-        if not self.price:
-            return 0.0
-        completion = self.cfg.max_tokens or 4096
-        # Estimates can undershoot real tokenisers on CJK text; pad the prompt by half.
-        return self.price.usd(estimate_prompt_tokens(messages) * 1.5, completion)
-
-    # ---- stopping -----------------------------------------------------------------------
-
-    def request_stop(self, reason: str) -> None:
-        """Ask the run to stop dispatching (signal handlers call this)."""
-        self._stop_requested = reason
+    def requests(self) -> Tally:
+        return self.engine.usage.get("generate") or Tally()
 
     def yield_estimate(self) -> float:
-        ok = self.tally.requests - self.tally.failed_requests
+        t = self.requests
+        ok = t.requests - t.failed_requests
         if ok < 5:
             return self.cfg.per_request * PRIOR_YIELD
         return max(self.tally.kept / ok, 0.05)
-
-    def check_health(self) -> None:
-        """Stop a run that only spends: collapsed yield or a dead teacher."""
-        window = self.cfg.yield_window
-        if len(self.recent) >= window and self.tally.kept < self.cfg.n:
-            useful = sum(1 for k in self.recent if k > 0)
-            if useful < self.cfg.min_yield * window:
-                sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
-                hint = "check the model, --template and --json-mode, then re-run to resume"
-                if not sample and self.sample_finish == "length":
-                    # Typical of reasoning models: the whole token budget went to <think>.
-                    hint = "the teacher used all of --max-tokens before answering; raise --max-tokens, then re-run to resume"
-                raise RunStopped(
-                    "low-yield",
-                    f"only {useful} of the last {window} requests gave a usable record; stopping instead of spending on. "
-                    f"A sample reply (finish_reason {self.sample_finish}): {sample!r} (hint: {hint})",
-                    exit_code=1,
-                )
-        if self.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
-            raise RunStopped(
-                "teacher-unavailable",
-                f"the last {self.consecutive_failures} requests failed (each after the retries its error allows), the last with: {self.last_error[:300]} "
-                f"(hint: check the teacher at --base-url, or run `selfinstruct doctor`; re-run the same command to resume)",
-                exit_code=1,
-            )
 
     def max_requests(self) -> int:
         """A hard cap on requests, so no run loops without bound."""
@@ -352,119 +223,32 @@ class Generation:
             return self.cfg.max_requests
         return math.ceil(self.cfg.n / self.cfg.per_request) * 10 + 100
 
-    # ---- the loop -----------------------------------------------------------------------
-
-    async def run_async(self, teacher: Teacher) -> None:
-        """Dispatch requests until --n records are kept, the budget is spent or a stop is asked."""
-        pending = self._pending
-        self.save_manifest(force=True)
-        try:
-            while True:
-                self.check_health()
-                self._fill(teacher, pending)
-                if not pending:
-                    break
-                done, _ = await asyncio.wait(list(pending), timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
-                landed = [(task, pending.pop(task)) for task in done]
-                # Refill before handling: the new requests wait on the teacher while these replies are
-                # parsed and deduplicated, instead of the teacher idling that long every cycle.
-                self._fill(teacher, pending, len(landed), sum(worst for _, worst in landed))
-                self._handle_landed([task for task, _ in landed])
-                self.save_manifest()
-                if self.on_progress:
-                    self.on_progress(self)
-            if self._stop_requested:
-                raise RunStopped(self._stop_requested, "stopped on request")
-            if teacher.json_mode_error:
-                self.json_fallback = teacher.json_mode_error
-            self.status = "completed" if self.tally.kept >= self.cfg.n else "stopped"
-            if self.status == "stopped":
-                raise RunStopped(
-                    "max-requests",
-                    f"stopped after {self.tally.requests:,} requests (the --max-requests cap) with {self.tally.kept:,} of "
-                    f"{self.cfg.n:,} records kept (hint: raise --max-requests and re-run the same command to resume)",
-                    exit_code=3,
-                )
-        except RunStopped as stop:
-            self.status = "stopped"
-            self.stop_reason = stop.reason
-            await self._drain(pending)
-            raise
-        except BaseException:
-            self.status = "failed"
-            await self._drain(pending, cancel=True)
-            raise
-        finally:
-            self.save_manifest(force=True)
-
-    def _fill(self, teacher: Teacher, pending: dict[asyncio.Task, float], landed: int = 0, landed_usd: float = 0.0) -> None:
-        """Dispatch requests up to --concurrency, the target, the request cap and the budget.
-
-        `landed` replies (worth at most `landed_usd`) are back but not handled yet: they still count.
-        """
-        while self._can_dispatch(len(pending), landed):
-            request_no = self.next_request
-            if teacher.json_mode_error:
-                self.json_fallback = teacher.json_mode_error
-            json_mode = self.cfg.json_mode and not self.json_fallback
-            examples, messages = self._prompt(request_no, json_mode)
-            # Only --max-cost needs the worst case (it costs a pass over the prompt).
-            worst = self.worst_case_usd(messages) if self.cfg.max_cost is not None else 0.0
-            if self.cfg.max_cost is not None and self._committed_usd(landed_usd) + worst > self.cfg.max_cost:
-                if not pending and not landed:
-                    raise RunStopped(
-                        "budget",
-                        f"stopped at ${self.usd:.4f}: one more request could pass --max-cost ${self.cfg.max_cost:g} "
-                        f"(hint: raise --max-cost and re-run the same command to resume)",
-                        exit_code=3,
-                    )
-                return
-            self.next_request += 1
-            task = asyncio.ensure_future(self._call(teacher, request_no, [t.id for t in examples], messages, json_mode))
-            pending[task] = worst
-
-    def _committed_usd(self, landed_usd: float = 0.0) -> float:
-        """Spent, plus what in-flight and landed-but-unhandled requests may still cost."""
-        return self.usd + landed_usd + sum(self._pending.values()) + sum(self._billed_in_flight.values())
-
-    def _may_retry_billed(self, request_no: int, usage: Usage) -> bool:
-        """Record a billed but unusable reply; another attempt only if the budget still holds it."""
-        self._billed_in_flight[request_no] = self._billed_in_flight.get(request_no, 0.0) + self.price.usd(usage.prompt_tokens, usage.completion_tokens)
-        # The request's own reservation stays in _pending: it covers the next attempt.
-        return self._committed_usd() <= self.cfg.max_cost
-
-    def _handle_landed(self, tasks: list[asyncio.Task]) -> None:
-        """Handle every landed reply, then raise the first error among them (all are retrieved, none left to asyncio)."""
-        errors = [task.exception() for task in tasks]
-        for task, error in zip(tasks, errors):
-            if error is None:
-                self.handle(*task.result())
-        failure = next((error for error in errors if error is not None), None)
-        if failure is not None:
-            raise failure
-
-    async def _drain(self, pending: dict[asyncio.Task, float], cancel: bool = False, grace: float = 10.0) -> None:
-        """Let in-flight requests land (their replies are paid for) for a few seconds, then cancel the rest."""
-        if not pending:
-            return
-        if not cancel:
-            done, _ = await asyncio.wait(list(pending), timeout=grace)
-            for task in done:
-                pending.pop(task)
-                if not task.cancelled() and task.exception() is None:
-                    self.handle(*task.result())
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        pending.clear()
-
-    def _can_dispatch(self, in_flight: int, landed: int = 0) -> bool:
-        if self._stop_requested or self.tally.kept >= self.cfg.n:
-            return False
-        if in_flight >= self.cfg.concurrency or self.tally.requests + in_flight + landed >= self.max_requests():
-            return False
+    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
+        """The next request while --n, the request cap and the yield estimate say more is needed."""
+        if self.tally.kept >= self.cfg.n or running >= self.cfg.concurrency:
+            return None
+        if self.requests.requests + running >= self.max_requests():
+            return None
         # Don't launch requests whose records the target can no longer use.
-        return self.tally.kept + (in_flight + landed) * self.yield_estimate() < self.cfg.n
+        if self.tally.kept + running * self.yield_estimate() >= self.cfg.n:
+            return None
+        request_no = self.next_request
+        self.next_request += 1
+        return lambda: self._request(request_no)
+
+    async def _request(self, request_no: int) -> None:
+        transport = self.engine.transport
+        if transport.json_mode_error:
+            self.json_fallback = transport.json_mode_error
+        json_mode = self.cfg.json_mode and not self.json_fallback
+        examples, messages = self._prompt(request_no, json_mode)
+        # A server without JSON mode gets the same request rendered as text (same seeds, same rng).
+        text = (lambda: self._prompt(request_no, False)[1]) if json_mode else None
+        entry = await self.engine.ask(
+            "generate", f"r{request_no:06d}", messages, json_mode=json_mode, text_messages=text,
+            fields={"request_no": request_no, "seed_ids": [t.id for t in examples]},
+        )
+        self.handle(entry)
 
     def _prompt(self, request_no: int, json_mode: bool) -> tuple[list[SeedTask], list[dict[str, str]]]:
         """The examples and messages of one request, the same on every call (the rng is the request's)."""
@@ -472,67 +256,49 @@ class Generation:
         examples = sample_examples(self.seeds, self.cfg.num_examples, rng)
         return examples, render_prompt(self.template, examples, self.cfg, rng, json_mode)
 
-    async def _call(self, teacher: Teacher, request_no: int, seed_ids: list[str], messages: list[dict[str, str]], json_mode: bool):
-        # A server without JSON mode gets the same request rendered as text (same seeds, same rng).
-        text = (lambda: self._prompt(request_no, False)[1]) if json_mode else None
-        guard = (lambda usage: self._may_retry_billed(request_no, usage)) if self.cfg.max_cost is not None and self.price else None
-        try:
-            result: Completion | RequestFailed = await teacher.complete(messages, json_mode=json_mode, text_messages=text, may_retry_billed=guard)
-        except RequestFailed as failed:
-            result = failed
-        return request_no, seed_ids, result
+    def check_template(self) -> None:
+        """Render the first request's prompt in both forms, so a template error stops the run before anything is spent."""
+        self._prompt(1, self.cfg.json_mode)
+        self._prompt(1, False)
 
-    # ---- manifest -----------------------------------------------------------------------
+    def finish(self) -> None:
+        """After the last job: completed, or stopped by the request cap."""
+        transport = self.engine.transport
+        if transport is not None and transport.json_mode_error:
+            self.json_fallback = transport.json_mode_error
+        if self.tally.kept < self.cfg.n:
+            raise RunStopped(
+                "max-requests",
+                f"stopped after {self.requests.requests:,} requests (the --max-requests cap) with {self.tally.kept:,} of "
+                f"{self.cfg.n:,} records kept (hint: raise --max-requests and re-run the same command to resume)",
+                exit_code=3,
+            )
 
-    def manifest(self) -> dict:
-        t = self.tally
-        usage = {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens, "estimated": t.estimated_requests > 0,
-                 "estimated_requests": t.estimated_requests}
-        cost = {
-            "usd": round(self.usd, 6),
-            "priced": self.price is not None,
-            "price_in_per_1m": self.price.input if self.price else None,
-            "price_out_per_1m": self.price.output if self.price else None,
-            "price_source": self.price.source if self.price else None,
-        }
-        return {
-            "selfinstruct_version": __version__,
-            "command": self.command,
-            "created": self.created,
-            "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "status": self.status,
-            "stop_reason": self.stop_reason,
-            "config": self.cfg.to_dict() | {"lang": self.lang, "base_url": public_url(self.cfg.base_url)},
-            "seeds": {"path": self.seeds.path.name, "count": len(self.seeds.tasks), "sha256": self.seeds.sha256, "license": self.seeds.license},
-            "templates": {"generate": {"name": self.template.name, "sha256": self.template.sha256}},
-            "teacher": {"model": self.cfg.model, "endpoint_kind": endpoint_kind(self.cfg.base_url), "json_mode_fallback": self.json_fallback},
-            "filters": {"similarity": self.cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang},
-            "counts": {"kept": t.kept, "rejected": dict(sorted(t.rejected.items())), "requests": t.requests, "failed_requests": t.failed_requests,
-                       "attempts": t.attempts, "attempt_errors": dict(sorted(t.attempt_errors.items()))},
-            "usage": usage,
-            "cost": cost,
-            "stages": {"generate": {"requests": t.requests, "prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens, "usd": cost["usd"]}},
-            "elapsed_seconds": round(time.monotonic() - self.started, 1),
-        }
+    def low_yield(self, useful: int, window: int) -> str | None:
+        if self.tally.kept >= self.cfg.n:
+            return None
+        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        hint = "check the model, --template and --json-mode, then re-run to resume"
+        if not sample and self.sample_finish == "length":
+            # Typical of reasoning models: the whole token budget went to <think>.
+            hint = "the teacher used all of --max-tokens before answering; raise --max-tokens, then re-run to resume"
+        return (f"only {useful} of the last {window} requests gave a usable record; stopping instead of spending on. "
+                f"A sample reply (finish_reason {self.sample_finish}): {sample!r} (hint: {hint})")
 
-    def save_manifest(self, force: bool = False) -> None:
-        """Rewrite the manifest atomically, at most once a second unless forced."""
-        now = time.monotonic()
-        if force or now - self._last_manifest >= 1.0:
-            self.run.write_manifest(self.manifest())
-            self._last_manifest = now
+    def progress(self) -> tuple[str, int, int]:
+        return "kept", self.tally.kept, self.cfg.n
 
+    def counts(self) -> tuple[int, collections.Counter]:
+        return self.tally.kept, self.tally.rejected
 
-def public_url(base_url: str | None) -> str | None:
-    """A base URL without credentials or query strings (which sometimes carry keys)."""
-    if not base_url:
-        return None
-    from urllib.parse import urlparse
-
-    parts = urlparse(base_url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+    def describe(self, manifest: dict) -> None:
+        """The generate run's own manifest sections."""
+        manifest["config"] = self.cfg.to_dict() | {"lang": self.lang, "base_url": public_url(self.cfg.base_url)}
+        manifest["seeds"] = {"path": self.seeds.path.name, "count": len(self.seeds.tasks), "sha256": self.seeds.sha256,
+                             "license": self.seeds.license}
+        manifest["templates"] = {"generate": {"name": self.template.name, "sha256": self.template.sha256}}
+        manifest["teacher"]["json_mode_fallback"] = self.json_fallback
+        manifest["filters"] = {"similarity": self.cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang}
 
 
 def project(cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Price | None) -> dict:
@@ -558,27 +324,6 @@ def project(cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Pric
     }
 
 
-def teacher_mismatches(previous: dict, model: str, price: Price | None) -> tuple[list[str], list[str]]:
-    """What differs from a run's recorded model and price, and the flags that would resume it.
-
-    A manifest has one model and one price for the whole run: resuming with others would relabel
-    records another model wrote and re-price (or zero) money already spent.
-    """
-    mismatches: list[str] = []
-    flags: list[str] = []
-    was_model = (previous.get("teacher") or {}).get("model")
-    if was_model not in (None, model):
-        mismatches.append(f"--model ({was_model})")
-        flags.append(f"--model {shlex.quote(str(was_model))}")
-    cost = previous.get("cost") or {}
-    was = (cost.get("price_in_per_1m"), cost.get("price_out_per_1m"))
-    if cost.get("priced") and None not in was and (price is None or (price.input, price.output) != was):
-        # repr, not :g: the hint must give back the exact figure (1.234567 must not become 1.23457).
-        mismatches.append(f"price (${was[0]!r} in, ${was[1]!r} out per 1M tokens)")
-        flags.append(f"--price-in {was[0]!r} --price-out {was[1]!r}")
-    return mismatches, flags
-
-
 def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Price | None) -> None:
     """Refuse to resume into a directory made from other seeds, template, language, model or prices."""
     previous = run.load_manifest()
@@ -597,3 +342,116 @@ def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: 
         # The exact flags only when they are all that differs; otherwise the original command.
         hint = f"resume with {' '.join(flags)}" if len(flags) == len(mismatches) else "re-run with the original settings to resume"
         raise OutputError(f"{run.path}: holds a run made with a different {', '.join(mismatches)}", f"{hint}, or choose a new --out")
+
+
+def infer_lang(seeds: SeedSet) -> str:
+    """zh, zh-Hant or en from the seed instructions (and a Hant/TW hint in the file name)."""
+    from selfinstruct.rules import script_of
+
+    scripts = [script_of(t.instruction) for t in seeds.tasks]
+    if scripts.count("zh") * 2 >= len(scripts):
+        stem = seeds.path.stem.lower()
+        return "zh-Hant" if ("hant" in stem or "tw" in stem.split("_") or stem.endswith("-tw")) else "zh"
+    return "en"
+
+
+def default_out(seeds: Path, model: str) -> Path:
+    """outputs/<seed file>-<model>: the same command resumes into the same directory."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model).strip("-") or "model"
+    return Path("outputs") / f"{seeds.stem}-{slug}"
+
+
+def print_projection(cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Price | None, echo: Callable[[str], None]) -> None:
+    """The --dry-run report: generation, then --evol-rounds, then the total against --max-cost."""
+    projection = project(cfg, seeds, template, price)
+    usd = f"${projection['usd']:.2f}" if projection["usd"] is not None else "unknown (no price)"
+    echo(
+        f"dry run: {cfg.n:,} records ≈ {projection['requests']:,} requests "
+        f"(assuming {projection['assumed_yield']:.0%} of {cfg.per_request} tasks per request are kept), "
+        f"≈ {projection['prompt_tokens']:,} prompt + {projection['completion_tokens']:,} completion tokens, ≈ {usd}"
+    )
+    projected = projection["usd"]
+    if cfg.evol_rounds:
+        from selfinstruct.evolution import project_evolution
+
+        samples = [(t.instruction, t.instances[0].input, t.instances[0].output) for t in seeds.tasks]
+        evo = project_evolution(cfg, cfg.lang, cfg.n, samples)
+        evo_usd = price.usd(evo["prompt_tokens"], evo["completion_tokens"]) if price else None
+        total = f"${projection['usd'] + evo_usd:.2f}" if evo_usd is not None else "unknown (no price)"
+        echo(
+            f"then --evol-rounds {cfg.evol_rounds}: ≈ {evo['steps']:,} evolutions, {evo['requests']:,} requests "
+            f"(assuming {evo['assumed_survival']:.0%} survive each round, ≈ {evo['kept']:,} more records), "
+            f"≈ {evo['prompt_tokens']:,} prompt + {evo['completion_tokens']:,} completion tokens, "
+            f"≈ {'$%.2f' % evo_usd if evo_usd is not None else 'unknown'}; in all ≈ {total}"
+        )
+        projected = projected + evo_usd if projected is not None and evo_usd is not None else None
+    if cfg.max_cost is not None and projected is not None and projected > cfg.max_cost:
+        echo(f"note: that is over --max-cost ${cfg.max_cost:g}; the run would stop at the budget with about "
+             f"{cfg.max_cost / projected:.0%} of it done (re-run with a higher --max-cost to resume)")
+
+
+def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console, echo: Callable[[str], None]) -> int:
+    """The generate command after its flags: seeds → run directory (resumed), then --evol-rounds and --push-to. Returns the exit code."""
+    from selfinstruct.engine import check_orphaned, make_engine
+    from selfinstruct.progress import generation_summary_line, print_generation_summary, run_displayed
+    from selfinstruct.prompts import generation_template_name, load_template
+    from selfinstruct.seeds import read_seeds
+
+    seed_set = read_seeds(cfg.seeds, cfg.seeds_license)
+    cfg = dataclasses.replace(cfg, lang=cfg.lang or infer_lang(seed_set), out=cfg.out or default_out(cfg.seeds, cfg.model))
+    template = load_template(cfg.template or generation_template_name(cfg.lang))
+    price = run_price(cfg, console)
+    if cfg.dry_run:
+        print_projection(cfg, seed_set, template, price, echo)
+        return 0
+    require_key(cfg, api_key)
+    if cfg.push_to:
+        from selfinstruct.hub import get_token, parse_repo
+
+        # Checked before the run: a bad repo id or a missing token would otherwise show up hours later.
+        parse_repo(cfg.push_to, flag="--push-to")
+        get_token()
+    run = RunDir(cfg.out)
+    run.prepare()
+    with DirectoryLock(run.path, command):
+        check_orphaned(run)
+        check_resumable(run, cfg, seed_set, template, price)
+        engine = make_engine(run, cfg, price, command)
+        gen = Generation(cfg, seed_set, template, engine)
+        gen.check_template()
+        evo = None
+        if cfg.evol_rounds:
+            from selfinstruct.evolution import after_generation
+
+            evo = after_generation(gen)  # evol templates and resume settings are checked before anything is spent
+        replayed = gen.load(engine.load())
+        if gen.requests.requests and not cfg.quiet:
+            console.print(f"resuming {run.path}: {gen.tally.kept:,} kept from {gen.requests.requests:,} requests"
+                          + (f", {replayed} records recovered from the ledger" if replayed else ""))
+        settings = teacher_settings(cfg)
+        try:
+            exit_code = run_displayed(engine, gen, lambda: Teacher(settings, api_key), console, cfg.quiet)
+        finally:
+            run.close()
+        if not cfg.quiet or exit_code:
+            print_generation_summary(engine, gen, console)
+        else:
+            console.print(generation_summary_line(engine, gen), soft_wrap=True, highlight=False, markup=False)
+        if exit_code in (130, 143):
+            console.print(f"interrupted; everything finished is saved. Resume with: {command}", soft_wrap=True, highlight=False, markup=False)
+        if exit_code:
+            return exit_code
+        if evo is not None:
+            from selfinstruct.evolution import run_evolution
+
+            evo.load()
+            exit_code = run_evolution(engine, evo, settings, api_key, console)
+            if exit_code:
+                return exit_code
+    if cfg.push_to:
+        from selfinstruct.hub import push_run
+
+        # Re-running a finished run goes straight here, so a failed push is retried by the same command.
+        push_run(run.path, cfg.push_to, private=True, license=seed_set.license,
+                 echo=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
+    return 0

@@ -102,3 +102,16 @@ def estimate_tokens(text: str) -> int:
 def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
     """Estimated prompt tokens of chat messages (4 tokens of framing per message)."""
     return sum(estimate_tokens(m["content"]) + 4 for m in messages) + 2
+
+
+def run_price(cfg, warn) -> Price | None:
+    """The price of a run's teacher; unknown is a warning, or an error when --max-cost needs it."""
+    price = resolve_price(cfg.model, endpoint_kind(cfg.base_url), cfg.price_in, cfg.price_out)
+    if price is None:
+        if cfg.max_cost is not None:
+            raise ConfigError(
+                f"--max-cost needs a price, and {cfg.model!r} is not in the price table",
+                "pass --price-in and --price-out (USD per 1M tokens)",
+            )
+        warn.print(f"[yellow]warning:[/] no price known for {cfg.model!r}; cost will be reported as unknown (pass --price-in/--price-out)")
+    return price

@@ -34,3 +34,8 @@ def write_seeds(tmp_path):
         return path
 
     return write
+
+
+def finished(ledger: list[dict]) -> list[dict]:
+    """The ledger lines of requests that came back (ok or failed), without the `dispatched` lines written before each request left."""
+    return [entry for entry in ledger if entry.get("status") in ("ok", "failed")]

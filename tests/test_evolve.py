@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, fixture_path
+from conftest import REPO, fixture_path, finished
 from fakes.evol_replies import DUP_TEXT, EvolReplies, kind_of, task_rows
 from fakes.openai_server import FakeTeacher
 from selfinstruct.config import GenerateConfig
@@ -45,6 +45,7 @@ from selfinstruct.evolution import (
 )
 from selfinstruct.card import hub_card
 from selfinstruct.export import build, prompt_text
+from selfinstruct.engine import Engine
 from selfinstruct.rundir import RunDir
 from selfinstruct.rules import script_of
 from selfinstruct.similarity import DedupIndex
@@ -91,7 +92,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 def load_run(out: Path) -> tuple[list[dict], list[dict], list[dict], dict]:
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    return read_jsonl(out / "records.jsonl"), read_jsonl(out / "rejected.jsonl"), read_jsonl(out / "requests.jsonl"), manifest
+    return read_jsonl(out / "records.jsonl"), read_jsonl(out / "rejected.jsonl"), finished(read_jsonl(out / "requests.jsonl")), manifest
 
 
 def evolved(records: list[dict]) -> list[dict]:
@@ -613,11 +614,11 @@ def test_kill_minus_9_then_resume_matches_an_uninterrupted_run(tmp_path):
         proc = cli(*args(fake, tmp_path / "killed"))
         ledger_path = tmp_path / "killed" / "requests.jsonl"
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(read_jsonl(ledger_path)) < 70:
+        while time.monotonic() < deadline and len(finished(read_jsonl(ledger_path))) < 70:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        partial = len(read_jsonl(ledger_path))
+        partial = len(finished(read_jsonl(ledger_path)))
         assert 70 <= partial
         resumed = run_cli(*args(fake, tmp_path / "killed"))
         assert resumed.returncode == 0, resumed.stderr
@@ -680,9 +681,12 @@ def test_resume_refuses_another_input_or_a_generate_run(tmp_path):
     templates = load_templates("zh", OPS, judge=False)
     base = read_base([write_rows(tmp_path / "tasks.json", task_rows(5, "zh"))])
     source = {"paths": ["tasks.json"], "records": 5, "limit": None, "sha256": records_sha256(base)}
-    evo = Evolution(cfg, run, None, "zh", "selfinstruct evolve", base=base, copy_base=True, source=source)
+    engine = Engine(run, None, model=cfg.model, base_url=None, price=None, command="selfinstruct evolve")
+    evo = Evolution(cfg, engine, "zh", base=base, copy_base=True, source=source)
+    engine.stages.append(evo)
+    engine.load()
     evo.load()
-    evo.save_manifest(force=True)
+    engine.save_manifest(force=True)
     check_evolvable(run, cfg, "zh", templates, source)  # the same settings resume
     check_evolvable(run, dataclasses.replace(cfg, evol_rounds=3), "zh", templates, source)  # more rounds continue
     with pytest.raises(OutputError, match="different input records"):

@@ -20,6 +20,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from selfinstruct.dirlock import LOCK_FILE
+
+from conftest import finished
 from fakes.hub_server import FakeHub
 from fakes.openai_server import FakeTeacher
 from test_generate import KEY, cli, max_pair_similarity, read_jsonl, run_cli, seeds_file
@@ -64,7 +67,7 @@ def test_soak_5000_chinese_records_through_a_flaky_teacher(tmp_path):
     assert done.returncode == 0, done.stderr
     records = read_jsonl(out / "records.jsonl")
     rejected = read_jsonl(out / "rejected.jsonl")
-    ledger = read_jsonl(out / "requests.jsonl")
+    ledger = finished(read_jsonl(out / "requests.jsonl"))
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     counts = manifest["counts"]
 
@@ -130,7 +133,7 @@ def test_kill_minus_9_at_five_random_moments_then_resume(tmp_path):
         stats = fake.stats
     assert done.returncode == 0, done.stderr
     records = read_jsonl(out / "records.jsonl")
-    ledger = read_jsonl(out / "requests.jsonl")
+    ledger = finished(read_jsonl(out / "requests.jsonl"))
     assert len(records) == n
     assert len({r["id"] for r in records}) == n and len({r["instruction"] for r in records}) == n
     assert len({e["request_no"] for e in ledger}) == len(ledger)
@@ -196,7 +199,7 @@ def test_disk_full_mid_run_is_one_clear_line_and_loses_nothing(tmp_path):
         assert len(lines) == 1 and "cannot append" in lines[0] and "re-run the same command to resume" in lines[0], err
         assert "Traceback" not in err
         before = intact_prefix(out / "records.jsonl")
-        ledger = intact_prefix(out / "requests.jsonl")
+        ledger = finished(intact_prefix(out / "requests.jsonl"))
         assert before and {r["meta"]["request_id"] for r in before} <= {e["request_id"] for e in ledger}
         done = run_cli(*args)
     assert done.returncode == 0, done.stderr
@@ -249,14 +252,14 @@ def test_permissions_lost_mid_run_and_at_start(tmp_path):
 
         # Starting on a read-only run directory fails before any request, and changes nothing.
         _chmod_tree(out, 0o555, 0o444)
-        snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+        snapshot = {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE}
         received = fake.stats["requests_received"]
         done = run_cli(*args, preexec_fn=_drop_root_override)
         assert done.returncode == 2, done.stderr
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "cannot write the run directory (Permission denied)" in lines[0], done.stderr
         assert fake.stats["requests_received"] == received
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE} == snapshot
 
         _chmod_tree(out, 0o755, 0o644)
         done = run_cli(*args, preexec_fn=_drop_root_override)
@@ -295,7 +298,7 @@ def test_no_secret_in_any_file_log_line_card_or_upload(tmp_path):
     assert "README.md" in pushed and b'load_dataset("alice/zh-secrets")' in pushed["README.md"]
     rows = sum(pq.read_metadata(io.BytesIO(pushed[p])).num_rows for p in shards)
     assert rows == len(read_jsonl(out / "records.jsonl")) == 150
-    ledger = read_jsonl(out / "requests.jsonl")
+    ledger = finished(read_jsonl(out / "requests.jsonl"))
     assert any(e["status"] != "ok" or e.get("errors") for e in ledger)  # error messages were written too
     files = [p for d in (out, card_dir) for p in d.rglob("*") if p.is_file()]
     for secret in (KEY, HUB_TOKEN):

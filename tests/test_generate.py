@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from selfinstruct.dirlock import LOCK_FILE
 from rapidfuzz import process
 from rapidfuzz.distance import Indel
 
-from conftest import REPO
+from conftest import REPO, finished
 from fakes.openai_server import FakeTeacher
 from selfinstruct.similarity import Vocabulary
 
@@ -92,7 +94,7 @@ def test_signal_stops_gracefully_with_resume_hint(tmp_path, signum, code, reason
     assert proc.returncode == code
     assert "Resume with: selfinstruct generate" in err and "Traceback" not in err
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["status"] == "stopped" and manifest["stop_reason"] == reason
+    assert manifest["status"] == reason and manifest["stop_reason"] == reason
     assert manifest["counts"]["kept"] == len(read_jsonl(out / "records.jsonl")) > 0
 
 
@@ -267,7 +269,7 @@ def test_flags_reach_the_teacher_and_a_quiet_run_ends_with_one_summary_line(tmp_
     assert {k: stats["last_request"][k] for k in ("model", "temperature", "top_p", "max_tokens")} == {
         "model": "teach-1", "temperature": 0.3, "top_p": 0.9, "max_tokens": 777}
     assert 1 <= stats["max_in_flight"] <= 3
-    ledger = read_jsonl(out / "requests.jsonl")
+    ledger = finished(read_jsonl(out / "requests.jsonl"))
     assert all(len(entry["seed_ids"]) == 2 for entry in ledger)
     # The fake answers as many tasks as the prompt asks for: item numbers run 0 to 3 (of --per-request 4).
     items = read_jsonl(out / "records.jsonl") + read_jsonl(out / "rejected.jsonl")
@@ -353,7 +355,7 @@ def test_resume_refuses_another_model_or_price_and_changes_nothing(tmp_path, com
         base = [*source, "--base-url", fake.base_url, "--out", str(out), "--quiet"]
         first = run_cli(*base, "--model", "m", "--price-in", "1.234567", "--price-out", "3")
         assert first.returncode == 0, first.stderr
-        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE}
         sent = fake.stats["requests_received"]
         other_model = run_cli(*base, "--model", "other", "--price-in", "1.234567", "--price-out", "3")
         no_price = run_cli(*base, "--model", "m")
@@ -364,7 +366,7 @@ def test_resume_refuses_another_model_or_price_and_changes_nothing(tmp_path, com
     # The hint gives the figures back exactly (not rounded to 6 digits), so following it resumes.
     assert no_price.returncode == 2 and "resume with --price-in 1.234567 --price-out 3.0" in no_price.stderr
     assert both.returncode == 2 and "resume with --model m --price-in 1.234567 --price-out 3.0" in both.stderr
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_FILE} == before
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from selfinstruct.generate import Tally
+from selfinstruct.engine import Tally
 from selfinstruct.progress import ProgressView
 
 

@@ -10,6 +10,7 @@ from fractions import Fraction
 
 import pytest
 
+from conftest import finished
 from fakes.openai_server import FakeTeacher, make_garbage, make_item, render_items
 from selfinstruct.parsing import parse_reply
 from selfinstruct.prompts import load_template
@@ -153,7 +154,7 @@ def test_local_teacher_with_every_quirk_at_once(tmp_path):
     assert done.returncode == 0, done.stderr
     records = read_jsonl(out / "records.jsonl")
     rejected = read_jsonl(out / "rejected.jsonl")
-    ledger = read_jsonl(out / "requests.jsonl")
+    ledger = finished(read_jsonl(out / "requests.jsonl"))
     assert len(records) == 300 and len({r["id"] for r in records}) == 300
     assert not any("<think>" in r["instruction"] + r["output"] or "```" in r["instruction"] + r["output"] for r in records)
     assert "response_format" in manifest["teacher"]["json_mode_fallback"]

@@ -1,0 +1,77 @@
+"""One writer per output directory: an exclusive lock held for a command's lifetime."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+
+from selfinstruct.errors import OutputError
+
+LOCK_FILE = ".selfinstruct.lock"
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - non-Unix: no lock, as before
+    fcntl = None
+
+
+class DirectoryLock:
+    """flock on DIR/.selfinstruct.lock: the kernel drops it when the holder dies, so a dead process's lock is taken over."""
+
+    def __init__(self, directory: Path, command: str = "") -> None:
+        self.path = Path(directory) / LOCK_FILE
+        self.command = command
+        self._fd: int | None = None
+
+    def __enter__(self) -> "DirectoryLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock or exit 2 at once naming its holder."""
+        if fcntl is None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{self.path.parent}: cannot create the lock file ({exc.strerror or exc})",
+                              "choose another directory or fix its permissions") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise OutputError(
+                f"{self.path.parent}: in use by another selfinstruct process ({holder})",
+                "wait for it to finish or stop it, or choose another directory; two writers would mix their records",
+            ) from None
+        # Who holds it, for the message a second process prints; the command is already masked by the caller.
+        info = {"pid": os.getpid(), "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": self.command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info, ensure_ascii=False) + "\n").encode("utf-8"), 0)
+        self._fd = fd
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode("utf-8") or "{}")
+        except (OSError, ValueError):
+            info = {}
+        if not isinstance(info, dict) or "pid" not in info:
+            return "holder unknown"
+        text = f"PID {info['pid']}, started {info.get('started', '?')}"
+        return f"{text}: {info['command']}" if info.get("command") else text
+
+    def release(self) -> None:
+        # The file stays: unlinking it would let a third process lock a new file while a second holds the old one.
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
