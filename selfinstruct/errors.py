@@ -33,6 +33,12 @@ class TeacherError(UserError):
     """The teacher refused the whole run (bad key, unknown model, no access)."""
 
 
+class NoCredit(TeacherError):
+    """The teacher's account has no credit left (429 insufficient_quota, 402): no retry can help, the run stops."""
+
+    exit_code = 1
+
+
 class PublishError(UserError):
     """The Hub refused or failed a push."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from selfinstruct.errors import TeacherError
+from selfinstruct.errors import NoCredit, TeacherError
 from selfinstruct.pricing import estimate_prompt_tokens, estimate_tokens
 
 # Longest we will sleep on a server's Retry-After before trying again.
@@ -28,6 +29,14 @@ MAX_RETRY_AFTER = 120.0
 # over the minute (5 s worth at a time), not spent in one burst then 57 s idle, which servers
 # that enforce their limit per second answer with 429s.
 TPM_BURST_SHARE = 1 / 12
+# A reply whose content runs past --max-tokens by this much is malformed (a server that ignores the
+# limit, or loops): rejected as oversized, so no ledger or rejected.jsonl line ever holds megabytes.
+MAX_CHARS_PER_TOKEN = 8
+OVERSIZE_SLACK_CHARS = 4096
+# Whatever --max-tokens says, a body this large is no chat completion.
+MAX_REPLY_BYTES = 8 * 1024 * 1024
+# How much of an unusable reply an error message quotes.
+QUOTE_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,78 @@ class MalformedReply(Exception):
         self.usage = usage
 
 
+class OversizedReply(MalformedReply):
+    """A reply far beyond --max-tokens: billed, not retried, kept only as its size and a bounded prefix."""
+
+    kind = "oversized"
+
+    def __init__(self, message: str, usage: Usage | None, size: int, prefix: str) -> None:
+        super().__init__(message, usage)
+        self.size = size  # bytes of the body
+        self.prefix = prefix  # its first QUOTE_CHARS characters
+
+
+class UnexpectedReply(MalformedReply):
+    """A 200 whose body is an HTML page or an event stream: the same would come back, so not retried."""
+
+
+def _response_class() -> type:
+    """The HTTP response class the SDK hands back as is for cast_to: httpx2's in openai 3, httpx's before."""
+    client = next(c for c in openai.DefaultAsyncHttpxClient.__mro__ if c.__name__ == "AsyncClient")
+    return importlib.import_module(client.__module__.split(".")[0]).Response
+
+
+# The raw response, not bytes: its content type says what a reply that is not JSON is. Same cost.
+_HTTP_RESPONSE = _response_class()
+
+
+def _quote(data: bytes | str, limit: int = QUOTE_CHARS) -> str:
+    """The start of a reply on one line, for an error message."""
+    text = data[: limit * 4].decode("utf-8", "replace") if isinstance(data, bytes) else data[:limit]
+    text = text[:limit]
+    return repr(text + "…") if len(data) > len(text) else repr(text)
+
+
+def _no_credit(exc: BaseException) -> bool:
+    """A 402, or a 429 whose error is insufficient_quota: the account is out of money, not rate-limited."""
+    if not isinstance(exc, openai.APIStatusError):
+        return False
+    if exc.status_code == 402:
+        return True
+    return exc.status_code == 429 and "insufficient_quota" in (str(getattr(exc, "code", "")), str(getattr(exc, "type", "")))
+
+
+def _not_json(raw, exc: ValueError) -> MalformedReply:
+    """What a 200 that is not JSON was, with the likely fix: an HTML page and an event stream are named."""
+    body = raw.content
+    ctype = raw.headers.get("content-type", "") or "no content type"
+    head = body.lstrip()[:32].lower()
+    if "html" in ctype or head.startswith((b"<!doctype html", b"<html")):
+        return UnexpectedReply(
+            f"the teacher answered HTTP 200 with an HTML page ({ctype}), not JSON: {_quote(body.lstrip())}; "
+            "check --base-url (it usually ends in /v1): a web UI, a proxy or a login page answered in the API's place"
+        )
+    if "event-stream" in ctype or head.startswith((b"data:", b"event:")):
+        return UnexpectedReply(
+            f"the teacher streamed its reply ({ctype}) although no stream was asked: {_quote(body.lstrip())}; "
+            "point --base-url at the server itself, or turn off the streaming a proxy in between forces"
+        )
+    return MalformedReply(f"the reply is not JSON ({ctype}, {len(body):,} bytes: {exc}): {_quote(body)}")
+
+
+def _oversized(body: bytes, content: str | None, limit: int | None, messages: list[dict[str, str]], response: dict | None) -> OversizedReply:
+    """A reply too large to use or to store, with what it was billed (reported, else estimated)."""
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if isinstance(usage, dict) and type(usage.get("completion_tokens")) is int:
+        billed = Usage(int(usage.get("prompt_tokens") or 0), usage["completion_tokens"])
+    else:
+        billed = Usage(estimate_prompt_tokens(messages), estimate_tokens(content) if content is not None else len(body) // 4, True)
+    size = f"{len(content):,} characters of content, {len(body):,} bytes" if content is not None else f"{len(body):,} bytes"
+    allowed = f"--max-tokens {limit} (at most {limit * MAX_CHARS_PER_TOKEN + OVERSIZE_SLACK_CHARS:,} characters)" if limit else "any reply"
+    prefix = _quote(content if content is not None else body)
+    return OversizedReply(f"oversized reply: {size}, far beyond {allowed}; it began {prefix}", billed, len(body), prefix)
+
+
 class ParameterRejected(Exception):
     """A 400 for a parameter this server spells differently; the request is resent at once without it."""
 
@@ -156,16 +237,22 @@ def error_kind(exc: BaseException) -> str:
         return "timeout" if _timed_out(exc) else "connection"
     if isinstance(exc, openai.APIConnectionError):
         return "connection"
+    if isinstance(exc, NoCredit) or _no_credit(exc):
+        return "no-credit"
     if isinstance(exc, openai.APIStatusError):
         return f"http-{exc.status_code}"
     if isinstance(exc, ParameterRejected):
         return f"http-{exc.status}"
+    if isinstance(exc, OversizedReply):
+        return "oversized"
     return "malformed"
 
 
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, JsonModeUnsupported):
         return False  # only with a text rendering to fall back to; see Teacher.complete
+    if isinstance(exc, (NoCredit, OversizedReply, UnexpectedReply)) or _no_credit(exc):
+        return False  # the same answer would come back (and an oversized one is billed again)
     if isinstance(exc, (RequestTimeout, openai.APITimeoutError, openai.APIConnectionError, MalformedReply, ParameterRejected)):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -368,7 +455,7 @@ class Teacher:
             # The raw POST, not chat.completions.create(): the typed path spends ~2 ms of CPU per
             # request transforming params and building models, a core at the speeds runs reach.
             # Errors (status codes, timeouts, connections) come out of the SDK exactly the same.
-            raw = await self._client.post("/chat/completions", body=params, cast_to=bytes)
+            raw = await self._client.post("/chat/completions", body=params, cast_to=_HTTP_RESPONSE)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             # Judged on what this request sent, not on self.token_param: requests already in
             # flight when the first 400 taught us the new name come back with the same 400.
@@ -379,7 +466,21 @@ class Teacher:
                 self.json_mode_error = self._describe(exc)
                 raise JsonModeUnsupported(self.json_mode_error, exc.status_code) from None
             raise
-        response = json.loads(raw)  # a body that is not JSON raises ValueError: retried as malformed
+        except openai.APIStatusError as exc:
+            if _no_credit(exc):
+                raise NoCredit(
+                    f"the teacher's account has no credit ({self._describe(exc)})",
+                    "check the billing and plan of the account behind the key, then re-run the same command to resume",
+                ) from None
+            raise
+        body = raw.content
+        limit = params.get(self.token_param)
+        if len(body) > MAX_REPLY_BYTES:
+            raise _oversized(body, None, limit, messages, None)
+        try:
+            response = json.loads(body)
+        except ValueError as exc:  # cut short (retried), or a page or stream that is no completion
+            raise _not_json(raw, exc) from None
         choices = response.get("choices") if isinstance(response, dict) else None
         if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
             usage = response.get("usage") if isinstance(response, dict) else None
@@ -390,7 +491,10 @@ class Teacher:
         content = choices[0]["message"].get("content") or ""
         if isinstance(content, list):  # content parts, as some servers send them
             content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-        return response, str(content)
+        content = str(content)
+        if limit and len(content) > limit * MAX_CHARS_PER_TOKEN + OVERSIZE_SLACK_CHARS:
+            raise _oversized(body, content, limit, messages, response)
+        return response, content
 
     async def complete(
         self,
@@ -451,6 +555,8 @@ class Teacher:
                             self.in_flight -= 1
                     usage = _usage_from(response, messages, content)
                     RateLimiter.settle(entry, usage.prompt_tokens + usage.completion_tokens)
+        except TeacherError:
+            raise  # no credit (see _attempt): the whole run stops, like a refused key
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             raise TeacherError(
                 f"the teacher refused the API key (HTTP {exc.status_code})",
@@ -504,7 +610,8 @@ class Teacher:
         if isinstance(exc, openai.APITimeoutError) and not _timed_out(exc) and exc.__cause__ is not None:
             exc = exc.__cause__.__cause__ or exc.__cause__  # "Request timed out" hides a refused connection
             status = None
-        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        # Messages that quote a reply bound their own length (a prefix, on one line).
+        text = str(exc).splitlines()[0][: 700 if isinstance(exc, MalformedReply) else 300] if str(exc) else type(exc).__name__
         if self._secret:
             text = text.replace(self._secret, "***")
         return f"HTTP {status}: {text}" if status else text

@@ -146,3 +146,134 @@ def test_a_hand_edited_manifest_of_the_wrong_shape_names_the_field(main_cli, tmp
     assert code == 2, err
     assert "manifest.json: config must be a JSON object, got an integer" in err
     assert "unexpected" not in err and "Traceback" not in err
+
+
+# ---- hostile teachers ---------------------------------------------------------------------------
+
+
+def ask(fake, max_tokens: int = 1000, retries: int = 3):
+    """One request through the real Teacher; returns the Completion or the exception it raised."""
+    import asyncio
+
+    from selfinstruct.teacher import Teacher, TeacherSettings
+
+    async def go():
+        settings = TeacherSettings(model="fake-model", base_url=fake.base_url, timeout=5, retries=retries, concurrency=4,
+                                   max_tokens=max_tokens)
+        teacher = Teacher(settings, "sk-hardening-SECRET-123456")
+        try:
+            return await teacher.complete([{"role": "user", "content": "请写 3 个新任务"}])
+        except Exception as exc:  # noqa: BLE001 - the test looks at what came out
+            return exc
+        finally:
+            await teacher.aclose()
+
+    return asyncio.run(go())
+
+
+def test_no_credit_is_not_retried_and_says_check_billing():
+    from fakes.openai_server import FakeTeacher
+    from selfinstruct.errors import TeacherError
+
+    with FakeTeacher(no_credit=True, retry_after=0.01) as fake:
+        exc = ask(fake)
+        stats = fake.stats
+    assert isinstance(exc, TeacherError) and exc.exit_code == 1, repr(exc)
+    assert "no credit" in exc.message and "billing" in exc.hint
+    assert stats["requests_received"] == 1
+
+
+def test_a_reply_far_beyond_max_tokens_is_rejected_as_oversized_with_a_bounded_prefix():
+    from fakes.openai_server import FakeTeacher
+    from selfinstruct.teacher import RequestFailed
+
+    with FakeTeacher(reply_chars=300_000) as fake:
+        exc = ask(fake, max_tokens=1000)
+        stats = fake.stats
+    assert isinstance(exc, RequestFailed), repr(exc)
+    assert exc.errors == ["oversized"] and stats["requests_received"] == 1  # billed, and not asked again
+    assert "300,000 characters" in exc.message and "--max-tokens 1000" in exc.message
+    assert 100 < len(exc.message) <= 700 and "\n" not in exc.message
+    assert exc.wasted.completion_tokens > 1000  # what the server billed is counted
+
+
+def test_a_reply_within_its_limit_is_not_oversized():
+    from fakes.openai_server import FakeTeacher
+
+    with FakeTeacher(reply_chars=6000) as fake:
+        done = ask(fake, max_tokens=1000)
+    assert len(done.content) == 6000
+
+
+@pytest.mark.parametrize(
+    "body, needles",
+    [
+        ("html", ["text/html", "<!DOCTYPE html>", "/v1", "login"]),
+        ("event-stream", ["text/event-stream", "data: {", "stream"]),
+    ],
+)
+def test_a_200_that_is_not_a_completion_says_what_arrived(body, needles):
+    from fakes.openai_server import FakeTeacher
+    from selfinstruct.teacher import RequestFailed
+
+    with FakeTeacher(body=body) as fake:
+        exc = ask(fake)
+        stats = fake.stats
+    assert isinstance(exc, RequestFailed), repr(exc)
+    for needle in needles:
+        assert needle in exc.message, exc.message
+    assert "Expecting value" not in exc.message
+    assert stats["requests_received"] == 1  # the same page would come back: not retried
+
+
+def test_generate_stops_at_once_with_exit_1_when_the_account_has_no_credit(tmp_path):
+    import time
+
+    from fakes.openai_server import FakeTeacher
+    from test_generate import KEY, run_cli, seeds_file
+
+    started = time.monotonic()
+    with FakeTeacher(no_credit=True, retry_after=0.01) as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(tmp_path / "run"), "--quiet", timeout=60)
+        stats = fake.stats
+    assert done.returncode == 1, done.stderr
+    assert "no credit" in done.stderr and "billing" in done.stderr and "--concurrency" not in done.stderr
+    assert "Traceback" not in done.stderr and "report it" not in done.stderr and KEY not in done.stderr
+    assert stats["requests_received"] <= 16  # one wave of in-flight requests at most, no retries
+    assert time.monotonic() - started < 30
+
+
+def test_oversized_replies_are_never_stored_in_full(tmp_path):
+    from fakes.openai_server import FakeTeacher
+    from test_generate import run_cli, seeds_file
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply_chars=2_000_000) as fake:
+        done = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "5", "--base-url", fake.base_url, "--model", "m",
+                       "--out", str(out), "--max-tokens", "500", "--max-requests", "4", "--concurrency", "2", "--quiet", timeout=120)
+        sent = fake.stats["requests_received"]
+    assert "Traceback" not in done.stderr, done.stderr
+    assert sent >= 1
+    # 2,000,000 characters a reply: a single copy would be ~6 MB. What is kept is a bounded prefix per request.
+    stored = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    assert stored < 20_000 * sent + 50_000, stored
+    ledger = [json.loads(line) for line in (out / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
+    failed = [e for e in ledger if e.get("status") == "failed"]
+    assert failed and all("oversized reply" in e["error"] and "2,000,000 characters" in e["error"] for e in failed)
+
+
+def test_doctor_says_no_credit_and_names_an_html_reply(tmp_path):
+    from fakes.openai_server import FakeTeacher
+    from test_doctor import doctor
+
+    with FakeTeacher(no_credit=True, retry_after=0.01) as fake:
+        code, checks, _ = doctor(fake.base_url)
+    assert code == 1
+    row = checks["chat works"]
+    assert row["status"] == "fail" and "no credit" in row["detail"] and "billing" in row["fix"] and "--concurrency" not in row["fix"]
+
+    with FakeTeacher(body="html") as fake:
+        code, checks, _ = doctor(fake.base_url)
+    row = checks["chat works"]
+    assert code == 1 and row["status"] == "fail" and "text/html" in row["detail"] and "/v1" in row["detail"]

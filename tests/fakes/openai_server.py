@@ -669,8 +669,15 @@ KNOBS: dict[str, Any] = {
     # the prompt's examples, cut mid-item by the length limit (finish_reason "length"). Text replies only.
     "overrun": 0,
     "reply": None,  # callable(request_body, rng) -> content, replaces the generated tasks
+    "reply_chars": 0,  # >0: every reply's content is repeated or cut to this many characters (a runaway reply)
+    # 429 insufficient_quota for every chat request, as OpenAI answers a key whose account has no credit.
+    "no_credit": False,
+    # A 200 whose body is not a completion: "html" (a login page, as a proxy or a web UI answers) or
+    # "event-stream" (chunks, as a proxy that forces streaming sends).
+    "body": None,
 }
 USAGE_MODES = ("exact", "absent", "zero", "completion_one")
+BODIES = (None, "html", "event-stream")
 
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> bytes:
@@ -748,6 +755,8 @@ class FakeTeacher:
         k = self.knobs
         if k["usage_mode"] not in USAGE_MODES:
             raise ValueError(f"usage_mode must be one of {USAGE_MODES}")
+        if k["body"] not in BODIES:
+            raise ValueError(f"body must be one of {BODIES}")
         for name, value in k.items():
             if name.startswith("p_") and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
@@ -1099,6 +1108,19 @@ class FakeTeacher:
         edge2 = edge1 + k["p_500"]
         edge3 = edge2 + k["p_timeout"]
         edge4 = edge3 + k["p_malformed"]
+        if k["no_credit"]:
+            return _Response(429, _error_body(
+                "You exceeded your current quota, please check your plan and billing details. For more information on this "
+                "error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
+                "insufficient_quota", None, "insufficient_quota"), [], self._counted("429"))
+        if k["body"] == "html":
+            return _Response(200, b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body><form action=\"/login\">"
+                             + b"<input name=\"user\"></form></body></html>" * 40, content_type="text/html; charset=utf-8")
+        if k["body"] == "event-stream":
+            chunk = {"id": f"chatcmpl-{n_req}", "object": "chat.completion.chunk", "model": req.get("model"),
+                     "choices": [{"index": 0, "delta": {"content": "你好"}, "finish_reason": None}]}
+            return _Response(200, f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode() * 3 + b"data: [DONE]\n\n",
+                             content_type="text/event-stream")
         if roll < edge1:
             ra = float(k["retry_after"])
             hdrs = [("retry-after", f"{ra:g}"), ("x-ratelimit-limit-requests", "500"), ("x-ratelimit-remaining-requests", "0"),
@@ -1238,6 +1260,9 @@ class FakeTeacher:
                 content = content[: rng.randint(lo, max(lo, end - 2))]
                 finish = "length"
                 cut = None
+            if int(k["reply_chars"]) > 0:
+                n = int(k["reply_chars"])
+                content = (content * (n // max(len(content), 1) + 1))[:n]
             choices.append({"index": c, "message": {"role": "assistant", "content": content, "refusal": None},
                             "logprobs": None, "finish_reason": finish})
         prompt_tokens = sum(len(t) for t in message_text(messages)) // 2 + 10
@@ -1329,7 +1354,9 @@ def _parser():
             p.add_argument(flag, action="store_true", default=None)
         elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif name in ("seed", "max_requests"):
+        elif name == "body":
+            p.add_argument(flag, default=None, choices=BODIES)
+        elif name in ("seed", "max_requests", "reply_chars"):
             p.add_argument(flag, type=int, default=None)
         elif name == "models":
             p.add_argument(flag, default=None, help="comma-separated model names")
