@@ -359,7 +359,7 @@ def doctor(
     from rich.markup import escape
     from rich.table import Table
 
-    from selfinstruct.doctor import run_doctor
+    from selfinstruct.doctor import run_doctor, shown_url
     from selfinstruct.pricing import endpoint_kind, resolve_price
     from selfinstruct.teacher import TeacherSettings
 
@@ -375,7 +375,7 @@ def doctor(
         typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:
         styles = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]", "skip": "[dim]skip[/]"}
-        table = Table(title=f"selfinstruct doctor: {model} at {base_url or 'the OpenAI API'}")
+        table = Table(title=f"selfinstruct doctor: {model} at {shown_url(base_url) or 'the OpenAI API'}")
         for column in ("check", "result", "seen", "fix"):
             table.add_column(column)
         for check in report.checks:

@@ -7,6 +7,7 @@ import difflib
 import re
 import time
 from dataclasses import asdict, dataclass
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from selfinstruct.errors import TeacherError
 from selfinstruct.parsing import parse_reply
@@ -60,6 +61,36 @@ class Report:
         return {"ok": self.ok, "seconds": round(self.seconds, 2), "checks": [asdict(c) for c in self.checks]}
 
 
+def shown_url(base_url: str | None) -> str | None:
+    """The base URL fit to print: a user name, password or query string (some gateways take the key there) as ***."""
+    if not base_url:
+        return None
+    parts = urlsplit(base_url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", ""))
+
+
+def _url_secrets(base_url: str | None) -> list[str]:
+    """What of the base URL must never be printed, longest first."""
+    if not base_url:
+        return []
+    parts = urlsplit(base_url)
+    found = [parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else "", parts.query, parts.password or "", parts.username or ""]
+    found += [value for _, value in parse_qsl(parts.query)]
+    return sorted({f for f in found if f}, key=len, reverse=True)
+
+
+def _masked(report: "Report", base_url: str | None) -> "Report":
+    """Every check with the URL's credentials cut out, as the run manifest keeps them out."""
+    for secret in _url_secrets(base_url):
+        for check in report.checks:
+            check.detail = check.detail.replace(secret, "***")
+            check.fix = check.fix.replace(secret, "***")
+    return report
+
+
 def _messages(lang: str, json_mode: bool) -> list[dict[str, str]]:
     template = load_template(generation_template_name(lang))
     return template.render(examples=EXAMPLES[lang], num_tasks=PROBE_TASKS, start_index=1, json_mode=json_mode)
@@ -79,6 +110,8 @@ def _failure(name: str, exc: BaseException, settings: TeacherSettings) -> Check:
         fix = f"the teacher did not answer within --timeout {settings.timeout:g} s: raise --timeout, or check the server's load"
     elif kind == "connection":
         fix = "start the server, or fix --base-url (host, port, and a path that usually ends in /v1)"
+    elif kind == "no-credit":
+        fix = "the account behind the key has no credit: check its billing and plan (runs stop at once on this)"
     elif kind == "http-429":
         fix = "the key is rate-limited now: lower --concurrency or set --rpm/--tpm to the account's limits"
     elif kind.startswith("http-5"):
@@ -105,11 +138,24 @@ async def diagnose(
     settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str = "zh", key_env: str = "OPENAI_API_KEY"
 ) -> Report:
     """Probe a teacher: list models, one small generation, one JSON-mode request. Never raises for the teacher's faults."""
+    report = await _diagnose(settings, api_key, price, lang, key_env)
+    return _masked(report, settings.base_url)
+
+
+async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str, key_env: str) -> Report:
     started = time.monotonic()
-    url = settings.base_url or "https://api.openai.com/v1"
+    url = shown_url(settings.base_url) or "https://api.openai.com/v1"
     kind = endpoint_kind(settings.base_url)
-    teacher = Teacher(settings, api_key)
     checks: list[Check] = []
+    parts = urlsplit(settings.base_url or "")
+    if parts.username or parts.password:  # refused by generate too; the SDK would send them beside the key
+        checks.append(Check("reachable", "fail", f"{url}: --base-url carries a user name or password",
+                            "drop the user:password@ part; the key goes in the variable named by --api-key-env"))
+        names = ("model listed", "chat works", "usage reported", "JSON mode", "latency", "tokens/s")
+        checks += [Check(n, "skip", "the base URL is refused") for n in names]
+        checks.append(_price_check(settings.model, price, kind))
+        return Report(checks, time.monotonic() - started)
+    teacher = Teacher(settings, api_key)
     try:
         # 1. reachable, model listed
         models: list[str] | None = None
@@ -121,7 +167,7 @@ async def diagnose(
             key_refused = exc
             checks.append(Check("reachable", "ok", f"{url} answered, but refused the key"))
         except RequestFailed as exc:
-            if exc.errors[-1:] in (["connection"], ["timeout"]):  # no HTTP answer at all
+            if exc.errors[-1:] in (["connection"], ["timeout"]) or exc.status is None:  # no HTTP answer at all
                 row = _failure("reachable", exc, settings)
                 checks.append(Check("reachable", "fail", f"{url}: {exc.message}", row.fix))
                 names = ("model listed", "chat works", "usage reported", "JSON mode", "latency", "tokens/s")

@@ -112,3 +112,28 @@ def test_unknown_price_says_which_flags_to_pass():
     price = {c.name: c for c in report.checks}["price known"]
     assert price.status == "warn" and "--price-in" in price.fix
     assert report.ok  # a missing price is worth knowing, not a failure
+
+
+@pytest.mark.parametrize(
+    "url, secret",
+    [
+        ("http://user:PWSECRET1@127.0.0.1:{port}/v1", "PWSECRET1"),
+        ("http://127.0.0.1:{port}/v1?api-key=QSECRET2", "QSECRET2"),
+    ],
+)
+def test_credentials_in_the_url_never_show_in_the_table_or_the_json(url, secret):
+    with FakeTeacher() as fake:
+        full = url.format(port=fake.base_url.split(":")[2].split("/")[0])
+        table = run_cli("doctor", "--base-url", full, "--model", "fake-teacher", env={"COLUMNS": "250"}, timeout=60)
+        as_json = run_cli("doctor", "--base-url", full, "--model", "fake-teacher", "--json", timeout=60)
+    for done in (table, as_json):
+        assert secret not in done.stdout + done.stderr, done.stdout
+        assert "Traceback" not in done.stderr
+    assert "127.0.0.1" in table.stdout and "***" in table.stdout
+
+
+def test_a_closed_port_is_unreachable_whatever_the_url_holds():
+    code, checks, _ = doctor("http://user:PW@127.0.0.1:9/v1")
+    assert code == 1
+    assert checks["reachable"]["status"] == "fail" and "HTTP None" not in checks["reachable"]["detail"]
+    assert "PW" not in json.dumps(checks)
