@@ -6,30 +6,321 @@ import functools
 import re
 import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
-from selfinstruct.similarity import CJK_RE, HAN_RE, TOKEN_RE
+from selfinstruct.similarity import _CJK as _CJK_CLASS, _HAN as _HAN_CLASS, HAN_RE
 
-# Tasks a text-only model cannot do. English words match whole words; Chinese match substrings.
-BLACKLIST_WORDS = (
-    "image", "images", "picture", "pictures", "photo", "photos", "photograph", "video", "videos",
-    "audio", "recording", "file", "files", "attachment", "map", "maps", "draw", "drawing", "sketch",
-    "plot", "chart", "diagram", "flowchart", "screenshot", "go to",
+# ---- what a text is written in ------------------------------------------------------------------
+# Only words vote for a script: code, URLs, e-mail addresses, TeX maths, identifiers, single
+# letters (variables, units, options A-D) and digits say nothing about the language of a task.
+_NO_VOTE_RE = re.compile(
+    r"```.*?(?:```|\Z)|`[^`\n]*`"
+    r"|(?:https?|ftp)\s*[:：]\s*//\S+|www\.\S+"
+    r"|[\w.+-]+@[\w-]+(?:\.[\w-]+)+"
+    r"|\$[^$\n]+\$"
+    r"|\b[A-Za-z_][A-Za-z0-9_]*(?:[_.][A-Za-z0-9_]+)+|\b[a-z]+[A-Z][A-Za-z0-9_]*",
+    re.S,
 )
-BLACKLIST_ZH = (
-    "图片", "图像", "照片", "视频", "音频", "录音", "画一", "画出", "绘制", "流程图", "地图", "文件",
-    "附件", "截图", "图表", "網址", "圖片", "圖像", "影片", "視頻", "音訊", "音頻", "錄音", "畫一",
-    "畫出", "繪製", "流程圖", "地圖", "檔案", "截圖", "圖表",
+_LETTERS_RE = re.compile(r"[A-Za-z\u00c0-\u024f]{2,}")
+_KANA_RE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
+_HANGUL_RE = re.compile("[\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
+# One Han character carries about what three Latin letters do (an English word is 2 Han
+# characters in translation and 5 letters long): the weight that makes a bilingual line a tie.
+LETTERS_PER_HAN = 3
+# Text in quotes is what the task works on (检查单词“accoustic”的拼写), not the task's language.
+_QUOTED_RE = re.compile(r"“[^”]*”|\"[^\"]*\"|「[^」]*」|『[^』]*』|《[^》]*》")
+
+
+def script_counts(text: str) -> tuple[int, int, int, int]:
+    """Han characters, kana, hangul and Latin letters (in words of two or more) that vote for a script."""
+    text = _NO_VOTE_RE.sub(" ", text)
+    han = len(HAN_RE.findall(text))
+    kana = len(_KANA_RE.findall(text))
+    hangul = len(_HANGUL_RE.findall(text))
+    letters = sum(len(w) for w in _LETTERS_RE.findall(text))
+    return han, kana, hangul, letters
+
+
+@functools.lru_cache(maxsize=4096)
+def script_of(text: str) -> str:
+    """The main script of a text: zh, ja, ko, latin or none; Han against Latin letters, code and digits aside."""
+    # The cache serves the rules that ask about the same instruction in a row.
+    han, kana, hangul, letters = script_counts(text)
+    cjk = han + kana + hangul
+    if not cjk and not letters:
+        return "none"
+    if letters > cjk * LETTERS_PER_HAN:
+        return "latin"
+    if kana * 10 >= cjk:
+        return "ja"
+    if hangul > han:
+        return "ko"
+    return "zh"
+
+
+def task_script(text: str) -> str:
+    """The script of a task's own words: quoted material set aside when anything is left."""
+    bare = _QUOTED_RE.sub(" ", text)
+    got = script_of(bare)
+    return got if got != "none" else script_of(text)
+
+
+def expected_script(lang: str) -> str:
+    """The script a run in `lang` should produce."""
+    base = lang.split("-")[0].lower()
+    return {"zh": "zh", "ja": "ja", "ko": "ko"}.get(base, "latin")
+
+
+def han_variant(lang: str) -> str | None:
+    """hans or hant for a Chinese run (zh, zh-CN, zh-Hans; zh-Hant, zh-TW, zh-HK), None otherwise."""
+    parts = lang.replace("_", "-").lower().split("-")
+    if parts[0] != "zh":
+        return None
+    return "hant" if any(p in ("hant", "tw", "hk", "mo") for p in parts[1:]) else "hans"
+
+
+_UNIT_RE = re.compile(f"[{_CJK_CLASS}]|[A-Za-z\u00c0-\u024f]+|[0-9]+(?:[.,][0-9]+)*")
+
+
+def measure(text: str) -> tuple[int, str]:
+    """Length in the unit that fits the script: characters for CJK text, words otherwise."""
+    if script_of(text) in ("zh", "ja", "ko"):
+        return len(re.sub(r"\s+", "", text)), "chars"
+    return len(text.split()), "words"
+
+
+def units(text: str) -> int:
+    """Content units: one per CJK character, Latin word or number; punctuation and symbols count nothing."""
+    return len(_UNIT_RE.findall(text))
+
+
+@functools.lru_cache(maxsize=1)
+def _variant_tables() -> tuple[dict[int, None], dict[int, None]]:
+    """(Traditional-only, Simplified-only) characters from OpenCC's one-character tables, as delete tables."""
+    # A character counts for a side only if the tables never use it on the other side
+    # (后 is both the simplified 後 and the traditional 后): mixed-use characters do not vote.
+    import opencc
+
+    folder = Path(opencc.__file__).parent / "dictionary"
+    simp: set[str] = set()
+    trad: set[str] = set()
+    for name, src, dst in (("STCharacters.txt", simp, trad), ("TSCharacters.txt", trad, simp)):
+        for line in (folder / name).read_text(encoding="utf-8").splitlines():
+            key, _, values = line.partition("\t")
+            src.add(key)
+            dst.update(values.split())
+    # str.translate deletes in C: counting by length difference beats a 4,000-character regex class.
+    only = lambda chars: dict.fromkeys(ord(c) for c in chars if len(c) == 1)
+    return only(trad - simp), only(simp - trad)
+
+
+def variant_counts(text: str) -> tuple[int, int]:
+    """Characters only Traditional Chinese writes, and characters only Simplified writes."""
+    trad, simp = _variant_tables()
+    return len(text) - len(text.translate(trad)), len(text) - len(text.translate(simp))
+
+
+# ---- phrases the rules look for ------------------------------------------------------------------
+
+# Tasks a text-only model cannot do: the task asks to produce a medium (画一张图, 拍一段视频), or
+# to perceive one that the record does not carry in words (描述这张照片 with no description given).
+# A medium that is only the topic (影片评论, 短视频平台, 文件系统, 在线照片编辑器) is fine.
+BLACKLIST_PRODUCE_ZH = (
+    r"(?<![动漫壁油国字书版图刻插绘计策规谋])(?:画|畫)(?:一|出|个|張|张|幅|下|成|条|只|些|两|三)",
+    r"(?:绘制|繪製|描绘出)[^，。；？！\n]{0,8}?图",
+    r"拍一|拍张|(?<!记)录制一|(?<!记)录一段|剪辑一|上传|上傳|截屏",
+    r"(?:生成|创建|创作|制作|设计|做|输出|渲染)(?:一|个|张|幅|段|份)*[^，。；？！\n]{0,10}?"
+    r"(?<![体意])(?:图片|图像|照片|视频|动画|音频|录音|插图|插画|漫画|图稿|图纸|图标|动图|表情包|壁纸|三维模型|3D模型)",
 )
+BLACKLIST_PERCEIVE_ZH = (
+    r"(?<!》)(?:这|這|该|該|此|下面|下列|以下|上面|所给|所提供|给定|附|附加|附带|随附|上传|上傳)的?(?:一|两|几)?(?:张|張|幅|段|个|個|份|部)?"
+    r"(?:图片|图像|照片|相片|视频|影片|录像|音频|录音|截图|图表|示意图|流程图|插图|地图|附件|画作|绘画|画|漫画|草图|图|文件)(?![案形书标像例解纸层集册家作风])",
+    r"下图|上图|(?<![程表意])图中|图片中|图像中|照片中|视频中|录音中|音频中|附图",
+)
+BLACKLIST_PRODUCE_EN = (
+    r"\b(?:draw|paint|sketch|photograph|film|sing|upload)\b(?! (?:a )?(?:conclusion|parallel|comparison|inspiration|attention|on|from|upon))",
+    r"\b(?:create|generate|make|design|produce|render)\s+(?:a|an|the)?\s*(?:\w+\s+)?(?:image|picture|photo|video|drawing|illustration|animation)\b",
+)
+BLACKLIST_PERCEIVE_EN = (
+    r"\b(?:this|the|these|following|attached|given|above|below|provided|uploaded|linked)\s+(?:\w+\s+)?"
+    r"(?:image|images|picture|pictures|photo|photos|photograph|video|videos|audio|recording|file|files|attachment|chart|diagram|map|screenshot|painting|graph|song)\b",
+)
+_PRODUCE_RE = re.compile("|".join(BLACKLIST_PRODUCE_ZH + BLACKLIST_PRODUCE_EN), re.IGNORECASE)
+_PERCEIVE_RE = re.compile("|".join(BLACKLIST_PERCEIVE_ZH + BLACKLIST_PERCEIVE_EN), re.IGNORECASE)
+# An input that stands for a medium instead of describing it: <image>, [图片], a bare link.
+_MEDIUM_STAND_IN_RE = re.compile(r"^\W*(?:[<\[【(（][^\]>】)）]{0,40}[>\]】)）]|(?:https?://|www\.)\S+)\W*$", re.IGNORECASE)
+# Fewer content units than this and the input does not describe the medium in words.
+DESCRIBED_MEDIUM_UNITS = 8
+
+# A refusal is an answer that opens by declining, and is short: a refusal inside a dialogue, a
+# quoted line or an apology the task asked for (道歉信, 客服回复) is content.
 REFUSALS = (
     "as an ai language model", "as an ai assistant", "as a language model", "as an ai,", "i'm an ai",
     "i am an ai", "i'm sorry, but i can", "i am sorry, but i can", "sorry, i can't", "sorry, i cannot",
-    "i cannot fulfill", "i can't assist", "i cannot assist", "i'm unable to help",
-    "作为一个ai", "作为ai语言模型", "作为一名ai", "作为人工智能", "作为一个人工智能", "我是一个ai",
-    "我是一个人工智能", "作為一個ai", "作為ai", "作為一個人工智慧", "作為人工智慧",
+    "i cannot fulfill", "i can't assist", "i cannot assist", "i'm unable to help", "i'm sorry, but this task",
+    "sorry, this task", "unfortunately, i cannot", "unfortunately, i can't", "i am unable to", "i'm unable to",
+    "作为一个ai", "作为ai", "作为一名ai", "作为人工智能", "作为一个人工智能", "作为一个语言模型", "作为语言模型",
+    "我是一个ai", "我是一个人工智能", "作為一個ai", "作為ai", "作為一個人工智慧", "作為人工智慧",
     "抱歉,我无法", "抱歉,我不能", "对不起,我无法", "对不起,我不能", "很抱歉,我无法", "很抱歉,我不能",
-    "抱歉,我無法", "抱歉,我不能", "對不起,我無法", "對不起,我不能", "我无法回答", "我無法回答",
+    "抱歉,我無法", "對不起,我無法", "對不起,我不能", "很抱歉,我無法",
+    "抱歉,此任务", "抱歉,该任务", "抱歉,这个任务", "抱歉,这无法", "抱歉,这项任务", "抱歉,此任務", "抱歉,該任務",
+    "我无法回答", "我無法回答", "我无法生成", "我无法创建", "我无法提供", "我无法访问", "我无法执行", "我无法完成",
+    "我无法设置", "我无法在", "我無法生成", "我無法提供",
 )
+REFUSAL_WINDOW = 2  # a refusal opens the answer (after a quote or a bracket at most)
+REFUSAL_MAX_CHARS = 200  # ... and the answer is short: longer answers that open so go on to answer
+
+# Whole answers that stand for no answer.
+_PLACEHOLDER_RE = re.compile(
+    r"^\W*(?:<\s*no\s*output\s*>|<\s*无输出\s*>|无输出|沒有輸出|不适用|不適用|n/?a|none|null|无|無|"
+    r"<\s*nooutput\s*>|[(（]?无[)）]?|[(（]?空[)）]?|此任务不需要输出|不需要输出|预期无输出.*|无需输出.*|"
+    r"[\[<【(（](?:在此|此处|在此处)?(?:插入|输入)[^\]>】)）]*[\]>】)）]|[\[【<][^\]】>\n]{0,60}[\u4e00-\u9fff][^\]】>\n]{0,60}[\]】>])\W*$",
+    re.IGNORECASE | re.S,
+)
+# Image links and tags stand in for a picture the model cannot make; in a web-page task an
+# <img> tag is part of the code asked for.
+_IMAGE_RE = re.compile(r"!\[[^\]\n]*\]\s*[(（]|<\s*(?:图片|圖片|图像|附件)[^>]*>", re.IGNORECASE)
+_IMAGE_FILE_RE = re.compile(r"<\s*img\b|\.(?:png|jpe?g|gif|svg|bmp)\b", re.IGNORECASE)
+_WEB_TASK_RE = re.compile(r"HTML|CSS|网页|网站|代码|程序|标签|markdown|\bhtml\b|\bweb", re.IGNORECASE)
+_URL_RE = re.compile(r"(?:https?|ftp)\s*[:：]\s*//[^\s，。）)\]]+|\bwww\.[\w-]+(?:\.[\w-]+)+\S*", re.IGNORECASE)
+# Tasks about URLs themselves (build, parse, validate one) need nothing fetched.
+_URL_AS_SUBJECT_RE = re.compile(
+    r"URL|网址|域名|链接|HTTP|API|请求|正则|电子邮件|邮件地址|HTML|代码|脚本|函数|程序|解析|缩短|提取|有效|格式|验证|"
+    r"\burl\b|\bhttp\b|\bapi\b|\bregex|\bparse|\bshorten|\bextract|\bvalid|\bformat\b|\bcode\b",
+    re.IGNORECASE,
+)
+_FETCH_VERB_RE = re.compile(
+    r"总结|概括|摘要|概述|要点|阅读|打开|访问|浏览|查看|评估|评价|评论|分析|描述|确定|找到|找出|标题|分类|主题|情感|偏见|观点|"
+    r"文章|网站|网页|页面|视频|预告片|帖子|博客|新闻|报道|推文|论文|歌曲|艺术品|这幅画|图片|"
+    r"\bsummar|\bread\b|\bvisit|\bopen\b|\barticle|\bwebsite|\bpage\b|\bvideo|\bpost\b|\bblog",
+    re.IGNORECASE,
+)
+_SEARCH_VERB_RE = re.compile(r"查找|搜索|找到|寻找|检索|搜寻|\bfind\b|\bsearch\b|\blook up\b", re.IGNORECASE)
+
+# Code: a line that reads as code (ASCII keywords, statements ending in ; or braces) ...
+_CODE_LINE_RE = re.compile(
+    r"^\s*(?:def |class |return\b|import |from \S+ import|for\s*[(（]|for \w+ in |while\s*[(（]|if\s*[(（]|elif |else\s*[:{]|"
+    r"function\b|var |let |const |int |float |double |void |public |private |static |#include|SELECT\b|CREATE TABLE|INSERT INTO)"
+    r"|[;{}]\s*$|^\s*[{}]",
+    re.IGNORECASE,
+)
+# ... and code whose keywords or identifiers were translated into Chinese (string literals and
+# comments aside): 如果 (x > 0)、定义 函数（自我）、整数 总计 = 0;、int 最大数字 = 0;
+_CODE_STRINGS_RE = re.compile(r"\"[^\"\n]*\"|'[^'\n]*'|“[^”\n]*”|‘[^’\n]*’|「[^」\n]*」|#.*$|//.*$|/\*.*?\*/", re.M)
+_ZH_KEYWORD_RE = re.compile(
+    r"^\s*(?:如果|否则如果|否则|其他|返回|定义|对于|导入|打印|函数|类|整数|浮点数?|字符串|布尔|设|变量|常量|公共|私有|静态|当|尝试|除了|最后|而|打破|继续|无功|从)"
+    r"\s*(?:[（(A-Za-z_]|[\u4e00-\u9fff]+\s*(?:[（(=:：]|\s*$))",
+    re.M,
+)
+_HAN_IDENT_RE = re.compile(
+    f"\\b(?:def|class|int|float|double|var|let|const|void|string|String|bool|function|return|new)\\s+[{_HAN_CLASS}]"
+    f"|[{_HAN_CLASS}][\\w{_HAN_CLASS}]*\\s*(?:[+\\-*/]?=|==)[^;\\n]*;\\s*$"
+    f"|[A-Za-z_]\\w*\\.[{_HAN_CLASS}]",
+    re.M,
+)
+CODE_LINES_MIN = 2  # lines that read as code before a text is judged as code
+
+# Tasks that ask for an answer in another language, about code, or about Latin-script material:
+# their answers may be Latin without being in the wrong language.
+_OTHER_LANGUAGE_RE = re.compile(
+    r"翻译|翻譯|译成|译为|譯成|英文|英语|英語|法语|德语|西班牙语|意大利语|日语|韩语|俄语|葡萄牙语|拉丁|语言|语种|"
+    r"代码|程序|函数|脚本|算法|编程|正则|查询|命令|SQL|HTML|CSS|JSON|XML|Python|Java|C\+\+|JavaScript|"
+    r"单词|拼写|字母|缩写|首字母|词性|押韵|音标|发音|同义词|反义词|复数|时态|语法|动词|名词|形容词|副词|句子|短语|成语|"
+    r"标签|主题标签|用户名|密码|网址|URL|域名|电子邮件|邮箱|表达式|公式|方程|化学式|符号|单位|缩略|型号|代号|名称|名字|标题|"
+    r"translate|english|code|spell|word|letter|acronym|abbrev",
+    re.IGNORECASE,
+)
+
+_FUNCTION_WORDS_RE = re.compile(r"(?<![A-Za-z])(?:the|and|of|to|is|are|was|in|that|for|with|this|it|be|on|as|by|an|which|you|can)(?![A-Za-z])", re.IGNORECASE)
+FUNCTION_WORDS_MIN = 4
+
+# Long-form asks: an answer of a few words cannot be one.
+_LONG_FORM_RE = re.compile(
+    r"(?<![重改编抄描填])(?:写|撰写|创作|起草|讲)(?:一篇|一封|一首|一个|一段|一份|一则|篇|封|首)[^，。？！\n]{0,10}?"
+    r"(?:文章|故事|论文|博客|博文|短文|散文|作文|演讲稿|演讲|剧本|新闻稿|报告|信(?![息用号])|诗(?![人句])|歌词|评论|简介)"
+    r"(?!标题|主题|题目|名|地址|的标题)"
+)
+# A task that sets the length itself (五字诗, 一句话的故事, 不超过20个字) may ask for a short answer.
+_SET_LENGTH_RE = re.compile(r"[0-9一二三四五六七八九十两几]+\s*(?:个)?(?:字|单词|词|句|行)|一句话|短|简短|标题|主题行")
+LONG_FORM_MIN_UNITS = 12
+
+# ---- personal data ---------------------------------------------------------------------------------
+
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+
+
+def resident_id_ok(number: str) -> bool:
+    """A mainland resident ID number (18 characters) with a real date and the right check character."""
+    if not re.fullmatch(r"[1-9]\d{16}[\dXx]", number):
+        return False
+    year, month, day = int(number[6:10]), int(number[10:12]), int(number[12:14])
+    if not (1900 <= year <= 2100 and 1 <= month <= 12 and 1 <= day <= 31):
+        return False
+    total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS))
+    return "10X98765432"[total % 11] == number[17].upper()
+
+
+def luhn_ok(digits: str) -> bool:
+    """The Luhn checksum bank cards carry."""
+    total = 0
+    for k, ch in enumerate(reversed(digits)):
+        d = int(ch)
+        if k % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+_PII_PATTERNS = (
+    ("email", re.compile(r"(?<![\w.+-])[A-Za-z0-9][\w.+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")),
+    ("resident-id", re.compile(r"(?<![\dA-Za-z])[1-9]\d{16}[\dXx](?![\dA-Za-z])")),
+    ("bank-card", re.compile(r"(?<![\d.-])[1-9]\d{3}(?:[ -]?\d{4}){2}[ -]?\d{4}(?:\d{0,3})(?![\d-])")),
+    ("phone", re.compile(
+        r"(?<![\d+-])(?:\+?86[ -]?)?1[3-9]\d[ -]?\d{4}[ -]?\d{4}(?![\d-])"  # mainland mobile
+        r"|(?<![\d+-])(?:\+?886[ -]?|0)9\d{2}[ -]?\d{3}[ -]?\d{3}(?![\d-])"  # Taiwan mobile
+        r"|(?<![\d+-])(?:\+?886[ -]?|[(（]?0)[2-8][)）]?[ -]\d{3,4}[ -]?\d{4}(?![\d-])"  # Taiwan landline
+        r"|(?<![\d+-])[(（]?0\d{2,3}[)）]?[ -]\d{7,8}(?![\d-])"  # mainland landline
+        r"|(?<![\d+-])(?:\+?1[ -.]?)?[(（]?[2-9]\d{2}[)）]?[ -.]\d{3}[ -.]\d{4}(?![\d-])"  # North American
+    )),
+    ("ip-address", re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.]|\.\d)")),
+)
+# Every kind has an @ or seven digits in a row (separators aside) or a dotted number: most texts have none.
+_PII_HINT_RE = re.compile(r"@|\d(?:[ ().（）-]?\d){6}|\d\.\d+\.\d")
+_PII_CHECKS = {"resident-id": resident_id_ok, "bank-card": lambda m: luhn_ok(re.sub(r"\D", "", m))}
+# Documentation addresses name no one.
+_EXAMPLE_EMAIL_RE = re.compile(r"@(?:[\w-]+\.)*(?:example|test|domain|yourdomain|company)\.(?:com|org|net)$|@example\.", re.IGNORECASE)
+PII_LABELS = {"email": "[EMAIL]", "resident-id": "[ID]", "bank-card": "[CARD]", "phone": "[PHONE]", "ip-address": "[IP]"}
+
+
+def find_pii(text: str) -> list[tuple[str, int, int]]:
+    """Personal data in `text`: (kind, start, end) of each e-mail, phone, resident ID, bank card or IP address."""
+    found: list[tuple[str, int, int]] = []
+    if not _PII_HINT_RE.search(text):
+        return found
+    taken: list[tuple[int, int]] = []
+    for kind, pattern in _PII_PATTERNS:
+        for m in pattern.finditer(text):
+            value = m.group(0)
+            if kind == "email" and _EXAMPLE_EMAIL_RE.search(value):
+                continue
+            check = _PII_CHECKS.get(kind)
+            if check is not None and not check(value):
+                continue
+            if any(m.start() < end and start < m.end() for start, end in taken):
+                continue  # an ID number is not also a phone number
+            found.append((kind, m.start(), m.end()))
+            taken.append((m.start(), m.end()))
+    return sorted(found, key=lambda f: f[1])
+
+
+def redact_pii(text: str) -> tuple[str, int]:
+    """`text` with each piece of personal data replaced by its label ([EMAIL], [PHONE], ...), and how many."""
+    found = find_pii(text)
+    for kind, start, end in reversed(found):
+        text = text[:start] + PII_LABELS[kind] + text[end:]
+    return text, len(found)
+
 
 REASONS = (
     "empty",
@@ -37,9 +328,16 @@ REASONS = (
     "too-long",
     "starts-with-punctuation",
     "wrong-language",
+    "wrong-script",
     "blacklist",
+    "needs-url",
     "refusal",
+    "placeholder",
     "output-equals-input",
+    "output-language",
+    "output-too-short",
+    "code-translated",
+    "pii",
 )
 # Reasons written by other stages, accepted by --rules / --no-rule where they apply.
 OTHER_REASONS = ("unparseable", "truncated", "near-duplicate", "surplus")
@@ -50,7 +348,7 @@ class RuleSettings:
     """What the rules need to know: target language, length limits, which rules run."""
 
     lang: str = "zh"
-    min_chars: int = 4
+    min_chars: int = 3
     max_chars: int = 300
     min_words: int = 3
     max_words: int = 150
@@ -65,13 +363,9 @@ def fold(text: str) -> str:
 
 
 _REFUSALS = tuple(fold(p) for p in REFUSALS)
-_BLACKLIST_RE = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in BLACKLIST_WORDS) + r")\b", re.IGNORECASE)
-
-
-_KANA_RE = re.compile("[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
 # Whitespace beside a Han or kana character: Chinese and Japanese do not separate words with
 # spaces, so typesetting adds or drops them at will. Not hangul: Korean spacing splits words.
-_UNSPACED = f"[{HAN_RE.pattern[1:-1]}{_KANA_RE.pattern[1:-1]}]"
+_UNSPACED = f"[{_HAN_CLASS}{_KANA_RE.pattern[1:-1]}]"
 _UNSPACED_SPACE_RE = re.compile(f"(?<={_UNSPACED})\\s+|\\s+(?={_UNSPACED})")
 _SPACES_RE = re.compile(r"\s+")
 
@@ -80,41 +374,6 @@ def same_text_key(text: str) -> str:
     """Equality form: NFKC, casefold, whitespace runs collapsed to one space, none beside Han/kana."""
     text = unicodedata.normalize("NFKC", text).casefold()
     return _SPACES_RE.sub(" ", _UNSPACED_SPACE_RE.sub("", text)).strip()
-
-
-@functools.lru_cache(maxsize=4096)
-def script_of(text: str) -> str:
-    """The main script of a text: zh, ja, ko, latin or none, by token counts."""
-    # Every CJK character is a token of its own, so counting regex matches over the text gives
-    # the same counts as classifying each token, in C; the cache serves the rules that ask about
-    # the same instruction in a row (too-short, too-long, wrong-language).
-    lower = text.lower()
-    tokens = len(TOKEN_RE.findall(lower))
-    if not tokens:
-        return "none"
-    cjk = len(CJK_RE.findall(lower))
-    if cjk * 2 < tokens:
-        return "latin"
-    han = len(HAN_RE.findall(lower))
-    kana = len(_KANA_RE.findall(lower))
-    if kana * 10 >= cjk:
-        return "ja"
-    if cjk - han - kana > han:
-        return "ko"
-    return "zh"
-
-
-def expected_script(lang: str) -> str:
-    """The script a run in `lang` should produce."""
-    base = lang.split("-")[0].lower()
-    return {"zh": "zh", "ja": "ja", "ko": "ko"}.get(base, "latin")
-
-
-def measure(text: str) -> tuple[int, str]:
-    """Length in the unit that fits the script: characters for CJK text, words otherwise."""
-    if script_of(text) in ("zh", "ja", "ko"):
-        return len(re.sub(r"\s+", "", text)), "chars"
-    return len(text.split()), "words"
 
 
 def _empty(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
@@ -126,9 +385,12 @@ def _empty(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
 
 
 def _too_short(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    n, unit = measure(ins)
-    low = s.min_chars if unit == "chars" else s.min_words
-    return f"instruction has {n} {unit}, under {low}" if n < low else None
+    # The input carries the task's material: 翻译 + a sentence is a whole task.
+    if script_of(ins) in ("zh", "ja", "ko"):
+        n = units(ins) + units(inp)
+        return f"instruction and input have {n} words and characters, under {s.min_chars}" if n < s.min_chars else None
+    n = len(ins.split()) + len(inp.split())
+    return f"instruction and input have {n} words, under {s.min_words}" if n < s.min_words else None
 
 
 def _too_long(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
@@ -138,39 +400,167 @@ def _too_long(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
 
 
 def _starts_with_punctuation(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    first = ins.strip()[:1]
-    # Opening brackets and quotes start real instructions (“静夜思”的作者是谁？); other punctuation does not.
+    text = ins.strip()
+    first = text[:1]
+    # Opening brackets and quotes start real instructions (“静夜思”的作者是谁？), and so does a
+    # sign or a decimal point before a number (-625是什么类型的数字？).
     if first and unicodedata.category(first) in ("Po", "Pd", "Pe", "Pf", "Pc"):
+        if first in "-+.−" and text[1:2].isdigit():
+            return None
+        if first in "#@*&%/\\¿¡'\"":
+            return None
         return f"instruction starts with {first!r}"
     return None
 
 
+_TRANSLATE_ZH_RE = re.compile(r"翻译|翻譯|译成|译为|譯成|譯為|译文|中文|英文|英语")
+_TRANSLATE_EN_RE = re.compile(r"\btranslat|\binto (?:chinese|english|japanese|korean)\b", re.IGNORECASE)
+
+
 def _wrong_language(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    want, got = expected_script(s.lang), script_of(ins)
-    return f"instruction is mainly {got}, the run is {s.lang}" if got != want else None
+    want, got = expected_script(s.lang), task_script(ins)
+    if got in ("none", want):
+        return None
+    # A translation task quotes its source text in the instruction: its own words decide.
+    if want != "latin" and _TRANSLATE_ZH_RE.search(ins) and len(HAN_RE.findall(ins)) >= 2:
+        return None
+    if want == "latin" and _TRANSLATE_EN_RE.search(ins):
+        return None
+    # Chinese tasks name products in Latin letters (比较Google Home和Amazon Echo): only a
+    # sentence in another language, with its function words, is written in the wrong one.
+    if got == "latin" and HAN_RE.search(ins) and len(_FUNCTION_WORDS_RE.findall(ins)) < 2:
+        return None
+    return f"instruction is mainly {got}, the run is {s.lang}"
+
+
+def _wrong_script(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    variant = han_variant(s.lang)
+    if variant is None:
+        return None
+    for field, text in (("instruction", ins), ("input", inp), ("output", out)):
+        if _KANA_RE.search(text):
+            continue  # Japanese kanji keep traditional forms
+        trad, simp = variant_counts(text)
+        other, own = (trad, simp) if variant == "hans" else (simp, trad)
+        if other >= 2 or (other >= 1 and other > own):
+            name = "Traditional" if variant == "hans" else "Simplified"
+            return f"{field} has {other} {name}-only characters, the run is {s.lang}"
+    return None
 
 
 def _blacklist(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    m = _BLACKLIST_RE.search(ins)
+    m = _PRODUCE_RE.search(ins)
     if m:
-        return f"instruction mentions {m.group(0)!r}"
-    for word in BLACKLIST_ZH:
-        if word in ins:
-            return f"instruction mentions {word!r}"
+        return f"the task asks to make a medium: {m.group(0)!r}"
+    m = _PERCEIVE_RE.search(ins)
+    if m and (_MEDIUM_STAND_IN_RE.match(inp) or units(_URL_RE.sub(" ", inp)) < DESCRIBED_MEDIUM_UNITS):
+        return f"the task asks to see or hear a medium it does not describe: {m.group(0)!r}"
     return None
+
+
+def _needs_url(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    if _URL_AS_SUBJECT_RE.search(ins):
+        return None
+    task = ins + "\n" + inp
+    url = _URL_RE.search(task)
+    if url:
+        rest = _URL_RE.sub(" ", inp)
+        if units(rest) < 20 or _FETCH_VERB_RE.search(ins):
+            return f"the task needs {url.group(0)[:60]!r} fetched"
+        return None
+    if _SEARCH_VERB_RE.search(ins):
+        url = _URL_RE.search(out)
+        if url:
+            return f"the task asks to search the web; the answer cites {url.group(0)[:60]!r}"
+    return None
+
+
+_REFUSAL_ASKED_RE = re.compile(r"无法|不能|抱歉|对不起|拒绝|道歉|回复|回应|响应|can't|cannot|sorry|apolog|declin|refus|respon", re.IGNORECASE)
 
 
 def _refusal(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    for field, text in (("output", out), ("instruction", ins)):
-        folded = fold(text)
-        for pattern in _REFUSALS:
-            if pattern in folded:
-                return f"{field} contains {pattern!r}"
+    if len(out.strip()) > REFUSAL_MAX_CHARS:
+        return None
+    # Rewriting 我将无法出席 or writing a polite refusal asks for exactly such words.
+    if _REFUSAL_ASKED_RE.search(ins) or _REFUSAL_ASKED_RE.search(inp):
+        return None
+    head = fold(out)[: REFUSAL_WINDOW + 24]
+    for pattern in _REFUSALS:
+        at = head.find(pattern)
+        if 0 <= at <= REFUSAL_WINDOW:
+            return f"output opens with {pattern!r}"
     return None
 
 
+def _placeholder(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    if _PLACEHOLDER_RE.match(out.strip()):
+        return f"output is a placeholder: {out.strip()[:30]!r}"
+    m = _IMAGE_RE.search(out) or (None if _WEB_TASK_RE.search(ins + inp) else _IMAGE_FILE_RE.search(out))
+    if m:
+        return f"output links an image: {m.group(0)[:40]!r}"
+    return None
+
+
+_CORRECTION_RE = re.compile(r"错误|错字|更正|纠正|修正|修复|校对|是否正确|检查|\bcorrect|\berror|\bproofread|\bfix", re.IGNORECASE)
+
+
 def _output_equals_input(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    return "output repeats the input" if inp.strip() and same_text_key(inp) == same_text_key(out) else None
+    # Case and spacing are kept: capitalising or respacing a text is a task whose answer differs only so.
+    if not inp.strip() or _CORRECTION_RE.search(ins):
+        return None  # 纠正错误 of a sentence with none: the unchanged sentence is the answer
+    same = unicodedata.normalize("NFKC", inp).strip() == unicodedata.normalize("NFKC", out).strip()
+    return "output repeats the input" if same else None
+
+
+def _output_language(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    want = expected_script(s.lang)
+    if task_script(ins) != want or script_of(inp) not in ("none", want):
+        return None  # the instruction's language is another rule's; a Latin input may want a Latin answer
+    got = script_of(out)
+    if got in ("none", want) or _OTHER_LANGUAGE_RE.search(ins):
+        return None
+    # Names, code, formulas and lists of products are Latin without being another language:
+    # only running prose (its function words) is an answer written in the wrong language.
+    if got == "latin" and want != "latin":
+        if len(_FUNCTION_WORDS_RE.findall(out)) < FUNCTION_WORDS_MIN:
+            return None
+        if sum(1 for line in out.splitlines() if _CODE_LINE_RE.search(line)) >= CODE_LINES_MIN or re.search(r"<[a-z!]+[^>]*>|def |\(\)", out):
+            return None  # code with English comments and strings
+        han, _, _, letters = script_counts(out)
+        if letters < han * LETTERS_PER_HAN * 2:
+            return None  # Chinese prose around English names
+    
+    return f"output is mainly {got}, the run is {s.lang}"
+
+
+def _output_too_short(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    m = _LONG_FORM_RE.search(ins)
+    if m and units(out) < LONG_FORM_MIN_UNITS and not _SET_LENGTH_RE.search(ins):
+        return f"the task asks for {m.group(0)!r}; the output has {units(out)} words and characters"
+    return None
+
+
+def _code_translated(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    for field, text in (("output", out), ("input", inp)):
+        if not HAN_RE.search(text):
+            continue
+        code = _CODE_STRINGS_RE.sub('""', text)
+        lines = code.splitlines()
+        if sum(1 for line in lines if _CODE_LINE_RE.search(line)) < CODE_LINES_MIN:
+            continue  # a formula with Chinese names (面积 = 长 × 宽) is maths, not code
+        m = _ZH_KEYWORD_RE.search(code) or _HAN_IDENT_RE.search(code)
+        if m:
+            return f"{field} code has Chinese keywords or identifiers: {m.group(0).strip()[:40]!r}"
+    return None
+
+
+def _pii(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    for field, text in (("instruction", ins), ("input", inp), ("output", out)):
+        found = find_pii(text)
+        if found:
+            kind, start, end = found[0]
+            return f"{field} holds {'an' if kind[0] in 'aeiou' else 'a'} {kind}: {text[start:end][:4]}…"
+    return None
 
 
 RULES: Mapping[str, Callable[[str, str, str, RuleSettings], str | None]] = {
@@ -179,9 +569,16 @@ RULES: Mapping[str, Callable[[str, str, str, RuleSettings], str | None]] = {
     "too-long": _too_long,
     "starts-with-punctuation": _starts_with_punctuation,
     "wrong-language": _wrong_language,
+    "wrong-script": _wrong_script,
     "blacklist": _blacklist,
+    "needs-url": _needs_url,
     "refusal": _refusal,
+    "placeholder": _placeholder,
     "output-equals-input": _output_equals_input,
+    "output-language": _output_language,
+    "output-too-short": _output_too_short,
+    "code-translated": _code_translated,
+    "pii": _pii,
 }
 
 

@@ -398,6 +398,6 @@ def test_fixture_sample_equals_brute_force(tmp_path):
     texts = [r["instruction"] for r in rows]
     keep = []
     for j, t in enumerate(texts):
-        if not any(rouge_l(texts[i], t) >= 0.7 for i in keep):
+        if not any(rouge_l(texts[i], t) > 0.7 + 1e-9 for i in keep):  # above the threshold, as filter decides
             keep.append(j)
     assert [r["id"] for r in kept] == [f"slice.jsonl:{j + 1}" for j in keep]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from selfinstruct.errors import InputError
-from selfinstruct.rules import BLACKLIST_WORDS, BLACKLIST_ZH, REASONS, REFUSALS, RULES, RuleSettings, check, fold, load_rules, measure, same_text_key, script_of
+from selfinstruct.rules import REASONS, REFUSALS, RULES, RuleSettings, check, find_pii, fold, load_rules, measure, redact_pii, same_text_key, script_of, variant_counts
 
 ZH = RuleSettings(lang="zh")
 EN = RuleSettings(lang="en")
@@ -25,9 +25,16 @@ CASES = [
     ("too-long", ("请" * 301, "", "好的"), (" ".join(["word"] * 151), "", "ok")),
     ("starts-with-punctuation", ("。解释一下光合作用", "", "好的"), ("- Explain photosynthesis now", "", "ok")),
     ("wrong-language", ("Explain photosynthesis to a child.", "", "ok"), ("解释一下光合作用的过程。", "", "好的")),
+    ("wrong-script", ("解释一下光合作用的过程。", "", "光合作用是植物利用光能製造養分的過程。"), None),
     ("blacklist", ("根据这张图片描述场景", "", "好的"), ("Describe the image in detail please", "", "ok")),
+    ("needs-url", ("总结这篇文章。", "https://www.example.org/news/1234", "文章讲了天气。"), ("Summarize this article.", "https://news.example.org/a/1", "It is about rain.")),
     ("refusal", ("介绍一下你自己吧", "", "作为一个AI语言模型，我无法回答。"), ("Tell me a secret please", "", "As an AI language model, I cannot.")),
-    ("output-equals-input", ("把下面的句子翻译成中文", "你好，世界", "你好，世界"), ("Repeat the following sentence", "Hello world", "hello  world")),
+    ("placeholder", ("为咖啡店设计一个标志。", "", "<nooutput>"), ("Create a logo for the shop.", "", "![logo](https://i.example.org/logo.png)")),
+    ("output-equals-input", ("把下面的句子改成被动语态", "猫抓住了老鼠", "猫抓住了老鼠"), ("Repeat the following sentence", "Hello world", "Hello world")),
+    ("output-language", ("解释一下光合作用的过程。", "", "Photosynthesis is the process by which plants turn light into the sugar they can use."), None),
+    ("output-too-short", ("写一篇关于环保的文章。", "", "环保很重要。"), None),
+    ("code-translated", ("用Java写一个求和程序。", "", "int a = 1;\n整数 b = 2;\nSystem.out.println(a + b);"), None),
+    ("pii", ("给张三发一条消息。", "他的手机是13912345678。", "好的，已发送。"), ("Reply to the customer.", "Reach me at jane.doe@gmail.com", "Sure, thanks!")),
 ]
 
 
@@ -38,7 +45,8 @@ def test_every_builtin_rule_has_a_case():
 @pytest.mark.parametrize("rule,zh,en", CASES, ids=[c[0] for c in CASES])
 def test_builtin_rule_chinese_and_english(rule, zh, en):
     assert reason(zh, ZH) == rule
-    assert reason(en, EN) == rule
+    if en is not None:  # Chinese-only rules: scripts, Chinese answers, Chinese code identifiers
+        assert reason(en, EN) == rule
     # Switched off, the rule no longer fires (another may, but not this one).
     off = RuleSettings(lang="zh", enabled=frozenset(REASONS) - {rule})
     assert reason(zh, off) != rule
@@ -50,7 +58,7 @@ def test_good_records_pass():
 
 
 def test_detail_says_why():
-    assert check("写诗", "", "好", ZH) == ("too-short", "instruction has 2 chars, under 4")
+    assert check("写诗", "", "好", ZH) == ("too-short", "instruction and input have 2 words and characters, under 3")
 
 
 def test_quoted_chinese_instruction_is_not_punctuation():
@@ -71,7 +79,58 @@ def test_same_text_key_collapses_whitespace_but_keeps_word_boundaries():
 
 def test_output_equals_input_needs_the_same_words():
     assert reason(("Split the word into two words", "therapist", "the rapist"), EN) is None
-    assert reason(("Repeat the sentence", "Ｈｅｌｌｏ　ｗｏｒｌｄ", "hello world"), EN) == "output-equals-input"
+    assert reason(("Repeat the sentence", "Ｈｅｌｌｏ　ｗｏｒｌｄ", "Hello world"), EN) == "output-equals-input"
+    # Capitalising or respacing a text is a task whose right answer differs only so.
+    assert reason(("Capitalise the sentence", "hello world", "Hello world"), EN) is None
+    # Checking a sentence that has no error: the unchanged sentence is the answer.
+    assert reason(("纠正下面句子中的错误。", "我昨天去了商店。", "我昨天去了商店。"), ZH) is None
+
+
+def test_digits_formulas_urls_and_names_do_not_vote_for_a_script():
+    # Each was rejected as wrong-language or too-short on the 52K Chinese set.
+    for text in ("-625是什么类型的数字？", "计算 3x^2 + 2x - 5 = 0 的根", "比较和对比Google Home和Amazon Echo。",
+                 "iOS和安卓手机有什么区别？", "总结 https://www.example.org/a-long-article-name 的内容", "解释熵"):
+        assert reason((text, "", "这是一个足够长的回答，内容完整，讲清楚了要点。"), ZH) is None, text
+    assert reason(("将下面的句子翻译成法语：I love reading books in the morning.", "", "J'aime lire le matin."), ZH) is None
+
+
+def test_simplified_and_traditional_are_different_targets():
+    hans = ("解释一下光合作用的过程。", "", "光合作用是植物利用光能制造养分的过程。")
+    hant = ("解釋一下光合作用的過程。", "", "光合作用是植物利用光能製造養分的過程。")
+    assert reason(hans, ZH) is None and reason(hant, RuleSettings(lang="zh-Hant")) is None
+    assert reason(hans, RuleSettings(lang="zh-Hant")) == "wrong-script"
+    assert reason(hant, ZH) == "wrong-script"
+    assert variant_counts("後") == (1, 0) and variant_counts("后") == (0, 0)  # 后 serves both scripts
+    assert reason(("把这句话翻译成日语", "她是一位优秀的老师", "彼女は優秀な教師です。"), ZH) is None  # kanji keep old forms
+
+
+def test_blacklist_medium_as_task_not_as_topic():
+    for topic in ("写一篇影片评论。", "介绍一个在线照片编辑器。", "解释文件系统的作用。", "短视频平台为什么流行？", "描述一幅画的常见构图。"):
+        assert reason((topic, "", "这是一个足够长的回答，内容完整，讲清楚了要点。"), ZH) is None, topic
+    for task in ("画一张猫的图。", "看这段视频并总结。", "上传文件到网站。", "描述这张照片。"):
+        assert reason((task, "", "这是一个足够长的回答，内容完整，讲清楚了要点。"), ZH) == "blacklist", task
+    # A photo the record describes in words can be worked on.
+    assert reason(("描述给定的照片。", "一张女孩坐在田野里拿着一篮花的照片，背景是蓝天", "女孩坐在田野里。"), ZH) is None
+
+
+def test_refusal_only_opening_a_short_answer():
+    assert reason(("写一段对话。", "", "甲：帮我搬家吧。乙：抱歉，我无法帮你，我明天要上班。"), ZH) is None
+    assert reason(("改写成非正式的语气。", "我很遗憾地通知你，我将无法出席。", "抱歉，我无法参加。"), ZH) is None
+    assert reason(("写一首诗。", "", "抱歉，我无法完成这个任务。"), ZH) == "refusal"
+
+
+def test_pii_kinds_with_their_checksums():
+    kinds = lambda text: [k for k, _, _ in find_pii(text)]
+    assert kinds("邮箱 zhang.san@qq.com") == ["email"]
+    assert kinds("写信到 someone@example.com") == []  # documentation addresses name no one
+    assert kinds("手机 13812345678，台湾 0912-345-678，座机 (02) 2345-6789") == ["phone", "phone", "phone"]
+    assert kinds("身份证 11010519491231002X") == ["resident-id"]
+    assert kinds("身份证 110105194912310021") == []  # wrong check character
+    assert kinds("卡号 4111 1111 1111 1111") == ["bank-card"]
+    assert kinds("卡号 4111 1111 1111 1112") == []  # fails Luhn
+    assert kinds("斜边是 6.4031242374328485") == []  # a decimal fraction
+    assert kinds("服务器 192.168.1.20") == ["ip-address"]
+    assert redact_pii("打 13812345678 或写信到 a.b@qq.com") == ("打 [PHONE] 或写信到 [EMAIL]", 2)
 
 
 def test_script_and_measure():
@@ -80,6 +139,7 @@ def test_script_and_measure():
     assert script_of("hello world") == "latin"
     assert script_of("。。") == "none"
     assert measure("你好 世界") == (4, "chars")
+    assert script_of("用Python写一个list排序函数") == "zh"
     assert measure("hello big world") == (3, "words")
 
 
@@ -168,24 +228,12 @@ def test_missing_rule_file(tmp_path):
         load_rules(tmp_path / "nope.toml")
 
 
-@pytest.mark.parametrize("word", BLACKLIST_WORDS)
-def test_every_english_blacklist_word_fires_as_a_whole_word(word):
-    assert reason((f"Please {word.capitalize()} something about the weather in Paris", "", "ok"), EN) == "blacklist"
-
-
-@pytest.mark.parametrize("word", BLACKLIST_ZH)
-def test_every_chinese_blacklist_word_fires(word):
-    assert reason((f"请根据{word}回答下面这个问题", "", "好的"), ZH) == "blacklist"
-
-
-def test_blacklist_words_inside_other_words_do_not_fire():
-    assert reason(("Explain the profile of a mapping function in Python", "", "ok"), EN) is None
-
-
 @pytest.mark.parametrize("phrase", REFUSALS)
 def test_every_refusal_fires_as_written_by_a_model(phrase):
     # Models write full-width commas and capitals; the list is written folded.
     written = phrase.replace(",", "，") if script_of(phrase) == "zh" else phrase.capitalize()
     settings = ZH if script_of(phrase) == "zh" else EN
-    good = GOOD_ZH if settings is ZH else GOOD_EN
-    assert reason((good[0], "", f"{written} 这个请求。" if settings is ZH else f"{written} do that for you."), settings) == "refusal"
+    settings = RuleSettings(lang=settings.lang, enabled=frozenset(REASONS) - {"wrong-script"})  # 作為… is Traditional
+    zh = settings.lang == "zh"
+    good = GOOD_ZH if zh else GOOD_EN
+    assert reason((good[0], "", f"{written} 这个请求。" if zh else f"{written} do that for you."), settings) == "refusal"
