@@ -25,6 +25,7 @@ SAMPLE_ROWS = 400  # kept and rejected records shown in the page's table, each
 TOP_VERBS = 20
 TOP_OBJECTS = 4
 TIME_BINS = 40
+DISTINCT_OUTPUTS = 20_000  # distinct-n of outputs on the first this many (long texts; ~2 s on 2 cores at this size)
 HIST_BINS = 30
 # Chinese instructions often open with a politeness word before the verb.
 _ZH_LEAD = {"请", "请你", "帮", "帮我", "帮忙", "麻烦", "能否", "可以", "能", "你", "我", "我们", "试", "尝试"}
@@ -318,7 +319,8 @@ def diversity(src: Source) -> dict:
         "verbs": tree, "parsed": sum(1 for p in pairs if p), "total": len(pairs), "distinct_verbs": len(verbs),
         "tagger": "jieba.posseg" if is_chinese(src.lang) else "first word (no POS tagger for Latin scripts)",
         "distinct": {f"distinct-{n}": {"instruction": distinct_n(instructions, n),
-                                       "output": distinct_n([r.get("output") or "" for r in src.kept[:20_000]], n)} for n in (1, 2, 3)},
+                                       "output": distinct_n([r.get("output") or "" for r in src.kept[:DISTINCT_OUTPUTS]], n)} for n in (1, 2, 3)},
+        "distinct_outputs": min(DISTINCT_OUTPUTS, len(src.kept)),
         "families": [{"name": k, "count": v} for k, v in families.most_common(20)],
     }
 
