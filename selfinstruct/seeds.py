@@ -69,7 +69,7 @@ def _decode(path: Path, data: bytes) -> str:
     """Decode UTF-8 (with or without BOM), else GB18030 (a GBK superset), else fail clearly."""
     wide = _wide_encoding(data)
     if wide is not None:
-        raise InputError(f"{path}: the file is {wide}, not UTF-8", "save it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8")
+        raise InputError(f"{path}: the file is {wide}, not UTF-8", f"save it as UTF-8, e.g. iconv -f {wide.split()[0]} -t UTF-8 FILE > FILE.utf8")
     for encoding in ("utf-8-sig", "gb18030"):
         try:
             return data.decode(encoding)

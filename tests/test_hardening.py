@@ -277,3 +277,13 @@ def test_doctor_says_no_credit_and_names_an_html_reply(tmp_path):
         code, checks, _ = doctor(fake.base_url)
     row = checks["chat works"]
     assert code == 1 and row["status"] == "fail" and "text/html" in row["detail"] and "/v1" in row["detail"]
+
+
+def test_a_body_over_the_byte_cap_is_oversized_even_without_max_tokens():
+    from fakes.openai_server import FakeTeacher
+    from selfinstruct.teacher import MAX_REPLY_BYTES, RequestFailed
+
+    with FakeTeacher(reply_chars=MAX_REPLY_BYTES // 2) as fake:  # mostly Chinese: nearly 3 bytes a character
+        exc = ask(fake, max_tokens=None)
+    assert isinstance(exc, RequestFailed) and exc.errors == ["oversized"], repr(exc)[:300]
+    assert "bytes" in exc.message and len(exc.message) <= 700
