@@ -314,7 +314,7 @@ def push(
 def filter_command(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Output directory: kept.jsonl (or .parquet), rejected.jsonl, filter_report.json."),
-    field: str = typer.Option("instruction", "--field", help="What the duplicate rules compare: instruction, or instruction+input."),
+    field: str = typer.Option("instruction+input", "--field", help="What the duplicate rules compare: instruction+input (the same instruction on other material is another task), or instruction (as Alpaca)."),
     similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 at or above which a record is a near-duplicate; 1.0 means exact token matches only."),
     dedup: str = typer.Option("exact", "--dedup", help="exact (the all-pairs answer) or minhash (approximate recall, for millions of records)."),
     rules: Optional[str] = typer.Option(None, "--rules", help="Run only these rules, comma-separated, e.g. near-duplicate."),

@@ -78,8 +78,12 @@ def compared_text(df: pl.DataFrame, field: str) -> pl.Series:
             f"--field {field!r}: no column {missing[0]!r} in the input",
             f"columns are {', '.join(df.columns)}",
         )
-    parts = [pl.col(n).cast(pl.String).fill_null("") for n in names]
-    expr = parts[0] if len(parts) == 1 else pl.concat_str(parts, separator="\n")
+    if len(names) == 1:
+        expr = pl.col(names[0]).cast(pl.String).fill_null("")
+    else:
+        # Blank parts are left out, as similarity.dedup_text does: "instruction" alone, not "instruction\n".
+        parts = [pl.when(pl.col(n).cast(pl.String).str.strip_chars().fill_null("") == "").then(None).otherwise(pl.col(n).cast(pl.String)) for n in names]
+        expr = pl.concat_str(parts, separator="\n", ignore_nulls=True).fill_null("")
     return df.select(expr.alias("text")).to_series()
 
 

@@ -58,7 +58,7 @@ class FilterSettings:
 
     inputs: tuple[Path, ...]
     out: Path
-    field: str = "instruction"
+    field: str = "instruction+input"
     similarity: float = 0.7
     dedup: str = "exact"
     rules: tuple[str, ...] | None = None

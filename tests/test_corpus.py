@@ -133,8 +133,9 @@ def test_gbk_file(tmp_path):
 
 
 def test_compared_text_joins_fields():
-    df = pl.DataFrame({"instruction": ["a", "b"], "input": ["x", None]})
-    assert compared_text(df, "instruction+input").to_list() == ["a\nx", "b\n"]
+    df = pl.DataFrame({"instruction": ["a", "b", "c"], "input": ["x", None, "  "]})
+    # A blank input adds nothing, as dedup_text builds it for generate: "b", not "b\n".
+    assert compared_text(df, "instruction+input").to_list() == ["a\nx", "b", "c"]
     with pytest.raises(InputError, match="no column 'context'"):
         compared_text(df, "instruction+context")
 

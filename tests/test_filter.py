@@ -13,7 +13,7 @@ import pytest
 from conftest import fixture_path
 
 from selfinstruct.filtering import FilterSettings, Filtering
-from selfinstruct.similarity import rouge_l
+from selfinstruct.similarity import dedup_text, rouge_l
 
 ZH_TASKS = [
     "解释一下光合作用的过程。",
@@ -118,11 +118,12 @@ def test_near_duplicates_name_a_kept_record_and_score(tmp_path, mixed):
     kept_by_id = {r["id"]: r for r in kept}
     near = [r for r in rejected if r["reason"] == "near-duplicate"]
     assert near
+    compared = lambda r: dedup_text(r["instruction"], r.get("input") or "")  # instruction + input by default
     for r in near:
         assert r["duplicate_of"] in kept_by_id
-        assert r["score"] == pytest.approx(rouge_l(r["instruction"], kept_by_id[r["duplicate_of"]]["instruction"]), abs=1e-4)
-        assert r["score"] >= 0.7
-        assert r["duplicate_text"] == kept_by_id[r["duplicate_of"]]["instruction"]
+        assert r["score"] == pytest.approx(rouge_l(compared(r), compared(kept_by_id[r["duplicate_of"]])), abs=1e-4)
+        assert r["score"] > 0.7
+        assert r["duplicate_text"] == compared(kept_by_id[r["duplicate_of"]])
     assert all(r["duplicate_of"] in kept_by_id for r in rejected if r["reason"] == "exact-duplicate")
     assert all(r["duplicate_of"] is None for r in rejected if r["reason"] not in ("near-duplicate", "exact-duplicate"))
 
@@ -148,9 +149,9 @@ def test_field_instruction_plus_input(tmp_path):
         rec("把下面的句子翻译成英文。", input="今天天气很好。"),
         rec("把下面的句子翻译成英文。", input="我喜欢读书和旅行，也喜欢音乐。"),
     ])
-    _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",))
+    _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",), field="instruction")  # the Alpaca way
     assert len(kept) == 1
-    _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",), field="instruction+input")
+    _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",))  # the default: other material, another task
     assert len(kept) == 2
 
 
@@ -395,7 +396,7 @@ def test_fixture_sample_equals_brute_force(tmp_path):
     rows = json.loads(gzip.decompress(fixture_path("alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz").read_bytes()))[:1500]
     path = jsonl(tmp_path / "slice.jsonl", rows)
     _, kept, rejected = run_filter(tmp_path, [path], rules=("near-duplicate",))
-    texts = [r["instruction"] for r in rows]
+    texts = [dedup_text(r["instruction"], r["input"]) for r in rows]
     keep = []
     for j, t in enumerate(texts):
         if not any(rouge_l(texts[i], t) > 0.7 + 1e-9 for i in keep):  # above the threshold, as filter decides
