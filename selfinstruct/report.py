@@ -38,7 +38,8 @@ _EN_SKIP = {"a", "an", "the", "me", "us", "him", "her", "them", "it", "this", "t
             "few", "several", "short", "brief", "new", "simple", "list", "up", "out", "down", "to", "of", "about", "with",
             "and", "whether", "if", "how", "what", "why", "which"}
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
-_TIME_KEYS = ("finished", "finished_at", "at", "time", "ts", "ended")
+_TIME_KEYS = ("at", "finished", "finished_at", "time", "ts")  # the ledger's `at` (Unix seconds) first
+FINISHED = ("ok", "failed")  # ledger statuses of a request that came back; `dispatched` and `cancelled` lines are not
 
 
 @dataclass
@@ -149,8 +150,8 @@ def funnel(src: Source) -> list[dict]:
     requests = collections.Counter()
     failed = collections.Counter()
     for entry in src.ledger:
-        if "status" not in entry:
-            continue  # not a finished request (e.g. a dispatch line)
+        if entry.get("status") not in FINISHED:
+            continue  # a dispatched or cancelled line: not a finished request
         stage = entry.get("stage") or "generate"
         stage = "evolve" if stage in ("judge", "respond") else stage
         requests[stage] += 1
@@ -377,21 +378,35 @@ def _entry_time(entry: dict) -> float | None:
     return None
 
 
+def finished_requests(ledger: Sequence[dict]) -> list[dict]:
+    """The ledger's answered or failed requests (not its dispatched or cancelled lines)."""
+    return [e for e in ledger if e.get("status") in FINISHED]
+
+
 def requests_over_time(src: Source) -> dict:
-    """Finished requests, failures and retries per time bin (per ledger order when the ledger has no times)."""
-    finished = [e for e in src.ledger if "status" in e]
+    """Requests sent, finished, failed and retried, and in flight, per time bin (per finishing order when the ledger has no times)."""
+    finished = finished_requests(src.ledger)
     if not finished:
         return {}
     times = [_entry_time(e) for e in finished]
     timed = all(t is not None for t in times)
+    sent = [t for t in (_entry_time(e) for e in src.ledger if e.get("status") == "dispatched") if t is not None] if timed else []
+    closed = [t for t in (_entry_time(e) for e in src.ledger if e.get("status") == "cancelled") if t is not None] if timed else []
     if timed:
-        t0 = min(times)  # type: ignore[type-var]
+        t0 = min([*times, *sent])  # type: ignore[type-var]
         xs = np.array([t - t0 for t in times], dtype=np.float64)  # type: ignore[operator]
     else:
+        t0 = 0.0
         xs = np.arange(len(finished), dtype=np.float64)
     nbins = min(TIME_BINS, max(1, len(finished)))
-    span = float(xs.max()) if len(xs) and xs.max() > 0 else 1.0
-    which = np.minimum((xs / span * nbins).astype(int), nbins - 1)
+    span = max([float(xs.max()), *(t - t0 for t in sent)])
+    span = span if span > 0 else 1.0
+    width = span / nbins
+
+    def bin_of(x: np.ndarray) -> np.ndarray:
+        return np.minimum((x / width).astype(int), nbins - 1)
+
+    which = bin_of(xs)
     ok = np.zeros(nbins, dtype=int)
     failed = np.zeros(nbins, dtype=int)
     retries = np.zeros(nbins, dtype=int)
@@ -408,14 +423,24 @@ def requests_over_time(src: Source) -> dict:
             errors[str(kind)] += 1
         if isinstance(e.get("latency"), (int, float)):
             latencies.append(float(e["latency"]))
-    width = span / nbins
-    return {
-        "axis": "seconds since the first request finished" if timed else "requests in the order they finished",
+    out = {
+        "axis": "seconds since the first request was sent" if timed else "requests in the order they finished",
         "timed": timed, "bin_width": round(width, 3),
         "x": [round(i * width, 3) for i in range(nbins)], "ok": ok.tolist(), "failed": failed.tolist(), "retries": retries.tolist(),
         "errors": {k: v for k, v in errors.most_common() if v}, "latency": histogram(latencies) if latencies else None,
-        "requests": len(finished),
+        "requests": len(finished), "cancelled": sum(1 for e in src.ledger if e.get("status") == "cancelled"),
     }
+    if timed:
+        out["per_second"] = round(len(finished) / span, 3)
+    if sent:
+        # Sent per bin, and how many were out at each bin's end: a dispatched line opens a request, its answer or cancel closes it.
+        opened = np.bincount(bin_of(np.array(sent) - t0), minlength=nbins)
+        shut = np.bincount(which, minlength=nbins)
+        if closed:
+            shut = shut + np.bincount(bin_of(np.array(closed) - t0), minlength=nbins)
+        out["sent"] = opened.tolist()
+        out["in_flight"] = np.maximum(np.cumsum(opened) - np.cumsum(shut), 0).tolist()
+    return out
 
 
 def _clip(text: Any, limit: int = 600) -> str:
@@ -445,7 +470,7 @@ def samples(src: Source, rows: int = SAMPLE_ROWS, seed: int = 0) -> dict:
 def measure(src: Source) -> dict:
     """Every figure the report shows, as plain JSON-able data."""
     notes = []
-    if src.kind != "filter" and src.ledger and not any(_entry_time(e) is not None for e in src.ledger if "status" in e):
+    if src.kind != "filter" and src.ledger and not any(_entry_time(e) is not None for e in finished_requests(src.ledger)):
         notes.append("The request ledger has no timestamps: request charts run in the order requests finished, not over time.")
     if src.seeds_note and not src.seeds:
         notes.append(f"Similarity to seeds is not shown: {src.seeds_note}.")
@@ -453,7 +478,7 @@ def measure(src: Source) -> dict:
     return {
         "title": src.path.resolve().name, "kind": src.kind, "lang": src.lang, "status": m.get("status"),
         "version": m.get("selfinstruct_version"), "model": (m.get("teacher") or {}).get("model"),
-        "counts": {"kept": len(src.kept), "rejected": len(src.rejected), "requests": sum(1 for e in src.ledger if "status" in e)},
+        "counts": {"kept": len(src.kept), "rejected": len(src.rejected), "requests": len(finished_requests(src.ledger))},
         "notes": notes, "funnel": funnel(src), "lengths": lengths(src), "similarity": similarity(src), "diversity": diversity(src),
         "evolution": evolution(src), "costs": costs(src), "requests": requests_over_time(src), "samples": samples(src),
     }

@@ -177,3 +177,32 @@ def test_chinese_labels_render_as_glyphs_not_empty_boxes(tmp_path):
         return sum(1 for x in range(w) if any(px[x, y] < 128 for y in range(h)))
 
     assert ink_columns(one) > 60 and ink_columns(two) > 60  # four glyphs of ink, not a blank label
+
+
+def test_requests_over_time_from_a_ledger_with_dispatch_lines_and_times(tmp_path):
+    from selfinstruct.report import requests_over_time
+    from selfinstruct.rundir import LEDGER
+
+    run = make_run(tmp_path / "run")
+    (run / LEDGER).unlink()
+    rd = RunDir(run)
+    lines = []
+    for k in range(10):  # sent at k seconds, back 2 s later; the 4th failed after 3 attempts, the 8th came back on its 2nd
+        base = {"request_id": f"r{k:06d}", "stage": "generate", "dispatch": f"d{k}"}
+        lines.append({**base, "status": "dispatched", "at": 1000.0 + k})
+        status = "failed" if k == 3 else "ok"
+        lines.append({**base, "status": status, "at": 1002.0 + k, "attempts": 3 if k == 3 else 2 if k == 7 else 1,
+                      "errors": ["http-429", "timeout"] if k == 3 else ["http-500"] if k == 7 else [], "latency": 2.0})
+    lines.append({"request_id": "r000010", "stage": "generate", "dispatch": "d10", "status": "dispatched", "at": 1010.0})
+    lines.append({"request_id": "r000010", "stage": "generate", "dispatch": "d10", "status": "cancelled", "at": 1010.5})
+    rd.append(LEDGER, lines)
+    rd.close()
+    src = load_source(run)
+    rq = requests_over_time(src)
+    assert rq["timed"] and rq["requests"] == 10 and rq["cancelled"] == 1
+    assert sum(rq["ok"]) == 9 and sum(rq["failed"]) == 1 and sum(rq["retries"]) == 3 and sum(rq["sent"]) == 11
+    assert rq["errors"] == {"http-429": 1, "timeout": 1, "http-500": 1}
+    assert max(rq["in_flight"]) == 2 and rq["in_flight"][-1] == 0  # two out at a time, none left at the end
+    assert rq["per_second"] == round(10 / 11, 3)
+    assert _steps(funnel(src)[0])["requests"] == 10  # dispatched and cancelled lines are not requests
+    assert not any("timestamps" in n for n in measure(src)["notes"])
