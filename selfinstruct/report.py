@@ -93,7 +93,7 @@ def _read_seeds(candidates: Sequence[Path]) -> tuple[list[str], str]:
 def load_source(path: Path, seeds: Path | None = None) -> Source:
     """Read a run directory (generate or evolve) or a filter --out directory."""
     path = Path(path)
-    manifest, kept = load_run(path)
+    manifest, kept = load_run(path, allow_empty=True)
     if manifest.get("kind") == "filter":
         report = json.loads((path / FILTER_REPORT).read_text(encoding="utf-8"))
         manifest["filter"]["against"] = report.get("against") or []

@@ -94,7 +94,7 @@ def _filter_manifest(report: dict) -> dict:
     }
 
 
-def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+def load_run(run_dir: Path, *, allow_empty: bool = False) -> tuple[dict, list[dict]]:
     """The manifest (empty if missing) and kept records of a run or a filter output, read without modifying anything."""
     run_dir = Path(run_dir)
     hint = "pass the --out directory of a generate, evolve or filter run"
@@ -120,7 +120,7 @@ def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
             records = pl.read_parquet(records_path).to_dicts()
         else:
             records = read_jsonl(records_path, repair=False)
-    if not records:
+    if not records and not allow_empty:  # a report still shows why nothing was kept
         raise InputError(f"{records_path}: no kept records to export", "let the run finish, or check rejected.jsonl")
     for line_no, rec in enumerate(records, 1):
         if not isinstance(rec.get("instruction"), str) or not rec["instruction"].strip() or not isinstance(rec.get("output"), str):

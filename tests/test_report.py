@@ -206,3 +206,12 @@ def test_requests_over_time_from_a_ledger_with_dispatch_lines_and_times(tmp_path
     assert rq["per_second"] == round(10 / 11, 3)
     assert _steps(funnel(src)[0])["requests"] == 10  # dispatched and cancelled lines are not requests
     assert not any("timestamps" in n for n in measure(src)["notes"])
+
+
+def test_a_run_that_kept_nothing_still_reports_why(tmp_path):
+    run = make_run(tmp_path / "run")
+    (run / RECORDS).write_text("", encoding="utf-8")
+    out, stats = write_report(run)
+    steps = _steps(stats["funnel"][0])
+    assert out == run / "report.html" and steps["kept"] == 0 and steps["blacklist"] == 1
+    assert stats["lengths"]["fields"]["instruction"]["rejected"]["n"] == 3 and "kept" not in stats["similarity"]
