@@ -1,0 +1,165 @@
+"""The engine under stress: a stop that means stop, one writer per run directory, and nothing sent goes uncounted."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import finished
+from fakes.openai_server import FakeTeacher
+from fakes.stalling_server import StallingTeacher
+from test_generate import cli, read_jsonl, run_cli, seeds_file
+
+
+def generate_args(tmp_path: Path, url: str, out: Path, *extra: str) -> tuple[str, ...]:
+    return ("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "50", "--base-url", url, "--model", "m",
+            "--out", str(out), "--price-in", "1", "--price-out", "2", *extra)
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.02)
+    assert predicate(), "timed out waiting"
+
+
+def ledger_of(out: Path) -> list[dict]:
+    path = out / "requests.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def test_a_signal_stops_a_hanging_teacher_within_grace_and_ledgers_what_it_cancelled(tmp_path):
+    out = tmp_path / "run"
+    with StallingTeacher("hang") as server:
+        # Before: each hanging request kept all its retries (7 x 120 s) and the process ran 700+ s.
+        proc = cli(*generate_args(tmp_path, server.base_url, out, "--concurrency", "4", "--grace", "2"))
+        wait_until(lambda: server.requests >= 4)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    assert proc.returncode == 143, err
+    assert took < 2 + 2, f"exited {took:.1f} s after SIGTERM with --grace 2"
+    assert "stopping: waiting up to 2 s for 4 requests (Ctrl-C again to quit now)" in err
+    assert "Resume with: selfinstruct generate" in err and "Traceback" not in err
+    ledger = ledger_of(out)
+    dispatched = {e["dispatch"] for e in ledger if e["status"] == "dispatched"}
+    cancelled = [e for e in ledger if e["status"] == "cancelled"]
+    assert len(dispatched) == 4 and {e["dispatch"] for e in cancelled} == dispatched and not finished(ledger)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["status"] == "terminated" and manifest["stop_reason"] == "terminated"
+    billed = manifest["cost"]["possibly_billed"]
+    assert billed["requests"] == 4 and billed["estimated"] and billed["usd"] > 0
+
+
+def test_a_second_signal_exits_at_once_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    with StallingTeacher("hang") as server:
+        proc = cli(*generate_args(tmp_path, server.base_url, out, "--concurrency", "3", "--grace", "60"))
+        wait_until(lambda: server.requests >= 3)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    assert proc.returncode == 130, err
+    assert took < 2, f"the second Ctrl-C took {took:.1f} s (the first one's --grace is 60 s)"
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["status"] == "interrupted" and manifest["cost"]["possibly_billed"]["requests"] == 3
+    # The same command against a teacher that answers resumes and finishes the run.
+    with FakeTeacher(latency=0.01, seed=4) as fake:
+        done = run_cli(*generate_args(tmp_path, fake.base_url, out, "--quiet"))
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["status"] == "completed" and manifest["counts"]["kept"] == 50 == len(read_jsonl(out / "records.jsonl"))
+    # The three cancelled requests stay counted as possibly billed; none of them is a failure.
+    assert manifest["cost"]["possibly_billed"]["requests"] == 3 and manifest["counts"]["failed_requests"] == 0
+
+
+def test_timeout_is_a_deadline_for_the_whole_reply(tmp_path):
+    out = tmp_path / "run"
+    with StallingTeacher("trickle") as server:
+        # Before: a reply trickling a byte a second held the request 829 s with --timeout 5 --retries 0.
+        started = time.monotonic()
+        done = run_cli(*generate_args(tmp_path, server.base_url, out, "--concurrency", "1", "--timeout", "2", "--retries", "0",
+                                      "--max-requests", "1", "--quiet"), timeout=60)
+        took = time.monotonic() - started
+    assert done.returncode == 3 and "--max-requests cap" in done.stderr, done.stderr
+    assert took < 15, f"a 2 s --timeout took {took:.1f} s"
+    [entry] = finished(ledger_of(out))
+    assert entry["status"] == "failed" and entry["errors"] == ["timeout"] and "--timeout 2" in entry["error"]
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    with StallingTeacher("hang") as server:
+        first = cli(*generate_args(tmp_path, server.base_url, out, "--concurrency", "2"))
+        wait_until(lambda: server.requests >= 2)
+        second = run_cli(*generate_args(tmp_path, server.base_url, out, "--concurrency", "2"), timeout=30)
+        assert second.returncode == 2, second.stderr
+        assert f"in use by another selfinstruct process (PID {first.pid}, started " in second.stderr
+        assert "selfinstruct generate" in second.stderr and "Traceback" not in second.stderr
+        # The refused process wrote nothing: the ledger holds only the first one's two requests.
+        assert len({e["dispatch"] for e in ledger_of(out)}) == 2
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    with FakeTeacher(latency=0.01, seed=5) as fake:
+        third = run_cli(*generate_args(tmp_path, fake.base_url, out, "--quiet"))
+    assert third.returncode == 0, third.stderr
+    records = read_jsonl(out / "records.jsonl")
+    assert len(records) == 50 and len({r["id"] for r in records}) == 50
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    # The killed process's two hanging requests were sent and never answered: counted, not lost.
+    assert manifest["cost"]["possibly_billed"]["requests"] == 2
+
+
+def test_two_processes_started_together_never_both_write(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(latency=0.05, seed=6) as fake:
+        args = generate_args(tmp_path, fake.base_url, out, "--quiet", "--concurrency", "4")
+        procs = [cli(*args), cli(*args)]
+        results = [p.communicate(timeout=120) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], results
+    records = read_jsonl(out / "records.jsonl")
+    ledger = finished(ledger_of(out))
+    assert len(records) == 50 and len({r["id"] for r in records}) == 50
+    assert len({e["request_id"] for e in ledger}) == len(ledger)
+
+
+def test_records_without_a_manifest_are_refused_with_how_to_recover(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(latency=0.01, seed=7) as fake:
+        assert run_cli(*generate_args(tmp_path, fake.base_url, out, "--quiet")).returncode == 0
+        (out / "manifest.json").unlink()
+        before = (out / "records.jsonl").read_bytes()
+        sent = fake.stats["requests_received"]
+        again = run_cli(*generate_args(tmp_path, fake.base_url, out, "--quiet", "--model", "other-model"))
+        # Before: the other model's records were mixed into the run under a new manifest.
+        assert fake.stats["requests_received"] == sent
+    assert again.returncode == 2
+    assert "no manifest.json" in again.stderr and "restore manifest.json" in again.stderr and "selfinstruct filter" in again.stderr
+    assert (out / "records.jsonl").read_bytes() == before and not (out / "manifest.json").exists()
+
+
+def test_a_stop_does_not_start_retries(tmp_path):
+    out = tmp_path / "run"
+    # Every request gets a 429 asking for a 30 s wait: without the stop, the run would sleep through it.
+    with FakeTeacher(latency=0.01, p_429=1.0, retry_after=30, p_retry_after_ms=0.0) as fake:
+        proc = cli(*generate_args(tmp_path, fake.base_url, out, "--concurrency", "2", "--grace", "20"))
+        wait_until(lambda: fake.stats["requests_received"] >= 2)
+        time.sleep(0.3)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+        received = fake.stats["requests_received"]
+    assert proc.returncode == 130, err
+    assert took < 3, f"requests waiting to retry held the stop {took:.1f} s"
+    assert received == 2, "no retry may start once the stop is asked"
+    cancelled = [e for e in ledger_of(out) if e["status"] == "cancelled"]
+    assert len(cancelled) == 2 and all(e["wasted"]["prompt_tokens"] == 0 for e in cancelled)
