@@ -121,6 +121,14 @@ def variant_counts(text: str) -> tuple[int, int]:
     return len(text) - len(text.translate(trad)), len(text) - len(text.translate(simp))
 
 
+def _other_variant(text: str, variant: str) -> tuple[int, int]:
+    """(other script's characters, own script's characters); the second only counted when the first is not 0."""
+    trad, simp = _variant_tables()
+    other, own = (trad, simp) if variant == "hans" else (simp, trad)
+    n = len(text) - len(text.translate(other))
+    return (n, len(text) - len(text.translate(own))) if n else (0, 0)
+
+
 # ---- phrases the rules look for ------------------------------------------------------------------
 
 # Tasks a text-only model cannot do: the task asks to produce a medium (画一张图, 拍一段视频), or
@@ -232,7 +240,15 @@ _OTHER_LANGUAGE_RE = re.compile(
     re.IGNORECASE,
 )
 
-_FUNCTION_WORDS_RE = re.compile(r"(?<![A-Za-z])(?:the|and|of|to|is|are|was|in|that|for|with|this|it|be|on|as|by|an|which|you|can)(?![A-Za-z])", re.IGNORECASE)
+FUNCTION_WORDS = frozenset("the and of to is are was in that for with this it be on as by an which you can".split())
+_ASCII_WORD_RE = re.compile(r"[A-Za-z]+")
+
+
+def function_words(text: str, limit: int = 4000) -> int:
+    """How many English function words (the, and, of...) the first `limit` characters hold."""
+    return sum(1 for w in _ASCII_WORD_RE.findall(text, 0, limit) if w.lower() in FUNCTION_WORDS)
+
+
 FUNCTION_WORDS_MIN = 4
 
 # Long-form asks: an answer of a few words cannot be one.
@@ -428,7 +444,7 @@ def _wrong_language(ins: str, inp: str, out: str, s: RuleSettings) -> str | None
         return None
     # Chinese tasks name products in Latin letters (比较Google Home和Amazon Echo): only a
     # sentence in another language, with its function words, is written in the wrong one.
-    if got == "latin" and HAN_RE.search(ins) and len(_FUNCTION_WORDS_RE.findall(ins)) < 2:
+    if got == "latin" and HAN_RE.search(ins) and function_words(ins) < 2:
         return None
     return f"instruction is mainly {got}, the run is {s.lang}"
 
@@ -440,8 +456,7 @@ def _wrong_script(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     for field, text in (("instruction", ins), ("input", inp), ("output", out)):
         if _KANA_RE.search(text):
             continue  # Japanese kanji keep traditional forms
-        trad, simp = variant_counts(text)
-        other, own = (trad, simp) if variant == "hans" else (simp, trad)
+        other, own = _other_variant(text, variant)
         if other >= 2 or (other >= 1 and other > own):
             name = "Traditional" if variant == "hans" else "Simplified"
             return f"{field} has {other} {name}-only characters, the run is {s.lang}"
@@ -484,10 +499,10 @@ def _refusal(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     # Rewriting 我将无法出席 or writing a polite refusal asks for exactly such words.
     if _REFUSAL_ASKED_RE.search(ins) or _REFUSAL_ASKED_RE.search(inp):
         return None
-    head = fold(out)[: REFUSAL_WINDOW + 24]
-    for pattern in _REFUSALS:
-        at = head.find(pattern)
-        if 0 <= at <= REFUSAL_WINDOW:
+    head = fold(out.lstrip()[: REFUSAL_WINDOW + 40])
+    for at in range(REFUSAL_WINDOW + 1):
+        if head.startswith(_REFUSALS, at):
+            pattern = next(p for p in _REFUSALS if head.startswith(p, at))
             return f"output opens with {pattern!r}"
     return None
 
@@ -514,22 +529,23 @@ def _output_equals_input(ins: str, inp: str, out: str, s: RuleSettings) -> str |
 
 def _output_language(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     want = expected_script(s.lang)
+    # Cheapest tests first: most answers are in the run's script or belong to a task that may
+    # answer in another one, and none of them needs the script counted.
+    if want != "latin" and function_words(out) < FUNCTION_WORDS_MIN:
+        return None  # names, code, formulas and product lists are Latin without being English prose
+    if _OTHER_LANGUAGE_RE.search(ins):
+        return None
     if task_script(ins) != want or script_of(inp) not in ("none", want):
         return None  # the instruction's language is another rule's; a Latin input may want a Latin answer
     got = script_of(out)
-    if got in ("none", want) or _OTHER_LANGUAGE_RE.search(ins):
+    if got in ("none", want):
         return None
-    # Names, code, formulas and lists of products are Latin without being another language:
-    # only running prose (its function words) is an answer written in the wrong language.
     if got == "latin" and want != "latin":
-        if len(_FUNCTION_WORDS_RE.findall(out)) < FUNCTION_WORDS_MIN:
-            return None
         if sum(1 for line in out.splitlines() if _CODE_LINE_RE.search(line)) >= CODE_LINES_MIN or re.search(r"<[a-z!]+[^>]*>|def |\(\)", out):
             return None  # code with English comments and strings
         han, _, _, letters = script_counts(out)
         if letters < han * LETTERS_PER_HAN * 2:
             return None  # Chinese prose around English names
-    
     return f"output is mainly {got}, the run is {s.lang}"
 
 
