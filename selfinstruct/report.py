@@ -65,7 +65,8 @@ def _seed_candidates(path: Path, manifest: dict, seeds: Path | None) -> list[Pat
     if seeds is not None:
         return [Path(seeds)]
     cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
-    named = [p for p in (cfg.get("seeds_path"), (manifest.get("seeds") or {}).get("path")) if isinstance(p, str) and p]
+    # config.seeds is the path as given on the command line; seeds.path only its file name (cards must not show paths).
+    named = [p for p in (cfg.get("seeds"), cfg.get("seeds_path"), (manifest.get("seeds") or {}).get("path")) if isinstance(p, str) and p]
     for against in (manifest.get("filter") or {}).get("against") or []:
         named.append(str(against))
     out: list[Path] = []

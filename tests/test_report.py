@@ -63,7 +63,10 @@ def test_similarity_to_seeds_uses_the_recorded_seed_file(tmp_path):
     assert seed["n"] == 12 and seed["counts"][-1] == 1 and seed["seeds"] == 1
     missing = load_source(tmp_path / "run")  # the manifest names zh_seed_tasks.jsonl, which is nowhere near
     assert "seed" not in similarity(missing) and "pass --seeds" in missing.seeds_note
-    (tmp_path / "zh_seed_tasks.jsonl").write_bytes(seeds.read_bytes())  # beside the run, as the manifest names it
+    # generate records the path as given in config.seeds (the card's seeds.path is only the file name)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text(encoding="utf-8"))
+    manifest["config"]["seeds"] = str(seeds)
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     assert similarity(load_source(tmp_path / "run"))["seed"]["counts"][-1] == 1
 
 
