@@ -131,8 +131,11 @@ def _chromium(tmp_path: Path, page: Path, *args: str) -> subprocess.CompletedPro
 
 
 @needs_chromium
-def test_page_loads_in_chromium_with_charts_and_no_errors(tmp_path):
+@pytest.mark.parametrize("timed", [False, True], ids=["ledger-in-order", "ledger-with-times"])
+def test_page_loads_in_chromium_with_charts_and_no_errors(tmp_path, timed):
     run = make_run(tmp_path / "run")
+    if timed:
+        _with_timed_ledger(run)
     out, stats = write_report(run, tmp_path / "report.html")
     done = _chromium(tmp_path, out, "--dump-dom")
     body = re.search(r"<body[^>]*>", done.stdout).group(0)
@@ -140,7 +143,7 @@ def test_page_loads_in_chromium_with_charts_and_no_errors(tmp_path):
     console = [line for line in done.stderr.splitlines() if "CONSOLE" in line]
     assert not [line for line in console if re.search(r"error|uncaught", line, re.IGNORECASE)], console
     charts = int(re.search(r'data-charts="(\d+)"', body).group(1))
-    assert charts >= 10
+    assert charts >= (15 if timed else 13)  # the timed ledger adds in-flight and failed-attempt charts
     # Drawn, not just declared: bars, arcs of the sunburst, and the Chinese verbs as SVG text.
     assert done.stdout.count("<rect") > 20 and done.stdout.count("<path") > 6
     verbs = [v["verb"] for v in stats["diversity"]["verbs"]]
@@ -182,11 +185,10 @@ def test_chinese_labels_render_as_glyphs_not_empty_boxes(tmp_path):
     assert ink_columns(one) > 60 and ink_columns(two) > 60  # four glyphs of ink, not a blank label
 
 
-def test_requests_over_time_from_a_ledger_with_dispatch_lines_and_times(tmp_path):
-    from selfinstruct.report import requests_over_time
+def _with_timed_ledger(run: Path) -> Path:
+    """Replace a run's ledger with the engine's shape: dispatched lines, then ok/failed/cancelled ones, each with `at`."""
     from selfinstruct.rundir import LEDGER
 
-    run = make_run(tmp_path / "run")
     (run / LEDGER).unlink()
     rd = RunDir(run)
     lines = []
@@ -200,7 +202,13 @@ def test_requests_over_time_from_a_ledger_with_dispatch_lines_and_times(tmp_path
     lines.append({"request_id": "r000010", "stage": "generate", "dispatch": "d10", "status": "cancelled", "at": 1010.5})
     rd.append(LEDGER, lines)
     rd.close()
-    src = load_source(run)
+    return run
+
+
+def test_requests_over_time_from_a_ledger_with_dispatch_lines_and_times(tmp_path):
+    from selfinstruct.report import requests_over_time
+
+    src = load_source(_with_timed_ledger(make_run(tmp_path / "run")))
     rq = requests_over_time(src)
     assert rq["timed"] and rq["requests"] == 10 and rq["cancelled"] == 1
     assert sum(rq["ok"]) == 9 and sum(rq["failed"]) == 1 and sum(rq["retries"]) == 3 and sum(rq["sent"]) == 11
