@@ -142,9 +142,9 @@ BLACKLIST_PRODUCE_ZH = (
     r"(?<![体意])(?:图片|图像|照片|视频|动画|音频|录音|插图|插画|漫画|图稿|图纸|图标|动图|表情包|壁纸|三维模型|3D模型)",
 )
 BLACKLIST_PERCEIVE_ZH = (
-    r"(?<!》)(?:这|這|该|該|此|下面|下列|以下|上面|所给|所提供|给定|附|附加|附带|随附|上传|上傳)的?(?:一|两|几)?(?:张|張|幅|段|个|個|份|部)?"
-    r"(?:图片|图像|照片|相片|视频|影片|录像|音频|录音|截图|图表|示意图|流程图|插图|地图|附件|画作|绘画|画|漫画|草图|图|文件)(?![案形书标像例解纸层集册家作风])",
-    r"下图|上图|(?<![程表意])图中|图片中|图像中|照片中|视频中|录音中|音频中|附图",
+    r"(?<![》”\"」])(?:这|這|该|該|此|下面|下列|以下|上面|所给|所提供|给定|附|附加|附带|随附|上传|上傳)的?(?:一|两|几)?(?:张|張|幅|段|个|個|份|部)?"
+    r"(?:图片|图像|照片|相片|视频|影片|录像|音频|录音|截图|图表|示意图|流程图|插图|地图|附件|画作|绘画|画|漫画|草图|图|文件)(?![案形书标像例解纸层集册家作风夹名系格])",
+    r"下图|上图|(?<![程表意拼地构])图中|图片中|图像中|照片中|视频中|录音中|音频中|附图",
 )
 BLACKLIST_PRODUCE_EN = (
     r"\b(?:draw|paint|sketch|photograph|film|sing|upload)\b(?! (?:a )?(?:conclusion|parallel|comparison|inspiration|attention|on|from|upon))",
@@ -183,7 +183,7 @@ REFUSAL_MAX_CHARS = 200  # ... and the answer is short: longer answers that open
 _PLACEHOLDER_RE = re.compile(
     r"^\W*(?:<\s*no\s*output\s*>|<\s*无输出\s*>|无输出|沒有輸出|不适用|不適用|n/?a|none|null|无|無|"
     r"<\s*nooutput\s*>|[(（]?无[)）]?|[(（]?空[)）]?|此任务不需要输出|不需要输出|预期无输出.*|无需输出.*|"
-    r"[\[<【(（](?:在此|此处|在此处)?(?:插入|输入)[^\]>】)）]*[\]>】)）]|[\[【<][^\]】>\n]{0,60}[\u4e00-\u9fff][^\]】>\n]{0,60}[\]】>])\W*$",
+    r"[\[<【(（](?:在此|此处|在此处)?(?:插入|输入)[^\]>】)）]*[\]>】)）]|[\[【<](?!!--)[^\]】>\n]{0,60}(?:图|照片|视频|可视化|绘|画|设计|标志|徽标|词云|演示|音频|音乐|模拟|模型|表格|工作表|文件)[^\]】>\n]{0,60}[\]】>])\W*$",
     re.IGNORECASE | re.S,
 )
 # Image links and tags stand in for a picture the model cannot make; in a web-page task an
@@ -463,8 +463,14 @@ def _wrong_script(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     return None
 
 
+# Asking how a medium is made (the steps, an algorithm, the software) asks for text.
+_ABOUT_MAKING_RE = re.compile(r"步骤|算法|方法|如何|怎么|怎样|技巧|提示|软件|工具|程序|能否|是否|吗[？?]?\s*$|\bsteps?\b|\bhow\b|\balgorithm|\bsoftware|\btools?\b", re.IGNORECASE)
+
+
 def _blacklist(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    m = _PRODUCE_RE.search(ins)
+    # A quoted sentence to rewrite is material, not the task; a named work (《星夜》这幅画) is known.
+    ins = _QUOTED_RE.sub('"', ins)
+    m = None if _ABOUT_MAKING_RE.search(ins) else _PRODUCE_RE.search(ins)
     if m:
         return f"the task asks to make a medium: {m.group(0)!r}"
     m = _PERCEIVE_RE.search(ins)
