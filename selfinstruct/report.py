@@ -622,7 +622,7 @@ def _percent():
 
 def draw_similarity(stats: dict, font: str | None):
     sim = stats["similarity"]
-    parts = [(k, t) for k, t in (("seed", "nearest seed"), ("kept", "nearest other kept instruction")) if sim.get(k)]
+    parts = [(k, t) for k, t in (("seed", "seed"), ("kept", "other kept instruction")) if sim.get(k)]
     fig, axes = _figure(3.6 * max(1, len(parts)), 2.8, max(1, len(parts)))
     if not parts:
         axes[0].text(0.5, 0.5, "fewer than two kept records and no seed file", ha="center", transform=axes[0].transAxes)
@@ -632,8 +632,8 @@ def draw_similarity(stats: dict, font: str | None):
         _bars(ax, h, "#8e6cc0" if key == "seed" else "#2a9d8f")
         if sim.get("threshold") is not None:
             ax.axvline(sim["threshold"], color="#111827", linestyle="--", linewidth=1)
-        sampled = " (sample)" if h.get("sampled") else ""
-        ax.set_title(f"ROUGE-L to the {title}{sampled}\nmedian {h['median']:g}", fontsize=9)
+        sampled = f", {h['n']:,} sampled" if h.get("sampled") else ""
+        ax.set_title(f"Nearest {title}\nmedian {h['median']:g}{sampled}", fontsize=9)
         ax.set_xlim(0, 1)
         ax.set_xlabel("ROUGE-L F1", fontsize=8)
         ax.yaxis.set_major_formatter(_percent())
