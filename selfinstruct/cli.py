@@ -315,7 +315,7 @@ def filter_command(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Output directory: kept.jsonl (or .parquet), rejected.jsonl, filter_report.json."),
     field: str = typer.Option("instruction+input", "--field", help="What the duplicate rules compare: instruction+input (the same instruction on other material is another task), or instruction (as Alpaca)."),
-    similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 at or above which a record is a near-duplicate; 1.0 means exact token matches only."),
+    similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 above which a record is a near-duplicate (as Alpaca); 1.0 means exact token matches only."),
     dedup: str = typer.Option("exact", "--dedup", help="exact (the all-pairs answer) or minhash (approximate recall, for millions of records)."),
     rules: Optional[str] = typer.Option(None, "--rules", help="Run only these rules, comma-separated, e.g. near-duplicate."),
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable)."),
@@ -323,6 +323,7 @@ def filter_command(
     lang: Optional[str] = typer.Option(None, "--lang", help="Language the wrong-language rule expects: zh, zh-Hant, en... (default: from the data)."),
     against: Optional[list[Path]] = typer.Option(None, "--against", help="Drop records this similar to any record of FILE (seeds, a test set); repeatable."),
     fmt: str = typer.Option("jsonl", "--format", help="kept as jsonl or parquet."),
+    pii: str = typer.Option("drop", "--pii", help="Records with e-mails, phone numbers, resident IDs, bank cards or IP addresses: drop them (rule pii), or redact them to [EMAIL], [PHONE]... and keep them."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or summary."),
 ) -> None:
     """Clean any dataset: the generate rules, contamination and exact ROUGE-L near-duplicate removal."""
@@ -334,6 +335,7 @@ def filter_command(
         inputs=tuple(inputs), out=out, field=field, similarity=similarity, dedup=dedup,
         rules=tuple(r.strip() for r in rules.split(",") if r.strip()) if rules is not None else None,
         no_rules=tuple(no_rule or ()), rule_file=rule_file, lang=lang, against=tuple(against or ()), format=fmt, quiet=quiet,
+        pii=pii,
     )
     console = Console(stderr=True)
     report = Filtering(settings, console).run()

@@ -28,7 +28,7 @@ from selfinstruct import __version__
 from selfinstruct.corpus import compared_text, merge, read_one, read_records
 from selfinstruct.errors import ConfigError, InputError, OutputError
 from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, LEDGER, RECORDS, REJECTED
-from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, same_text_key, script_of
+from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, redact_frame, same_text_key, script_of
 from selfinstruct.similarity import BatchDedup, rouge_l
 
 EXACT_DUPLICATE = "exact-duplicate"
@@ -38,6 +38,7 @@ NEAR_DUPLICATE = "near-duplicate"
 FILTER_RULES = (*REASONS, CONTAMINATED, EXACT_DUPLICATE, NEAR_DUPLICATE)
 FORMATS = tuple(FILTER_KEPT)
 DEDUP_MODES = ("exact", "minhash")
+PII_MODES = ("drop", "redact")
 # What --field may compare (the near-duplicate and contamination stages work on one text).
 FIELDS = ("instruction", "instruction+input")
 # Languages the wrong-language rule can tell apart; any other code would expect Latin script and
@@ -68,6 +69,7 @@ class FilterSettings:
     against: tuple[Path, ...] = ()
     format: str = "jsonl"
     quiet: bool = False
+    pii: str = "drop"  # or redact: personal data replaced by [EMAIL], [PHONE]... and the record kept
 
 
 @dataclass
@@ -84,6 +86,7 @@ class FilterReport:
     enabled: list[str] = field(default_factory=list)
     dedup: dict = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    pii_redacted: int = 0
 
     def to_json(self, settings: FilterSettings) -> dict:
         return {
@@ -104,6 +107,7 @@ class FilterReport:
             "dedup": {"mode": settings.dedup, **self.dedup},
             "against": [str(p) for p in settings.against],
             "rule_file": str(settings.rule_file) if settings.rule_file else None,
+            "pii": {"mode": settings.pii, "records_redacted": self.pii_redacted},
         }
 
 
@@ -217,6 +221,8 @@ class Filtering:
             raise ConfigError(f"--format {s.format!r} is not an output format", f"use one of {', '.join(FORMATS)}")
         if s.field not in FIELDS:
             raise ConfigError(f"--field {s.field!r} is not supported", f"use one of {', '.join(FIELDS)}")
+        if s.pii not in PII_MODES:
+            raise ConfigError(f"--pii {s.pii!r} is not a mode", f"use one of {', '.join(PII_MODES)}")
         if s.lang is not None and s.lang not in LANGS:
             raise ConfigError(f"--lang {s.lang!r} is not supported", f"use one of {', '.join(LANGS)}, or leave it out to use the data's language")
         if not s.inputs:
@@ -274,6 +280,8 @@ class Filtering:
                     advance(k)
                 self._check_empty(frames)
                 df = merge(frames)
+                if s.pii == "redact" and "pii" in self.enabled:
+                    df, self.report.pii_redacted = redact_frame(df)
                 texts = compared_text(df, s.field).to_list()
                 self.ids = df["id"].to_list()
                 self._check_fields(df)
@@ -553,6 +561,8 @@ def summary_table(report: FilterReport, settings: FilterSettings) -> Table:
     total = max(report.total, 1)
     table.add_row("input", f"{report.total:,}", "100%")
     table.add_row("[green]kept[/]", f"{report.kept:,}", f"{report.kept / total:.1%}")
+    if report.pii_redacted:
+        table.add_row("  of which pii redacted", f"{report.pii_redacted:,}", f"{report.pii_redacted / total:.1%}")
     for rule in report.enabled:
         count = report.rejected.get(rule, 0)
         if count:

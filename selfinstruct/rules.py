@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
+
+import numpy as np
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,6 +330,27 @@ def find_pii(text: str) -> list[tuple[str, int, int]]:
             found.append((kind, m.start(), m.end()))
             taken.append((m.start(), m.end()))
     return sorted(found, key=lambda f: f[1])
+
+
+def redact_frame(df, columns: tuple[str, ...] = ("instruction", "input", "output")):
+    """The table with personal data redacted in `columns`, and how many records had any."""
+    import polars as pl
+
+    present = [c for c in columns if c in df.columns and df[c].dtype == pl.String]
+    if not present or not df.height:
+        return df, 0
+    touched = np.zeros(df.height, dtype=bool)
+    new = {}
+    for c in present:
+        values = df[c].to_list()
+        out = []
+        for k, v in enumerate(values):
+            if v:
+                v, n = redact_pii(v)
+                touched[k] |= n > 0
+            out.append(v)
+        new[c] = pl.Series(c, out, dtype=pl.String)
+    return df.with_columns(**new), int(touched.sum())
 
 
 def redact_pii(text: str) -> tuple[str, int]:

@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from conftest import fixture_path
 
+from selfinstruct.errors import ConfigError
 from selfinstruct.filtering import FilterSettings, Filtering
 from selfinstruct.similarity import dedup_text, rouge_l
 
@@ -402,3 +403,21 @@ def test_fixture_sample_equals_brute_force(tmp_path):
         if not any(rouge_l(texts[i], t) > 0.7 + 1e-9 for i in keep):  # above the threshold, as filter decides
             keep.append(j)
     assert [r["id"] for r in kept] == [f"slice.jsonl:{j + 1}" for j in keep]
+
+
+def test_pii_dropped_by_default_or_redacted_and_kept(tmp_path):
+    path = jsonl(tmp_path / "x.jsonl", [
+        rec("给客户回一封邮件，确认订单已经发货。", input="客户邮箱 li.ming@qq.com，电话 13912345678", output="您好，您的订单已经发货，请留意查收。"),
+        rec("解释一下光合作用的过程和意义。", output="光合作用把光能变成化学能，是地球上生命的基础。"),
+    ])
+    report, kept, rejected = run_filter(tmp_path, [path])
+    assert [r["reason"] for r in rejected] == ["pii"] and len(kept) == 1
+    assert "13912345678" not in rejected[0]["detail"]  # the detail names the kind, not the data
+    report, kept, rejected = run_filter(tmp_path, [path], pii="redact")
+    assert not rejected and len(kept) == 2
+    assert kept[0]["input"] == "客户邮箱 [EMAIL]，电话 [PHONE]"
+    assert report.pii_redacted == 1
+    saved = json.loads((tmp_path / "out" / "filter_report.json").read_text(encoding="utf-8"))
+    assert saved["pii"] == {"mode": "redact", "records_redacted": 1}
+    with pytest.raises(ConfigError, match="--pii"):
+        run_filter(tmp_path, [path], pii="mask")
