@@ -188,7 +188,7 @@ def test_broken_inputs_give_one_line_and_exit_2(tmp_path, case):
         seeds.write_text(seeds.read_text(encoding="utf-8") + huge + "\n", encoding="utf-8")
         expect = f"{seeds}:6: seed task is 10,000,008 characters"
     elif case == "not-utf8-or-gbk":
-        seeds.write_bytes(b"\xff\xfe\x00\x81" * 64)
+        seeds.write_bytes(b"\x81\xff\xfe\x81" * 64)  # neither: no BOM and no NUL bytes, which would name UTF-16
         expect = f"{seeds}: not UTF-8 or GBK text"
     elif case == "undefined-variable":
         tpl = tmp_path / "t.jinja"
