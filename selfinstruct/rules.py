@@ -545,7 +545,12 @@ def _placeholder(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     return None
 
 
-_CORRECTION_RE = re.compile(r"错误|错字|更正|纠正|修正|修复|校对|是否正确|检查|\bcorrect|\berror|\bproofread|\bfix", re.IGNORECASE)
+# Checking for errors, or putting in order, a text that is already right: the unchanged text is the answer.
+_CORRECTION_RE = re.compile(
+    r"错误|错字|更正|纠正|修正|修复|校对|是否正确|检查|排序|顺序|排列|排名|匹配|"
+    r"\bcorrect|\berror|\bproofread|\bfix|\bsort|\border\b|\barrange|\brank|\bmatch|\borgani[sz]e|\balphabet",
+    re.IGNORECASE,
+)
 
 
 def _output_equals_input(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
