@@ -8,6 +8,10 @@ CLI's own CPU time per request (os.wait4 on the CLI process alone, start-up subt
 
     python benchmarks/throughput_bench.py                      # C=64 and C=256, L=500 ms, 30 s each
     python benchmarks/throughput_bench.py --concurrency 64 --seconds 60 --without-dedup
+    git worktree add /tmp/base <commit>; python benchmarks/throughput_bench.py --concurrency 64 --baseline /tmp/base --repeat 3
+
+--baseline runs the same configurations with another checkout's CLI (`python -m selfinstruct` from that
+directory), alternating with this one, and prints this checkout's sustained rate as a ratio of the baseline's.
 
 Figures depend on the machine and on what else runs on it: the load average is printed with them.
 """
@@ -81,7 +85,8 @@ def run_measured(args: list[str], ledger: Path | None, cwd: Path = REPO, log: Pa
                     fh.seek(offset)
                     chunk = fh.read()
                 offset += len(chunk)
-                count += chunk.count(b"\n")
+                # Finished requests only: the engine also ledgers a `dispatched` line before each request leaves.
+                count += chunk.count(b'"status":"ok"') + chunk.count(b'"status":"failed"')
                 samples.append((time.monotonic() - started, count))
             done.wait(0.2)
 
@@ -113,9 +118,10 @@ def startup_cpu(seeds: Path, workdir: Path) -> float:
     return m.cpu
 
 
-def bench(concurrency: int, latency: float, seconds: float, seeds: Path, workdir: Path, dedup: bool, boot_cpu: float) -> dict:
-    stats = workdir / f"fake-{concurrency}-{dedup}.json"
-    out = workdir / f"run-{concurrency}-{dedup}"
+def bench(concurrency: int, latency: float, seconds: float, seeds: Path, workdir: Path, dedup: bool, boot_cpu: float,
+          repo: Path = REPO, tag: str = "") -> dict:
+    stats = workdir / f"fake-{concurrency}-{dedup}{tag}.json"
+    out = workdir / f"run-{concurrency}-{dedup}{tag}"
     fake, url = start_fake(latency, stats)
     requests = int(concurrency / latency * seconds)
     args = ["generate", "--seeds", str(seeds), "--n", "10000000", "--base-url", url, "--model", "fake-teacher",
@@ -123,10 +129,11 @@ def bench(concurrency: int, latency: float, seconds: float, seeds: Path, workdir
     if not dedup:
         args += ["--no-rule", "near-duplicate"]
     try:
-        m = run_measured(args, out / "requests.jsonl", log=workdir / f"cli-{concurrency}-{dedup}.log")
+        m = run_measured(args, out / "requests.jsonl", cwd=repo, log=workdir / f"cli-{concurrency}-{dedup}{tag}.log")
     finally:
         served = stop_fake(fake, stats)
     ledger = [json.loads(line) for line in (out / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
+    ledger = [e for e in ledger if e.get("status") in ("ok", "failed")]
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     done = len(ledger)
     bound = concurrency / latency
@@ -160,6 +167,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each run at the bound (sets --max-requests)")
     parser.add_argument("--seeds", type=Path, default=REPO / "seeds" / "zh.jsonl")
     parser.add_argument("--without-dedup", action="store_true", help="also run each C with --no-rule near-duplicate")
+    parser.add_argument("--baseline", type=Path, help="another checkout whose CLI runs the same configurations, alternating with this one")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each configuration (per checkout)")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start; seeds {args.seeds.name}; "
           f"fake teacher latency {args.latency * 1000:.0f} ms in its own process")
@@ -168,19 +177,30 @@ def main() -> None:
         boot = startup_cpu(args.seeds, workdir)
         print(f"start-up CPU (imports, seeds, template) {boot:.2f} s, subtracted from the per-request figures")
         rows = []
+        checkouts = [("", REPO)] + ([("-baseline", args.baseline.resolve())] if args.baseline else [])
         for c in args.concurrency:
             for dedup in ([True, False] if args.without_dedup else [True]):
-                row = bench(c, args.latency, args.seconds, args.seeds, workdir, dedup, boot)
-                rows.append(row)
-                print(
-                    f"C={row['concurrency']:<4} {'dedup on ' if dedup else 'dedup off'} bound {row['bound']:.0f} req/s | "
-                    f"sustained {row['steady']:.1f} req/s = {row['steady'] / row['bound']:.2f} x bound | "
-                    f"whole run {row['overall']:.1f} req/s = {row['overall'] / row['bound']:.2f} x | "
-                    f"{row['requests']:,} requests, {row['kept']:,} kept, mean latency seen {row['mean_latency'] * 1000:.0f} ms | "
-                    f"our CPU {row['cpu_ms_per_request']:.2f} ms/request, CLI busy {row['cpu_share']:.0%} of wall, "
-                    f"peak RSS {row['peak_mb']:.0f} MB | fake: late {row['fake_late_ms']:.1f} ms/reply, busy {row['fake_cpu_share']:.0%}",
-                    flush=True,
-                )
+                steady: dict[str, list[float]] = {tag: [] for tag, _ in checkouts}
+                for k in range(args.repeat):
+                    # Alternate the checkouts, the baseline first on odd rounds, so drift in machine load hits both.
+                    for tag, repo in (checkouts if k % 2 else checkouts[::-1]):
+                        row = bench(c, args.latency, args.seconds, args.seeds, workdir, dedup, boot, repo, f"{tag}-{k}")
+                        row["checkout"] = str(repo)
+                        rows.append(row)
+                        steady[tag].append(row["steady"])
+                        print(
+                            f"{'baseline' if tag else 'this'} C={row['concurrency']:<4} {'dedup on ' if dedup else 'dedup off'} bound {row['bound']:.0f} req/s | "
+                            f"sustained {row['steady']:.1f} req/s = {row['steady'] / row['bound']:.2f} x bound | "
+                            f"whole run {row['overall']:.1f} req/s = {row['overall'] / row['bound']:.2f} x | "
+                            f"{row['requests']:,} requests, {row['kept']:,} kept, mean latency seen {row['mean_latency'] * 1000:.0f} ms | "
+                            f"our CPU {row['cpu_ms_per_request']:.2f} ms/request, CLI busy {row['cpu_share']:.0%} of wall, "
+                            f"peak RSS {row['peak_mb']:.0f} MB | fake: late {row['fake_late_ms']:.1f} ms/reply, busy {row['fake_cpu_share']:.0%}",
+                            flush=True,
+                        )
+                if args.baseline:
+                    ours, base = sum(steady[""]) / len(steady[""]), sum(steady["-baseline"]) / len(steady["-baseline"])
+                    print(f"C={c} {'dedup on' if dedup else 'dedup off'}: this checkout sustains {ours:.1f} req/s, the baseline "
+                          f"{base:.1f} req/s: {ours / base:.3f} x the baseline (mean of {args.repeat} runs each)", flush=True)
         print(f"load average at end {os.getloadavg()[0]:.2f}")
         print(json.dumps(rows, indent=1))
 

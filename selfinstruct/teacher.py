@@ -23,6 +23,8 @@ from tenacity import (
 from selfinstruct.errors import NoCredit, TeacherError
 from selfinstruct.pricing import estimate_prompt_tokens, estimate_tokens
 
+# asyncio.timeout where the Python has it (3.11+).
+_DEADLINE = getattr(asyncio, "timeout", None)
 # Longest we will sleep on a server's Retry-After before trying again.
 MAX_RETRY_AFTER = 120.0
 # --tpm spends at most this share of a window's tokens at once: a minute's allowance is spread
@@ -427,10 +429,12 @@ class Teacher:
     async def _attempt_within_deadline(self, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None) -> tuple[dict, str]:
         """One attempt bounded as a whole by --timeout: the HTTP client's read timeout restarts on every byte."""
         try:
+            if _DEADLINE is not None:  # asyncio.timeout (3.11+) cancels in place; wait_for costs a task per attempt
+                async with _DEADLINE(self.settings.timeout):
+                    return await self._attempt(messages, json_mode, max_tokens)
             return await asyncio.wait_for(self._attempt(messages, json_mode, max_tokens), timeout=self.settings.timeout)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, TimeoutError):
             raise RequestTimeout(f"no complete reply within --timeout {self.settings.timeout:g} s") from None
-
 
     async def aclose(self) -> None:
         await self._client.close()

@@ -153,6 +153,14 @@ def test_kill_minus_9_at_five_random_moments_then_resume(tmp_path):
     assert manifest["counts"]["kept"] == n and manifest["counts"]["requests"] == len(ledger)
     # Replies in flight at a kill were sent but never logged: the only tokens we may not know of.
     assert manifest["usage"]["completion_tokens"] <= stats["completion_tokens_sent"]
+    # ...yet not lost: each was ledgered as dispatched before it left, and the manifest counts it as possibly billed.
+    raw = read_jsonl(out / "requests.jsonl")
+    answered = {e["dispatch"] for e in raw if e["status"] != "dispatched"}
+    unanswered = [e for e in raw if e["status"] == "dispatched" and e["dispatch"] not in answered]
+    billed = manifest["cost"]["possibly_billed"]
+    assert 1 <= billed["requests"] == len(unanswered) <= len(moments) * 8 and billed["estimated"]
+    # The server answered every attempt it got, so what it was sent is what we logged plus at most those.
+    assert sum(e["attempts"] for e in ledger) <= stats["requests_received"] <= sum(e["attempts"] for e in ledger) + len(unanswered) * 7
 
 
 @pytest.mark.parametrize(
