@@ -71,6 +71,18 @@ class Tally:
             self.failed_requests += 1
 
 
+@dataclass
+class Route:
+    """A teacher the engine sends to: model, endpoint and price, and its transport once the run is driven."""
+
+    name: str
+    model: str
+    base_url: str | None
+    price: Price | None
+    make: Callable[[], "Transport"] | None = None
+    transport: "Transport | None" = None
+
+
 class Halted(Exception):
     """A job stopped before its next request (a stop, or the budget elsewhere); resume finishes it."""
 
@@ -189,7 +201,8 @@ class Engine:
         notify: Callable[[str], None] | None = None,
     ) -> None:
         self.run = run
-        self.transport = transport
+        # The run's teacher; stages may add others (a judge, a second model) with their own price.
+        self.routes: dict[str, Route] = {"teacher": Route("teacher", model, base_url, price, transport=transport)}
         self.model = model
         self.base_url = base_url
         self.price = price
@@ -203,6 +216,8 @@ class Engine:
         self.on_progress: Callable[["Engine", Stage], None] | None = None
         self.stages: list[Stage] = []
         self.usage: dict[str, Tally] = {}
+        # Tokens by (stage, route): each route's tokens are charged at its own price.
+        self._spent: dict[tuple[str, str], Tally] = {}
         # Finished requests by id: a stage asking again gets the logged reply (resume pays nothing twice).
         self.replies: dict[str, dict] = {}
         # Requests sent but never answered (a kill) or cancelled at a stop: the server may have billed them.
@@ -237,19 +252,40 @@ class Engine:
             if status in FINISHED:
                 finished.append(entry)
                 self.replies[entry["request_id"]] = entry
-                self._tally(entry).add_request(entry)
+                self._count(entry)
                 sent.pop(entry.get("dispatch", ""), None)
             elif status == "dispatched":
                 sent[entry.get("dispatch", "")] = entry
             elif status == "cancelled":
                 sent.pop(entry.get("dispatch", ""), None)
                 self.unanswered.append(entry)
-                self._tally(entry).add_usage(entry)  # billed failed attempts before the stop are known
+                self._count(entry, request=False)  # billed failed attempts before the stop are known
         self.unanswered.extend(sent.values())
         return finished
 
-    def _tally(self, entry: dict) -> Tally:
-        return self.usage.setdefault(str(entry.get("stage", "generate")), Tally())
+    @property
+    def transport(self) -> Transport | None:
+        return self.routes["teacher"].transport
+
+    @transport.setter
+    def transport(self, value: Transport | None) -> None:
+        self.routes["teacher"].transport = value
+
+    def add_route(self, name: str, model: str, base_url: str | None, price: Price | None, make: Callable[[], Transport]) -> None:
+        """Another teacher for some requests (ask(..., route=name)), charged at its own price."""
+        self.routes[name] = Route(name, model, base_url, price, make)
+
+    def _count(self, entry: dict, request: bool = True) -> None:
+        """Add a ledger entry to its stage's usage and to its route's spend."""
+        stage = str(entry.get("stage", "generate"))
+        for tally in (self.usage.setdefault(stage, Tally()), self._spent.setdefault((stage, self._route_of(entry).name), Tally())):
+            if request:
+                tally.add_request(entry)
+            else:
+                tally.add_usage(entry)
+
+    def _route_of(self, entry: dict) -> Route:
+        return self.routes.get(str(entry.get("route", "teacher"))) or self.routes["teacher"]
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -263,14 +299,18 @@ class Engine:
         json_mode: bool = False,
         text_messages: Callable[[], list[dict[str, str]]] | None = None,
         fields: dict | None = None,
+        route: str = "teacher",
     ) -> dict:
         """One request: replayed from the ledger if an earlier attempt paid for it, else sent and ledgered first."""
         entry = self.replies.get(request_id)
         if entry is not None:
             return entry
-        worst = self.worst_case_usd(messages, max_tokens) if self.max_cost is not None else 0.0
+        target = self.routes[route]
+        worst = self.worst_case_usd(messages, max_tokens, route) if self.max_cost is not None else 0.0
         await self._reserve(worst)
         base = {"request_id": request_id, "stage": stage, **(fields or {})}
+        if route != "teacher":
+            base["route"] = route
         dispatch = secrets.token_hex(6)
         self.run.append(LEDGER, [{**base, "status": "dispatched", "dispatch": dispatch, "at": round(time.time(), 3),
                                   "prompt_chars": sum(len(m.get("content", "")) for m in messages),
@@ -281,14 +321,14 @@ class Engine:
         def may_retry_billed(usage: Usage) -> bool:
             # This request's reservation still covers its next attempt; the billed reply is extra.
             nonlocal billed
-            cost = self.price.usd(usage.prompt_tokens, usage.completion_tokens)
+            cost = target.price.usd(usage.prompt_tokens, usage.completion_tokens)
             billed += cost
             self._billed += cost
             return self.committed_usd() <= self.max_cost
 
-        guard = may_retry_billed if self.max_cost is not None and self.price else None
+        guard = may_retry_billed if self.max_cost is not None and target.price else None
         try:
-            result: Completion | RequestFailed = await self.transport.complete(
+            result: Completion | RequestFailed = await target.transport.complete(
                 messages, json_mode=json_mode, max_tokens=max_tokens, text_messages=text_messages, may_retry_billed=guard)
         except RequestFailed as failed:
             result = failed
@@ -344,7 +384,7 @@ class Engine:
         entry["at"] = round(time.time(), 3)
         self.run.append(LEDGER, [entry])
         self.replies[entry["request_id"]] = entry
-        self._tally(entry).add_request(entry)
+        self._count(entry)
         return entry
 
     def _log_cancelled(self, base: dict, dispatch: str, wasted: Usage) -> None:
@@ -355,13 +395,18 @@ class Engine:
         except Exception:  # the run is stopping anyway; the dispatched line already counts it
             return
         self.unanswered.append(entry)
-        self._tally(entry).add_usage(entry)
+        self._count(entry, request=False)
 
     # ---- money --------------------------------------------------------------------------
 
     def stage_usd(self, stage: str) -> float:
-        t = self.usage.get(stage)
-        return self.price.usd(t.prompt_tokens, t.completion_tokens) if self.price and t else 0.0
+        """Dollars of a stage's requests, each route's tokens at its price."""
+        usd = 0.0
+        for (name, route), t in self._spent.items():
+            price = (self.routes.get(route) or self.routes["teacher"]).price
+            if name == stage and price:
+                usd += price.usd(t.prompt_tokens, t.completion_tokens)
+        return usd
 
     @property
     def usd(self) -> float:
@@ -372,26 +417,27 @@ class Engine:
         """Spent, plus what may have been billed unseen, plus what requests in flight may still cost."""
         return self.usd + self.possibly_billed()["usd"] + self._reserved + self._billed
 
-    def worst_case_usd(self, messages: list[dict[str, str]], max_tokens: int | None = None) -> float:
+    def worst_case_usd(self, messages: list[dict[str, str]], max_tokens: int | None = None, route: str = "teacher") -> float:
         """The most one request can cost: its prompt plus a full max_tokens reply."""
-        if not self.price:
+        price = self.routes[route].price
+        if not price:
             return 0.0
         # Estimates can undershoot real tokenisers on CJK text; pad the prompt by half.
-        return self.price.usd(estimate_prompt_tokens(messages) * 1.5, max_tokens or self.max_tokens or 4096)
+        return price.usd(estimate_prompt_tokens(messages) * 1.5, max_tokens or self.max_tokens or 4096)
 
     def possibly_billed(self) -> dict:
         """Requests sent but never answered (killed or cancelled): estimated from their stage's answered ones."""
-        prompt = completion = 0.0
+        prompt = completion = usd = 0.0
         for entry in self.unanswered:
             t = self.usage.get(str(entry.get("stage", "generate")))
             answered = t.requests - t.failed_requests if t else 0
             if answered:
-                prompt += t.prompt_tokens / answered
-                completion += t.completion_tokens / answered
+                p, c = t.prompt_tokens / answered, t.completion_tokens / answered
             else:  # nothing of its kind came back yet: a character a token, half the reply limit
-                prompt += float(entry.get("prompt_chars") or 0)
-                completion += float(entry.get("max_tokens") or self.max_tokens or 0) / 2
-        usd = self.price.usd(prompt, completion) if self.price else 0.0
+                p, c = float(entry.get("prompt_chars") or 0), float(entry.get("max_tokens") or self.max_tokens or 0) / 2
+            prompt, completion = prompt + p, completion + c
+            price = self._route_of(entry).price
+            usd += price.usd(p, c) if price else 0.0
         return {"requests": len(self.unanswered), "prompt_tokens": int(prompt), "completion_tokens": int(completion),
                 "usd": round(usd, 6), "estimated": True}
 
@@ -403,8 +449,9 @@ class Engine:
             return
         self.stopping = reason
         self._stop_at = time.monotonic()
-        if self.transport is not None:
-            self.transport.stop_retrying()
+        for route in self.routes.values():
+            if route.transport is not None:
+                route.transport.stop_retrying()
         if reason in SIGNAL_STOPS:
             self.notify(f"stopping: waiting up to {self.grace:g} s for {self.in_flight} requests (Ctrl-C again to quit now)")
 
@@ -519,6 +566,11 @@ class Engine:
         m: dict = {"selfinstruct_version": __version__, "command": self.command, "created": self.created, "updated": _now(),
                    "status": self.status, "stop_reason": self.stop_reason}
         m["teacher"] = {"model": self.model, "endpoint_kind": endpoint_kind(self.base_url)}
+        if len(self.routes) > 1:
+            m["teachers"] = {r.name: {"model": r.model, "endpoint_kind": endpoint_kind(r.base_url), "base_url": public_url(r.base_url),
+                                      "price_in_per_1m": r.price.input if r.price else None,
+                                      "price_out_per_1m": r.price.output if r.price else None}
+                             for r in self.routes.values()}
         for stage in self.stages:
             stage.describe(m)
         names = list(dict.fromkeys([s for stage in self.stages for s in stage.ledger_stages] + list(self.usage)))
@@ -586,7 +638,9 @@ class Engine:
 async def drive(engine: Engine, stage: Stage, make_transport: Callable[[], Transport]) -> int:
     """Run one stage with signal handling: the first SIGINT/SIGTERM stops gracefully, a second at once; returns the exit code."""
     loop = asyncio.get_running_loop()
-    engine.transport = make_transport()
+    engine.routes["teacher"].make = make_transport
+    for route in engine.routes.values():
+        route.transport = route.make()
     received: list[int] = []
     main = asyncio.current_task()
 
@@ -615,7 +669,8 @@ async def drive(engine: Engine, stage: Stage, make_transport: Callable[[], Trans
     finally:
         for signum in installed:
             loop.remove_signal_handler(signum)
-        close = getattr(engine.transport, "aclose", None)
-        if close is not None:
-            await close()
+        for route in engine.routes.values():
+            close = getattr(route.transport, "aclose", None)
+            if close is not None:
+                await close()
     return 128 + received[0] if received else 0
