@@ -27,28 +27,31 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Indel
 
-from selfinstruct.similarity import BatchDedup, DedupIndex, Vocabulary, cutoff, rouge_l
+from selfinstruct.similarity import BatchDedup, DedupIndex, Vocabulary, cutoff, dedup_text, over, rouge_l
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz"
 T = 0.7
 
 
-def load() -> list[str]:
+def load(field: str = "instruction") -> list[str]:
     if not FIXTURE.exists():
         sys.exit(f"fixture {FIXTURE} not found: check out ../shared beside the repo")
-    return [r["instruction"] for r in json.loads(gzip.decompress(FIXTURE.read_bytes()))]
+    rows = json.loads(gzip.decompress(FIXTURE.read_bytes()))
+    if field == "instruction":
+        return [r["instruction"] for r in rows]
+    return [dedup_text(r["instruction"], r["input"]) for r in rows]  # what filter and generate compare by default
 
 
 def brute_pairs(texts: list[str], t: float = T) -> set[tuple[int, int]]:
-    """All pairs i < j with ROUGE-L F1 >= t, by rapidfuzz cdist over every pair (all cores)."""
+    """All pairs i < j with ROUGE-L F1 > t (the duplicate rule), by rapidfuzz cdist over every pair (all cores)."""
     vocab = Vocabulary()
     codes = [vocab.encode(x) for x in texts]
     pairs: set[tuple[int, int]] = set()
     step = 2000
     for s in range(0, len(codes), step):
         m = process.cdist(codes[s : s + step], codes, scorer=Indel.normalized_similarity, score_cutoff=cutoff(t), workers=-1, dtype=np.float64)
-        ii, jj = np.nonzero(m >= t)
+        ii, jj = np.nonzero(over(m, t))
         ii = ii + s
         keep = jj > ii
         pairs.update(zip(ii[keep].tolist(), jj[keep].tolist()))
@@ -77,9 +80,10 @@ def main() -> None:
     ap.add_argument("--rouge-score-subset", type=int, default=1000)
     ap.add_argument("--naive-subset", type=int, default=3000)
     ap.add_argument("--sections", default="1234", help="which of the four sections to run, e.g. 2 or 13")
+    ap.add_argument("--field", choices=("instruction", "instruction+input"), default="instruction+input")
     args = ap.parse_args()
-    texts = load()
-    print(f"fixture: {len(texts):,} instructions, field instruction, threshold {T}; {os.cpu_count()} cores")
+    texts = load(args.field)
+    print(f"fixture: {len(texts):,} records, field {args.field}, duplicates above {T}; {os.cpu_count()} cores")
     section("1. exact mode (selfinstruct filter's dedup stage)")
     start = time.perf_counter()
     dedup = BatchDedup(T)
@@ -106,7 +110,7 @@ def brute_section(texts: list[str], args, batch_s: float) -> None:
     brute_s = time.perf_counter() - start
     same = np.array_equal(greedy(m, pairs), BatchDedup(T).run(texts[:m]).keep)
     print(f"brute force, rapidfuzz cdist over all {m * (m - 1) // 2:,} pairs of {m:,}: {brute_s:.1f} s, "
-          f"{len(pairs):,} pairs at F1 >= {T}; same kept set as batch: {same}")
+          f"{len(pairs):,} pairs at F1 > {T}; same kept set as batch: {same}")
     if m < n:
         print(f"  (extrapolated to {n:,}: {brute_s * (n / m) ** 2:.0f} s)")
     print(f"batch vs brute force: {brute_s * (n / m) ** 2 / batch_s:.1f}x faster")
@@ -129,15 +133,15 @@ def alpaca_section(texts: list[str], args, batch_s: float) -> None:
     kept_rs: list[str] = []
     dropped_rs: set[int] = set()
     for j, text in enumerate(sub):
-        if any(scorer.score(text, other)["rougeL"].fmeasure >= T for other in kept_rs):
+        if any(scorer.score(text, other)["rougeL"].fmeasure > T for other in kept_rs):
             dropped_rs.add(j)
         else:
             kept_rs.append(text)
     rs_s = time.perf_counter() - start
     ours = set(np.flatnonzero(~BatchDedup(T).run(sub).keep).tolist())
-    real = sum(1 for j in dropped_rs if any(rouge_l(sub[i], sub[j]) >= T for i in range(j)))
+    real = sum(1 for j in dropped_rs if any(over(rouge_l(sub[i], sub[j]), T) for i in range(j)))
     print(f"greedy keep-first on the first {k:,}: {rs_s:.1f} s; it drops {len(dropped_rs)}, of which {real} have a "
-          f"character-level ROUGE-L >= {T} with an earlier instruction (the others only share English words or numbers); "
+          f"character-level ROUGE-L > {T} with an earlier instruction (the others only share English words or numbers); "
           f"character-level ROUGE-L drops {len(ours)}, and rouge_score finds {len(ours & dropped_rs)} of those")
     rs_full = rs_s * (n / k) ** 2
     print(f"  extrapolated to {n:,}: {rs_full / 3600:.1f} h (pairs grow as n^2) -> batch exact is {rs_full / batch_s:,.0f}x faster")
@@ -174,7 +178,7 @@ def index_section(texts: list[str], args, exact) -> None:
     start = time.perf_counter()
     kept_naive: list[str] = []
     for text in texts[:k]:
-        if not any(rouge_l(text, other) >= T for other in kept_naive):
+        if not any(over(rouge_l(text, other), T) for other in kept_naive):
             kept_naive.append(text)
     naive_s = time.perf_counter() - start
     naive_full = naive_s * (n / k) ** 2
