@@ -173,16 +173,17 @@ def _not_json(raw, exc: ValueError) -> MalformedReply:
     ctype = raw.headers.get("content-type", "") or "no content type"
     head = body.lstrip()[:32].lower()
     if "html" in ctype or head.startswith((b"<!doctype html", b"<html")):
+        # The fix before the quote: whoever shortens the message cuts the page, not the advice.
         return UnexpectedReply(
-            f"the teacher answered HTTP 200 with an HTML page ({ctype}), not JSON: {_quote(body.lstrip())}; "
-            "check --base-url (it usually ends in /v1): a web UI, a proxy or a login page answered in the API's place"
+            f"the teacher answered HTTP 200 with an HTML page ({ctype}), not JSON: check --base-url (it usually ends "
+            f"in /v1), a web UI, proxy or login page answered in the API's place; it began {_quote(body.lstrip(), 120)}"
         )
     if "event-stream" in ctype or head.startswith((b"data:", b"event:")):
         return UnexpectedReply(
-            f"the teacher streamed its reply ({ctype}) although no stream was asked: {_quote(body.lstrip())}; "
-            "point --base-url at the server itself, or turn off the streaming a proxy in between forces"
+            f"the teacher streamed its reply ({ctype}) although no stream was asked: point --base-url at the server "
+            f"itself, or turn off the streaming a proxy in between forces; it began {_quote(body.lstrip(), 120)}"
         )
-    return MalformedReply(f"the reply is not JSON ({ctype}, {len(body):,} bytes: {exc}): {_quote(body)}")
+    return MalformedReply(f"the reply is not JSON ({ctype}, {len(body):,} bytes: {exc}); it began {_quote(body, 120)}")
 
 
 def _oversized(body: bytes, content: str | None, limit: int | None, messages: list[dict[str, str]], response: dict | None) -> OversizedReply:
