@@ -167,14 +167,18 @@ async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price
             key_refused = exc
             checks.append(Check("reachable", "ok", f"{url} answered, but refused the key"))
         except RequestFailed as exc:
-            if exc.errors[-1:] in (["connection"], ["timeout"]) or exc.status is None:  # no HTTP answer at all
+            if exc.errors[-1:] in (["connection"], ["timeout"]):  # no HTTP answer at all
                 row = _failure("reachable", exc, settings)
                 checks.append(Check("reachable", "fail", f"{url}: {exc.message}", row.fix))
                 names = ("model listed", "chat works", "usage reported", "JSON mode", "latency", "tokens/s")
                 checks += [Check(n, "skip", "the teacher is not reachable") for n in names]
                 checks.append(_price_check(settings.model, price, kind))
                 return Report(checks, time.monotonic() - started)
-            checks.append(Check("reachable", "ok", f"{url} answered (GET /models: HTTP {exc.status})"))
+            if exc.status is None:  # an answer that was no model list (an HTML page, say): never "ok (HTTP None)"
+                checks.append(Check("reachable", "warn", f"{url}: GET /models gave no model list: {exc.message}",
+                                    "check --base-url (it usually ends in /v1); nothing to do if the chat check passes"))
+            else:
+                checks.append(Check("reachable", "ok", f"{url} answered (GET /models: HTTP {exc.status})"))
         if key_refused is not None:
             fix = key_refused.hint if api_key or kind == "local" else f"${key_env} is not set: export {key_env}=..., or pass --api-key-env NAME"
             checks.append(Check("model listed", "fail", key_refused.message, fix))

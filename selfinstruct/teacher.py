@@ -598,8 +598,17 @@ class Teacher:
     async def list_models(self) -> list[str]:
         """The model ids the server lists (GET /models); raises RequestFailed or TeacherError like complete()."""
         try:
-            page = await self._client.models.list()
-            return [m.id for m in page.data]
+            # Raw, like a chat request: a page that is no model list is named (an HTML page for a
+            # --base-url without /v1), where the typed call failed inside the SDK.
+            raw = await self._client.get("/models", cast_to=_HTTP_RESPONSE)
+            try:
+                listed = json.loads(raw.content)
+            except ValueError as exc:
+                raise _not_json(raw, exc) from None
+            data = listed.get("data") if isinstance(listed, dict) else None
+            if not isinstance(data, list):
+                raise MalformedReply(f"GET /models answered without a `data` list: {_quote(raw.content, 120)}")
+            return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
             raise TeacherError(
                 f"the teacher refused the API key (HTTP {exc.status_code})",

@@ -277,6 +277,9 @@ def test_doctor_says_no_credit_and_names_an_html_reply(tmp_path):
         code, checks, _ = doctor(fake.base_url)
     row = checks["chat works"]
     assert code == 1 and row["status"] == "fail" and "text/html" in row["detail"] and "/v1" in row["detail"]
+    # GET /models got the page too: named as such, never "reachable ok (HTTP None)" nor an SDK internal error.
+    row = checks["reachable"]
+    assert row["status"] == "warn" and "HTML page" in row["detail"] and "HTTP None" not in row["detail"]
 
 
 def test_a_body_over_the_byte_cap_is_oversized_even_without_max_tokens():

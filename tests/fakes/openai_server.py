@@ -672,12 +672,17 @@ KNOBS: dict[str, Any] = {
     "reply_chars": 0,  # >0: every reply's content is repeated or cut to this many characters (a runaway reply)
     # 429 insufficient_quota for every chat request, as OpenAI answers a key whose account has no credit.
     "no_credit": False,
-    # A 200 whose body is not a completion: "html" (a login page, as a proxy or a web UI answers) or
-    # "event-stream" (chunks, as a proxy that forces streaming sends).
+    # A 200 whose body is not a completion: "html" (a login page, as a proxy or a web UI answers, for
+    # GET /models too) or "event-stream" (chunks, as a proxy that forces streaming sends).
     "body": None,
+    # POST /v1/moderations: None answers 404 (as most local servers); a word flags every text that
+    # contains it (categories harassment and violence); a callable(text) -> list of flagged categories.
+    "moderation": None,
 }
 USAGE_MODES = ("exact", "absent", "zero", "completion_one")
 BODIES = (None, "html", "event-stream")
+_LOGIN_PAGE = (b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body><form action=\"/login\">"
+               + b"<input name=\"user\"></form></body></html>" * 40)
 
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> bytes:
@@ -724,6 +729,7 @@ def _new_stats() -> dict[str, Any]:
         "arrivals": [],  # time.monotonic() at which each chat request arrived (with record_contents)
         "in_flight": 0,
         "max_in_flight": 0,
+        "moderation_requests": 0,  # POST .../moderations, whatever the outcome
         "connections": 0,  # TCP connections accepted (keep-alive: far fewer than requests)
         "late_seconds_total": 0.0,  # how far past their latency replies were ready (CPU queueing), summed
         "late_seconds_max": 0.0,
@@ -1021,6 +1027,8 @@ class FakeTeacher:
         if k["forbidden"]:
             return _Response(403, _error_body(
                 "You are not allowed to sample from this model", "invalid_request_error", None, "model_access_denied"))
+        if method == "GET" and k["body"] == "html":  # a web UI or login page answers every path
+            return _Response(200, _LOGIN_PAGE, content_type="text/html; charset=utf-8")
         if method == "GET" and path.endswith("/models"):
             names = k["models"] or ["fake-teacher"]
             data = {"object": "list", "data": [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"} for m in names]}
@@ -1031,6 +1039,8 @@ class FakeTeacher:
                 return _Response(404, _error_body(f"The model `{name}` does not exist or you do not have access to it.",
                                                   "invalid_request_error", None, "model_not_found"))
             return _Response(200, json.dumps({"id": name, "object": "model", "created": 1700000000, "owned_by": "fake"}).encode())
+        if method == "POST" and path.endswith("/moderations"):
+            return self._moderation(body)
         if not is_chat:
             return _Response(404, _error_body(f"Invalid URL ({method} {path})", "invalid_request_error"))
         if method != "POST":
@@ -1039,6 +1049,26 @@ class FakeTeacher:
         if response is not None and k["echo_key"] and (response.status == 400 or response.status >= 500):
             response.body = _echo_header(response.body, headers.get("authorization", ""))
         return response
+
+    def _moderation(self, body: bytes) -> _Response:
+        """OpenAI's moderation reply for each input text, flagged by the `moderation` knob; 404 when it is None."""
+        with self._lock:
+            self._stats["moderation_requests"] += 1
+        rule = self.knobs["moderation"]
+        if rule is None:
+            return _Response(404, _error_body("Invalid URL (POST /v1/moderations)", "invalid_request_error"))
+        try:
+            texts = json.loads(body or b"{}").get("input")
+        except (ValueError, AttributeError):
+            return _Response(400, _error_body("We could not parse the JSON body of your request.", "invalid_request_error"))
+        names = ("harassment", "hate", "self-harm", "sexual", "violence")
+        results = []
+        for text in texts if isinstance(texts, list) else [texts]:
+            text = str(text)
+            flagged = list(rule(text)) if callable(rule) else (["harassment", "violence"] if str(rule) in text else [])
+            results.append({"flagged": bool(flagged), "categories": {n: n in flagged for n in (*names, *flagged)},
+                            "category_scores": {n: (0.9 if n in flagged else 0.001) for n in (*names, *flagged)}})
+        return _Response(200, json.dumps({"id": "modr-fake", "model": "omni-moderation-latest", "results": results}).encode())
 
     async def _chat(self, req: dict, n_req: int, reader: asyncio.StreamReader) -> _Response | None:
         k = dict(self.knobs)
@@ -1114,8 +1144,7 @@ class FakeTeacher:
                 "error, read the docs: https://platform.openai.com/docs/guides/error-codes/api-errors.",
                 "insufficient_quota", None, "insufficient_quota"), [], self._counted("429"))
         if k["body"] == "html":
-            return _Response(200, b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body><form action=\"/login\">"
-                             + b"<input name=\"user\"></form></body></html>" * 40, content_type="text/html; charset=utf-8")
+            return _Response(200, _LOGIN_PAGE, content_type="text/html; charset=utf-8")
         if k["body"] == "event-stream":
             chunk = {"id": f"chatcmpl-{n_req}", "object": "chat.completion.chunk", "model": req.get("model"),
                      "choices": [{"index": 0, "delta": {"content": "你好"}, "finish_reason": None}]}
@@ -1348,6 +1377,9 @@ def _parser():
     for name, default in KNOBS.items():
         flag = "--" + name.replace("_", "-")
         if name == "reply":
+            continue
+        if name == "moderation":
+            p.add_argument(flag, default=None, help="flag moderation inputs that contain this word (default: no /v1/moderations)")
             continue
         if isinstance(default, bool) and flag.startswith("--no-"):
             # BooleanOptionalAction reads any --no-… spelling as False: --no-json-mode would switch itself off.
