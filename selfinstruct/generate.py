@@ -18,13 +18,16 @@ from selfinstruct.parsing import ParsedItem, parse_reply
 from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
 from selfinstruct.prompts import Template
 from selfinstruct.rules import RuleSettings, check
-from selfinstruct.rundir import RECORDS, REJECTED, RunDir
+from selfinstruct.rundir import RECORDS, REJECTED, SURPLUS, RunDir
 from selfinstruct.seeds import SeedSet, SeedTask
 from selfinstruct.similarity import DedupIndex
 from selfinstruct.teacher import Teacher
 
-# Until a few requests are back, assume half the asked-for tasks survive the filters.
+# Until a few requests are back, the dry run assumes half the asked-for tasks survive the filters...
 PRIOR_YIELD = 0.5
+# ...and dispatch assumes most do: a first wave sized for a bad yield over-delivers (--n 100 sent 20
+# requests where 11 sufficed); a short one only costs another round trip once the yield is measured.
+DISPATCH_PRIOR = 0.9
 
 
 def request_rng(seed: int, request_no: int) -> random.Random:
@@ -75,6 +78,10 @@ class Generation:
         # Records kept and rejected by reason (the engine counts requests and tokens).
         self.tally = Tally()
         self.next_request = 1
+        # Requests sent but never answered by an earlier attempt: asked again first, with the same prompt.
+        self.redo: list[int] = []
+        # Valid records beyond --n, held in surplus.jsonl for a later, larger --n.
+        self.reserve = 0
         self.sample_reply = ""
         self.sample_finish: str | None = None
         # The server's refusal of response_format, once seen: the run then asks in the text template.
@@ -101,6 +108,16 @@ class Generation:
         for rec in rejected:
             self.tally.rejected[rec.get("reason", "unknown")] += 1
             done.add(rec["id"])
+        pool = [r for r in self.run.load(SURPLUS) if r["id"] not in done]
+        for rec in pool:
+            self.index.add(rec["id"], rec["instruction"])
+            done.add(rec["id"])
+        # A larger --n than the run had: the records it held back are used before anything is paid for.
+        promoted = pool[: max(self.cfg.n - self.tally.kept, 0)]
+        if promoted:
+            self.run.append(RECORDS, promoted)
+            self.tally.kept += len(promoted)
+        self.reserve = len(pool) - len(promoted)
         self.tally.items = len(done)
         replayed = 0
         for entry in finished:
@@ -113,6 +130,10 @@ class Generation:
                 continue
             # A reply logged before a kill but not fully written: finish it from the ledger.
             replayed += self._process(entry, skip=done)
+        lost = {int(e["request_no"]) for e in self.engine.unanswered if e.get("stage") == "generate" and "request_no" in e}
+        self.redo = sorted(no for no in lost if f"r{no:06d}" not in self.engine.replies)
+        if self.redo:
+            self.next_request = max(self.next_request, self.redo[-1] + 1)
         return replayed
 
     # ---- one reply ----------------------------------------------------------------------
@@ -153,7 +174,7 @@ class Generation:
         """Parse, filter and deduplicate one logged reply; append what is new. Returns items written."""
         items = parse_reply(entry.get("content", ""), entry.get("finish_reason"), entry.get("json_mode", self.cfg.json_mode))
         share = max(1, len(items))
-        kept, rejected = [], []
+        kept, rejected, surplus = [], [], []
         for item in items:
             rid = f"{entry['request_id']}.{item.index}"
             if rid in skip:
@@ -166,8 +187,6 @@ class Generation:
                 "meta": self._meta(entry, item, share),
             }
             verdict = apply_rules(item, self.rules)
-            if verdict is None and self.tally.kept + len(kept) >= self.cfg.n:
-                verdict = ("surplus", f"--n {self.cfg.n} already reached")
             if verdict is None and "near-duplicate" not in self.cfg.no_rule:
                 match = self.index.add_if_novel(rid, item.instruction)
                 if match is not None:
@@ -176,20 +195,24 @@ class Generation:
                     record["duplicate_text"] = match.text
                     record["score"] = round(match.score, 4)
             if verdict is None:
-                kept.append(record)
+                # Valid past --n: held back (and in the index), not rejected, so a larger --n need not pay for it again.
+                (kept if self.tally.kept + len(kept) < self.cfg.n else surplus).append(record)
             else:
                 record["reason"], record["detail"] = verdict
                 rejected.append(record)
-        self._write(kept, rejected)
-        return len(kept) + len(rejected)
+        self._write(kept, rejected, surplus)
+        return len(kept) + len(rejected) + len(surplus)
 
-    def _write(self, kept: list[dict], rejected: list[dict]) -> None:
+    def _write(self, kept: list[dict], rejected: list[dict], surplus: list[dict] = ()) -> None:
         if kept:
             self.run.append(RECORDS, kept)
         if rejected:
             self.run.append(REJECTED, rejected)
+        if surplus:
+            self.run.append(SURPLUS, surplus)
         self.tally.kept += len(kept)
-        self.tally.items += len(kept) + len(rejected)
+        self.reserve += len(surplus)
+        self.tally.items += len(kept) + len(rejected) + len(surplus)
         for rec in rejected:
             self.tally.rejected[rec["reason"]] += 1
 
@@ -214,7 +237,7 @@ class Generation:
         t = self.requests
         ok = t.requests - t.failed_requests
         if ok < 5:
-            return self.cfg.per_request * PRIOR_YIELD
+            return self.cfg.per_request * DISPATCH_PRIOR
         return max(self.tally.kept / ok, 0.05)
 
     def max_requests(self) -> int:
@@ -232,8 +255,11 @@ class Generation:
         # Don't launch requests whose records the target can no longer use.
         if self.tally.kept + running * self.yield_estimate() >= self.cfg.n:
             return None
-        request_no = self.next_request
-        self.next_request += 1
+        if self.redo:
+            request_no = self.redo.pop(0)
+        else:
+            request_no = self.next_request
+            self.next_request += 1
         return lambda: self._request(request_no)
 
     async def _request(self, request_no: int) -> None:
@@ -299,6 +325,7 @@ class Generation:
         manifest["templates"] = {"generate": {"name": self.template.name, "sha256": self.template.sha256}}
         manifest["teacher"]["json_mode_fallback"] = self.json_fallback
         manifest["filters"] = {"similarity": self.cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang}
+        manifest["surplus"] = {"records": self.reserve, "file": SURPLUS}
 
 
 def project(cfg: GenerateConfig, seeds: SeedSet, template: Template, price: Price | None) -> dict:

@@ -13,6 +13,8 @@ from selfinstruct.errors import InputError, OutputError
 RECORDS = "records.jsonl"
 REJECTED = "rejected.jsonl"
 LEDGER = "requests.jsonl"
+# Valid generated records beyond --n, held back so a later, larger --n uses them instead of paying again.
+SURPLUS = "surplus.jsonl"
 MANIFEST = "manifest.json"
 # What `selfinstruct filter --out DIR` writes beside its REJECTED: kept records in one format, and a report.
 FILTER_KEPT = {"jsonl": "kept.jsonl", "parquet": "kept.parquet"}
@@ -136,8 +138,9 @@ class RunDir:
             probe = self.path / ".write-probe"
             probe.write_text("ok", encoding="utf-8")
             probe.unlink()
-            # Even a run that keeps nothing has its records file: export, filter and evolve know it as a run.
-            (self.path / RECORDS).open("a", encoding="utf-8").close()
+            # Even a run that keeps (or rejects) nothing has both files: export, filter and evolve know it as a run.
+            for name in (RECORDS, REJECTED):
+                (self.path / name).open("a", encoding="utf-8").close()
         except OSError as exc:
             raise OutputError(
                 f"{self.path}: cannot write the run directory ({exc.strerror or exc})",

@@ -78,6 +78,11 @@ def test_a_second_signal_exits_at_once_and_the_run_resumes(tmp_path):
     assert manifest["status"] == "completed" and manifest["counts"]["kept"] == 50 == len(read_jsonl(out / "records.jsonl"))
     # The three cancelled requests stay counted as possibly billed; none of them is a failure.
     assert manifest["cost"]["possibly_billed"]["requests"] == 3 and manifest["counts"]["failed_requests"] == 0
+    # ...and they were asked again first, with the same ids (so the same seeds and prompt).
+    ledger = ledger_of(out)
+    cancelled = {e["request_id"] for e in ledger if e["status"] == "cancelled"}
+    assert len(cancelled) == 3 and cancelled <= {e["request_id"] for e in finished(ledger)}
+    assert {e["request_id"] for e in finished(ledger)[:3]} == cancelled
 
 
 def test_timeout_is_a_deadline_for_the_whole_reply(tmp_path):
@@ -163,3 +168,31 @@ def test_a_stop_does_not_start_retries(tmp_path):
     assert received == 2, "no retry may start once the stop is asked"
     cancelled = [e for e in ledger_of(out) if e["status"] == "cancelled"]
     assert len(cancelled) == 2 and all(e["wasted"]["prompt_tokens"] == 0 for e in cancelled)
+
+
+def test_valid_records_past_n_are_held_back_and_a_larger_n_uses_them_without_paying(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(latency=0.2, seed=8) as fake:
+        first = run_cli(*generate_args(tmp_path, fake.base_url, out, "--quiet", "--concurrency", "64"))
+        sent = fake.stats["requests_received"]
+        records = read_jsonl(out / "records.jsonl")
+        reserve = read_jsonl(out / "surplus.jsonl")
+        rejected = read_jsonl(out / "rejected.jsonl")
+        # Before: --n 100 at concurrency 64 sent 19-20 requests (a first wave sized for a 50% yield) where ~11 suffice.
+        assert first.returncode == 0 and len(records) == 50, first.stderr
+        assert sent <= 8, f"{sent} requests for 50 records of 10-task replies"
+        assert reserve and not [r for r in rejected if r["reason"] == "surplus"]
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        assert manifest["surplus"]["records"] == len(reserve)
+        # A larger --n takes the held-back records first: nothing is paid for twice.
+        more = 50 + min(len(reserve), 20)
+        args = list(generate_args(tmp_path, fake.base_url, out, "--quiet"))
+        args[args.index("--n") + 1] = str(more)
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert fake.stats["requests_received"] == sent
+    records = read_jsonl(out / "records.jsonl")
+    assert len(records) == more and len({r["id"] for r in records}) == more
+    assert {r["id"] for r in records[50:]} == {r["id"] for r in reserve[: more - 50]}
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["counts"]["kept"] == more and manifest["surplus"]["records"] == len(reserve) - (more - 50)
