@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from selfinstruct import __version__
+from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.errors import ConfigError, UserError
 
 app = typer.Typer(
@@ -279,7 +280,8 @@ def export(
     """Write a run's kept records as parquet (and JSONL) with a dataset card, ready to upload."""
     from selfinstruct.export import export_run
 
-    result = export_run(run_dir, to, fmt, jsonl=jsonl, test_size=test_size, seed=seed, slim=slim, system=system, license=license, echo=_stderr)
+    with DirectoryLock(to, command_line(), beside=True):
+        result = export_run(run_dir, to, fmt, jsonl=jsonl, test_size=test_size, seed=seed, slim=slim, system=system, license=license, echo=_stderr)
     splits = ", ".join(f"{name} {n:,}" for name, n in result.rows.items())
     typer.echo(f"exported {sum(result.rows.values()):,} rows ({splits}) as {fmt} to {result.path}")
 
@@ -338,7 +340,8 @@ def filter_command(
         pii=pii,
     )
     console = Console(stderr=True)
-    report = Filtering(settings, console).run()
+    with DirectoryLock(out, command_line(), beside=True):
+        report = Filtering(settings, console).run()
     if not quiet:
         console.print(summary_table(report, settings))
 

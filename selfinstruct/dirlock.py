@@ -20,8 +20,11 @@ except ImportError:  # pragma: no cover - non-Unix: no lock, as before
 class DirectoryLock:
     """flock on DIR/.selfinstruct.lock: the kernel drops it when the holder dies, so a dead process's lock is taken over."""
 
-    def __init__(self, directory: Path, command: str = "") -> None:
-        self.path = Path(directory) / LOCK_FILE
+    def __init__(self, directory: Path, command: str = "", beside: bool = False) -> None:
+        directory = Path(directory)
+        # A dataset folder (filter --out, export --to) is uploaded as it is: its lock sits beside it, not in it.
+        self.path = directory.parent / f".{directory.name}{LOCK_FILE}" if beside else directory / LOCK_FILE
+        self.directory = directory
         self.command = command
         self._fd: int | None = None
 
@@ -37,9 +40,10 @@ class DirectoryLock:
         if fcntl is None:
             return
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OutputError(f"{self.path.parent}: cannot create the lock file ({exc.strerror or exc})",
+            raise OutputError(f"{self.directory}: cannot create the lock file {self.path.name} ({exc.strerror or exc})",
                               "choose another directory or fix its permissions") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -47,7 +51,7 @@ class DirectoryLock:
             holder = self._holder(fd)
             os.close(fd)
             raise OutputError(
-                f"{self.path.parent}: in use by another selfinstruct process ({holder})",
+                f"{self.directory}: in use by another selfinstruct process ({holder})",
                 "wait for it to finish or stop it, or choose another directory; two writers would mix their records",
             ) from None
         # Who holds it, for the message a second process prints; the command is already masked by the caller.

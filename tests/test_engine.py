@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from selfinstruct.dirlock import LOCK_FILE, DirectoryLock
 
 from conftest import finished
 from fakes.openai_server import FakeTeacher
@@ -196,3 +199,19 @@ def test_valid_records_past_n_are_held_back_and_a_larger_n_uses_them_without_pay
     assert {r["id"] for r in records[50:]} == {r["id"] for r in reserve[: more - 50]}
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["counts"]["kept"] == more and manifest["surplus"]["records"] == len(reserve) - (more - 50)
+
+
+def test_filter_and_export_refuse_an_output_folder_another_process_writes(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"解释第{i}个问题的答案为什么成立", "input": "", "output": "因为它符合定义。"},
+                                       ensure_ascii=False) + "\n" for i in range(20)), encoding="utf-8")
+    out, to = tmp_path / "clean", tmp_path / "export"
+    for folder, args in ((out, ("filter", str(data), "--out", str(out), "--quiet")), (to, ("export", str(out), "--to", str(to)))):
+        with DirectoryLock(folder, "selfinstruct test-holder", beside=True):
+            refused = run_cli(*args)
+            assert refused.returncode == 2, refused.stderr
+            assert f"in use by another selfinstruct process (PID {os.getpid()}" in refused.stderr and "test-holder" in refused.stderr
+        done = run_cli(*args)
+        assert done.returncode == 0, done.stderr
+        # The lock sits beside a dataset folder, never inside it: the folder is uploaded as it is.
+        assert not any(p.name.endswith(LOCK_FILE) for p in folder.rglob("*"))
