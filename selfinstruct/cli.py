@@ -137,6 +137,14 @@ def generate(
     evol_rounds: Optional[int] = typer.Option(None, "--evol-rounds", help="Evol-Instruct rounds after generation (default 0)."),
     evol_ops: Optional[list[str]] = typer.Option(None, "--evol-ops", help="Evol ops to draw from, comma-separated or repeated (default all)."),
     judge_equal: Optional[bool] = typer.Option(None, "--judge-equal/--no-judge-equal", help="Ask the teacher whether each evolution equals its parent."),
+    judge: Optional[bool] = typer.Option(None, "--judge/--no-judge", help="Quality gate: a judge rates every kept record 1-5 on a published rubric (prompts/judge); below --min-score goes to rejected.jsonl."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5, default 4)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (default: the teacher)."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: --base-url)."),
+    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Environment variable holding the judge's key (default: --api-key-env)."),
+    judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="Judge's USD per 1M prompt tokens (overrides the table)."),
+    judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="Judge's USD per 1M completion tokens (overrides the table)."),
+    moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Send kept records to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     push_to: Optional[str] = typer.Option(None, "--push-to", help="Push to this Hub dataset repo when the run completes."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print projected requests, tokens and cost, call nothing."),
@@ -158,7 +166,8 @@ def generate(
             resolve_ops(cfg.evol_ops)
         except ConfigError as exc:
             raise ConfigError(exc.message.replace("--ops", "--evol-ops", 1), exc.hint) from None
-    exit_code = run_generate(cfg, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True), typer.echo)
+    exit_code = run_generate(cfg, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True), typer.echo,
+                             judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -170,6 +179,14 @@ def evolve(
     rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds; each evolves the survivors of the last (default 1)."),
     ops: Optional[list[str]] = typer.Option(None, "--ops", help="Ops to draw from, comma-separated or repeated (default all): add-constraints, deepen, concretize, increase-reasoning, complicate-input, mutate."),
     judge_equal: Optional[bool] = typer.Option(None, "--judge-equal/--no-judge-equal", help="Also ask the teacher whether each evolution equals its parent; equal ones are eliminated."),
+    judge: Optional[bool] = typer.Option(None, "--judge/--no-judge", help="Quality gate: a judge rates every kept record 1-5 on a published rubric (prompts/judge); below --min-score goes to rejected.jsonl."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5, default 4)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (default: the teacher)."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: --base-url)."),
+    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Environment variable holding the judge's key (default: --api-key-env)."),
+    judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="Judge's USD per 1M prompt tokens (overrides the table)."),
+    judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="Judge's USD per 1M completion tokens (overrides the table)."),
+    moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Send kept records to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evolve only the first N input records."),
     evolved_only: bool = typer.Option(False, "--evolved-only", help="Leave the input records out of records.jsonl (default: kept beside their evolutions)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input)."),
@@ -209,7 +226,8 @@ def evolve(
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be at least 1", "leave it out to evolve every record")
     cfg = dataclasses.replace(cfg, evol_rounds=cfg.evol_rounds or 1, out=out)
-    exit_code = run_evolve(cfg, inputs, limit, evolved_only, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True))
+    exit_code = run_evolve(cfg, inputs, limit, evolved_only, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
+                           judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -411,3 +429,49 @@ def report(
     for note in stats["notes"]:
         _stderr(f"note: {note}")
     typer.echo(f"wrote {path} ({stats['counts']['kept']:,} kept, {stats['counts']['rejected']:,} rejected; {time.monotonic() - started:.1f} s)")
+
+
+@app.command()
+def judge(
+    inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write: records.jsonl (with meta.judge), rejected.jsonl, manifest.json; re-run to resume."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest score kept (1-5, default 4)."),
+    moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Also send kept records to /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Judge only the first N input records."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: the rubric's language (default: from the input)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Judge model (default gpt-4o-mini)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Send the verdicts to this model instead of --model."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="... at this endpoint (default --base-url)."),
+    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="... with the key in this variable (default --api-key-env)."),
+    judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="... at this USD per 1M prompt tokens."),
+    judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="... and this USD per 1M completion tokens."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Verdict token limit (default and at most 1024)."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
+) -> None:
+    """Rate any instruction dataset 1-5 with a judge on a published rubric (and moderate it): kept records carry meta.judge. Re-run to resume."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "inputs", "limit")}
+    from rich.console import Console
+
+    from selfinstruct.config import resolve
+    from selfinstruct.judging import run_judge
+
+    cfg = resolve(flags | {"judge": True}, config)
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit must be at least 1", "leave it out to judge every record")
+    cfg = dataclasses.replace(cfg, out=out)
+    exit_code = run_judge(cfg, inputs, limit, os.environ.get(cfg.api_key_env) or None,
+                          os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None, command_line(), Console(stderr=True))
+    if exit_code:
+        raise typer.Exit(exit_code)

@@ -58,6 +58,15 @@ class GenerateConfig:
     evol_rounds: int = 0
     evol_ops: tuple[str, ...] = ()
     judge_equal: bool = False
+    # The quality gate (selfinstruct/judging.py): a judge's 1-5 score, moderation, and the judge's own teacher.
+    judge: bool = False
+    min_score: float = 4.0
+    judge_model: str | None = None
+    judge_base_url: str | None = None
+    judge_api_key_env: str | None = None
+    judge_price_in: float | None = None
+    judge_price_out: float | None = None
+    moderate: bool = False
     push_to: str | None = None
     grace: float = 10.0
     quiet: bool = False
@@ -204,6 +213,10 @@ def validate(cfg: GenerateConfig) -> None:
         (bool(cfg.model.strip()), "--model is empty", "name the teacher model, e.g. --model gpt-4o-mini"),
         (not _has_credentials(cfg.base_url), "--base-url carries a user name or password",
          "drop the user:password@ part; the key goes in the variable named by --api-key-env"),
+        (1.0 <= cfg.min_score <= 5.0, "--min-score must be in [1, 5]", "the judge scores 1-5; 4 keeps records that meet every criterion"),
+        (cfg.judge_model is None or bool(cfg.judge_model.strip()), "--judge-model is empty", "name the judge model, or leave it out"),
+        (not _has_credentials(cfg.judge_base_url), "--judge-base-url carries a user name or password",
+         "drop the user:password@ part; the key goes in the variable named by --judge-api-key-env"),
     ]
     for ok, message, hint in checks:
         if not ok:

@@ -701,7 +701,7 @@ def run_evolution(engine: Engine, evo: Evolution, settings, api_key: str | None,
 
 
 def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, evolved_only: bool, api_key: str | None,
-               command: str, console) -> int:
+               command: str, console, judge_api_key: str | None = None) -> int:
     """The evolve command after its flags: any dataset → an evolved run directory (resumed). Returns the exit code."""
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
 
@@ -720,6 +720,11 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        if cfg.judge or cfg.moderate:
+            from selfinstruct.judging import finish_gated, gated_before
+
+            if gated_before(run):  # the quality gate already rewrote records.jsonl: evolving again would refill it
+                return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, price, command)
         evo = Evolution(cfg, engine, lang, base=base, copy_base=not evolved_only, source=source, seeds=input_seeds(inputs))
         check_evolvable(run, cfg, lang, evo.templates, source, price)
@@ -727,7 +732,12 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
         evo.load()
         if evo.engine.tally.requests and not cfg.quiet:
             console.print(f"resuming {run.path}: {evo.tally.kept:,} evolutions kept, {sum(evo.tally.rejected.values()):,} eliminated")
-        return run_evolution(engine, evo, teacher_settings(cfg), api_key, console)
+        exit_code = run_evolution(engine, evo, teacher_settings(cfg), api_key, console)
+        if exit_code or not (cfg.judge or cfg.moderate):
+            return exit_code
+        from selfinstruct.judging import gate_run
+
+        return gate_run(engine, cfg, lang, api_key if judge_api_key is None else judge_api_key, console)
 
 
 def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: EvolTemplates, source: dict | None = None,

@@ -417,7 +417,8 @@ def print_projection(cfg: GenerateConfig, seeds: SeedSet, template: Template, pr
              f"{cfg.max_cost / projected:.0%} of it done (re-run with a higher --max-cost to resume)")
 
 
-def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console, echo: Callable[[str], None]) -> int:
+def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console, echo: Callable[[str], None],
+                 judge_api_key: str | None = None) -> int:
     """The generate command after its flags: seeds → run directory (resumed), then --evol-rounds and --push-to. Returns the exit code."""
     from selfinstruct.engine import check_orphaned, make_engine
     from selfinstruct.progress import generation_summary_line, print_generation_summary, run_displayed
@@ -442,6 +443,11 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        if cfg.judge or cfg.moderate:
+            from selfinstruct.judging import finish_gated, gated_before
+
+            if gated_before(run):  # the quality gate already rewrote records.jsonl: generating again would refill it
+                return finish_gated(run, cfg, seed_set.license, console)
         check_resumable(run, cfg, seed_set, template, price)
         engine = make_engine(run, cfg, price, command)
         gen = Generation(cfg, seed_set, template, engine)
@@ -473,6 +479,12 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
 
             evo.load()
             exit_code = run_evolution(engine, evo, settings, api_key, console)
+            if exit_code:
+                return exit_code
+        if cfg.judge or cfg.moderate:
+            from selfinstruct.judging import gate_run
+
+            exit_code = gate_run(engine, cfg, cfg.lang, api_key if judge_api_key is None else judge_api_key, console)
             if exit_code:
                 return exit_code
     if cfg.push_to:

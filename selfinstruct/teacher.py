@@ -199,6 +199,10 @@ def _oversized(body: bytes, content: str | None, limit: int | None, messages: li
     return OversizedReply(f"oversized reply: {size}, far beyond {allowed}; it began {prefix}", billed, len(body), prefix)
 
 
+class ModerationUnavailable(Exception):
+    """The endpoint has no /v1/moderations (404 or 405, as most local servers answer)."""
+
+
 class ParameterRejected(Exception):
     """A 400 for a parameter this server spells differently; the request is resent at once without it."""
 
@@ -594,6 +598,41 @@ class Teacher:
             errors=errors,
             json_mode=json_mode,
         )
+
+    async def moderate(self, text: str) -> tuple[bool, list[str]]:
+        """(flagged, categories) from POST /moderations, retried like a chat request; ModerationUnavailable where there is none."""
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.settings.retries + 1), wait=_Backoff(), sleep=self._backoff_sleep,
+                                 retry=retry_if_exception(lambda e: not isinstance(e, openai.NotFoundError) and _retryable(e)),
+                                 reraise=True)
+        attempts = 0
+        errors: list[str] = []
+        try:
+            async for attempt in retrying:
+                if self._stopping.is_set():
+                    raise RequestCancelled(attempts, Usage(), errors)
+                with attempt:
+                    async with self._slots:
+                        attempts += 1
+                        try:
+                            raw = await self._client.post("/moderations", body={"input": text}, cast_to=_HTTP_RESPONSE)
+                            response = json.loads(raw.content)
+                        except Exception as exc:
+                            errors.append(error_kind(exc))
+                            raise
+        except (openai.NotFoundError, openai.APIStatusError) as exc:
+            if getattr(exc, "status_code", None) in (404, 405):
+                raise ModerationUnavailable(f"HTTP {exc.status_code}") from None
+            raise RequestFailed(type(exc).__name__, self._describe(exc), attempts, exc.status_code, Usage(), errors) from None
+        except RequestCancelled:
+            raise
+        except Exception as exc:
+            raise RequestFailed(type(exc).__name__, self._describe(exc), attempts, None, Usage(), errors) from None
+        results = response.get("results") if isinstance(response, dict) else None
+        if not results or not isinstance(results[0], dict):
+            raise RequestFailed("MalformedReply", f"the moderation reply has no results: {_quote(raw.content)}", attempts, None, Usage(), errors)
+        categories = results[0].get("categories") or {}
+        flagged_names = sorted(name for name, on in categories.items() if on is True) if isinstance(categories, dict) else []
+        return bool(results[0].get("flagged")), flagged_names
 
     async def list_models(self) -> list[str]:
         """The model ids the server lists (GET /models); raises RequestFailed or TeacherError like complete()."""
