@@ -93,6 +93,13 @@ def main() -> None:
         sys.exit(1)
 
 
+# The Batch API flags, shared by every teacher command (generate, evolve, and the ones to come).
+BATCH = typer.Option(None, "--batch/--no-batch", help="Send requests through the OpenAI Batch API: about half the price, results within 24 h. Re-run to resume.")
+POLL_INTERVAL = typer.Option(None, "--poll-interval", help="Seconds between batch status checks at first; backs off to a minute (default 5).")
+BATCH_DISCOUNT = typer.Option(None, "--batch-discount", help="Share off the online price for batches (default: the price table's batch price, else 0.5).")
+CANCEL_BATCHES = typer.Option(None, "--cancel-batches", help="Cancel the run's running batches and exit; finished lines are kept for a resume.")
+
+
 def _check_rule_names(names) -> None:
     """--no-rule takes the names rejections carry; a typo would otherwise switch nothing off."""
     from selfinstruct.evolution import REASONS as EVOL_CHECKS
@@ -148,6 +155,10 @@ def generate(
     push_to: Optional[str] = typer.Option(None, "--push-to", help="Push to this Hub dataset repo when the run completes."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print projected requests, tokens and cost, call nothing."),
+    batch: Optional[bool] = BATCH,
+    poll_interval: Optional[float] = POLL_INTERVAL,
+    batch_discount: Optional[float] = BATCH_DISCOUNT,
+    cancel_batches: Optional[bool] = CANCEL_BATCHES,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Generate instruction data from seed tasks with a teacher model. Re-run the same command to resume."""
@@ -209,6 +220,10 @@ def evolve(
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule or elimination check off (repeatable)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    batch: Optional[bool] = BATCH,
+    poll_interval: Optional[float] = POLL_INTERVAL,
+    batch_discount: Optional[float] = BATCH_DISCOUNT,
+    cancel_batches: Optional[bool] = CANCEL_BATCHES,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Evolve any instruction dataset with Evol-Instruct: harder and rarer rewrites, each answered and checked. Re-run to resume."""

@@ -71,6 +71,11 @@ class GenerateConfig:
     grace: float = 10.0
     quiet: bool = False
     dry_run: bool = False
+    # OpenAI's Batch API instead of online requests (see selfinstruct/batch.py).
+    batch: bool = False
+    poll_interval: float = 5.0  # first wait between batch status checks; backs off to a minute
+    batch_discount: float | None = None  # None: the price table's batch price, else half off
+    cancel_batches: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for the manifest (paths as strings, tuples as lists)."""
@@ -210,6 +215,9 @@ def validate(cfg: GenerateConfig) -> None:
         (cfg.evol_rounds >= 0, "--evol-rounds cannot be negative", "0 switches evolution off"),
         (0.0 <= cfg.min_yield < 1.0, "--min-yield must be in [0, 1)", "the default is 0.1"),
         (cfg.max_requests is None or cfg.max_requests >= 1, "--max-requests must be at least 1", "leave it out for the default cap"),
+        (cfg.poll_interval > 0, "--poll-interval must be positive", "seconds between batch status checks, e.g. 5"),
+        (cfg.batch_discount is None or 0.0 <= cfg.batch_discount < 1.0, "--batch-discount must be in [0, 1)",
+         "the share off the online price, e.g. 0.5"),
         (bool(cfg.model.strip()), "--model is empty", "name the teacher model, e.g. --model gpt-4o-mini"),
         (not _has_credentials(cfg.base_url), "--base-url carries a user name or password",
          "drop the user:password@ part; the key goes in the variable named by --api-key-env"),

@@ -94,7 +94,7 @@ class Transport(Protocol):
 
     async def complete(self, messages: list[dict[str, str]], json_mode: bool = False, max_tokens: int | None = None,
                        text_messages: Callable[[], list[dict[str, str]]] | None = None,
-                       may_retry_billed: Callable[[Usage], bool] | None = None) -> Completion: ...
+                       may_retry_billed: Callable[[Usage], bool] | None = None, request_id: str | None = None) -> Completion: ...
 
     def stop_retrying(self) -> None: ...
 
@@ -222,6 +222,10 @@ class Engine:
         self.replies: dict[str, dict] = {}
         # Requests sent but never answered (a kill) or cancelled at a stop: the server may have billed them.
         self.unanswered: list[dict] = []
+        # Ledger lines that are no request (a batch transport's files and batches), in order, for the transport to resume from.
+        self.notes: list[dict] = []
+        # Requests a batch holds: submitted once, billed only when its output comes back, so never "possibly billed".
+        self.held: set[str] = set()
         self.previous: dict | None = None
         self.created = _now()
         self.started = time.monotonic()
@@ -260,6 +264,9 @@ class Engine:
                 sent.pop(entry.get("dispatch", ""), None)
                 self.unanswered.append(entry)
                 self._count(entry, request=False)  # billed failed attempts before the stop are known
+            elif status:
+                self.notes.append(entry)
+                self.held.update(entry.get("request_ids") or ())
         self.unanswered.extend(sent.values())
         return finished
 
@@ -270,6 +277,13 @@ class Engine:
     @transport.setter
     def transport(self, value: Transport | None) -> None:
         self.routes["teacher"].transport = value
+
+    def note(self, entry: dict) -> None:
+        """Append a ledger line that is no request (e.g. a batch's file and batch ids), before anything depends on it."""
+        line = {**entry, "at": round(time.time(), 3)}
+        self.run.append(LEDGER, [line])
+        self.notes.append(line)
+        self.held.update(line.get("request_ids") or ())
 
     def add_route(self, name: str, model: str, base_url: str | None, price: Price | None, make: Callable[[], Transport]) -> None:
         """Another teacher for some requests (ask(..., route=name)), charged at its own price."""
@@ -329,7 +343,8 @@ class Engine:
         guard = may_retry_billed if self.max_cost is not None and target.price else None
         try:
             result: Completion | RequestFailed = await target.transport.complete(
-                messages, json_mode=json_mode, max_tokens=max_tokens, text_messages=text_messages, may_retry_billed=guard)
+                messages, json_mode=json_mode, max_tokens=max_tokens, text_messages=text_messages, may_retry_billed=guard,
+                request_id=request_id)
         except RequestFailed as failed:
             result = failed
         except (RequestCancelled, asyncio.CancelledError) as exc:
@@ -428,7 +443,8 @@ class Engine:
     def possibly_billed(self) -> dict:
         """Requests sent but never answered (killed or cancelled): estimated from their stage's answered ones."""
         prompt = completion = usd = 0.0
-        for entry in self.unanswered:
+        unanswered = [e for e in self.unanswered if e.get("request_id") not in self.held]
+        for entry in unanswered:
             t = self.usage.get(str(entry.get("stage", "generate")))
             answered = t.requests - t.failed_requests if t else 0
             if answered:
@@ -438,7 +454,7 @@ class Engine:
             prompt, completion = prompt + p, completion + c
             price = self._route_of(entry).price
             usd += price.usd(p, c) if price else 0.0
-        return {"requests": len(self.unanswered), "prompt_tokens": int(prompt), "completion_tokens": int(completion),
+        return {"requests": len(unanswered), "prompt_tokens": int(prompt), "completion_tokens": int(completion),
                 "usd": round(usd, 6), "estimated": True}
 
     # ---- stopping -----------------------------------------------------------------------
@@ -603,6 +619,10 @@ class Engine:
             "possibly_billed": self.possibly_billed(),
         }
         m["stages"] = stages
+        for route in self.routes.values():
+            describe = getattr(route.transport, "describe", None)  # a batch transport adds its batches
+            if describe is not None:
+                describe(m)
         m["elapsed_seconds"] = round(time.monotonic() - self.started, 1)
         return m
 

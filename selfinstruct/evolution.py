@@ -25,7 +25,6 @@ from selfinstruct.prompts import Template, load_template
 from selfinstruct.rules import RULES, RuleSettings, check, fold, measure, same_text_key
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir
 from selfinstruct.similarity import TOKEN_RE, DedupIndex, rouge_l
-from selfinstruct.teacher import Teacher
 
 IN_DEPTH = ("add-constraints", "deepen", "concretize", "increase-reasoning", "complicate-input")
 IN_BREADTH = ("mutate",)
@@ -351,6 +350,10 @@ class Evolution:
         self.ledger_stages = STAGES if self.templates.judge is not None else tuple(s for s in STAGES if s != "judge")
         # A step is up to three requests in a row: twice --concurrency steps keep the teacher busy.
         self.window = cfg.concurrency * 2
+        if cfg.batch:  # a round's rewrites (then its answers) go as one batch
+            from selfinstruct.batch import BATCH_WINDOW
+
+            self.window = BATCH_WINDOW
         self.rules = RuleSettings(lang=lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.checks = frozenset(r for r in (*REASONS, "near-duplicate") if r not in cfg.no_rule)
         self.index = DedupIndex(cfg.similarity)
@@ -685,10 +688,11 @@ class Evolution:
 
 def run_evolution(engine: Engine, evo: Evolution, settings, api_key: str | None, console) -> int:
     """Drive Evol-Instruct rounds on the engine (a progress bar per round), print the summary, return the exit code."""
+    from selfinstruct.batch import interrupted_note, transport_factory
     from selfinstruct.progress import print_evolution_summary, run_displayed
 
     try:
-        exit_code = run_displayed(engine, evo, lambda: Teacher(settings, api_key), console, evo.cfg.quiet)
+        exit_code = run_displayed(engine, evo, transport_factory(evo.cfg, settings, api_key, engine), console, evo.cfg.quiet)
     finally:
         engine.run.close()
     if not evo.cfg.quiet or exit_code:
@@ -697,6 +701,8 @@ def run_evolution(engine: Engine, evo: Evolution, settings, api_key: str | None,
         # soft_wrap: the command must stay on one line to be copied, whatever the terminal width.
         console.print(f"interrupted; everything finished is saved. Resume with: {engine.command}", soft_wrap=True, highlight=False,
                       markup=False)
+        if evo.cfg.batch:
+            console.print(interrupted_note(engine.command), soft_wrap=True, highlight=False, markup=False)
     return exit_code
 
 
@@ -714,9 +720,13 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
     lang = cfg.lang or infer_lang(r["instruction"] for r in base)
     cfg = dataclasses.replace(cfg, lang=lang)
     source = {"paths": [Path(p).name for p in inputs], "records": len(base), "limit": limit, "sha256": records_sha256(base)}
-    price = run_price(cfg, console)
+    from selfinstruct.batch import cancel_batches, run_price_for
+
+    price = run_price_for(cfg, run_price(cfg, console))
     require_key(cfg, api_key)
     run = RunDir(out)
+    if cfg.cancel_batches:
+        return cancel_batches(run, cfg, api_key, console.print)
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)

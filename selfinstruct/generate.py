@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from selfinstruct.batch import BATCH_WINDOW
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches, teacher_settings
@@ -21,7 +22,6 @@ from selfinstruct.rules import RuleSettings, check
 from selfinstruct.rundir import RECORDS, REJECTED, SURPLUS, RunDir
 from selfinstruct.seeds import SeedSet, SeedTask
 from selfinstruct.similarity import DedupIndex
-from selfinstruct.teacher import Teacher
 
 # Until a few requests are back, the dry run assumes half the asked-for tasks survive the filters...
 PRIOR_YIELD = 0.5
@@ -71,7 +71,8 @@ class Generation:
         self.template = template
         self.engine = engine
         self.run = engine.run
-        self.window = cfg.concurrency
+        # With --batch a wave is one batch: as many requests as the yield estimate says --n still needs.
+        self.window = BATCH_WINDOW if cfg.batch else cfg.concurrency
         self.lang = cfg.lang or "zh"
         self.rules = RuleSettings(lang=self.lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.index = DedupIndex(cfg.similarity)
@@ -248,7 +249,7 @@ class Generation:
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
         """The next request while --n, the request cap and the yield estimate say more is needed."""
-        if self.tally.kept >= self.cfg.n or running >= self.cfg.concurrency:
+        if self.tally.kept >= self.cfg.n or running >= self.window:
             return None
         if self.requests.requests + running >= self.max_requests():
             return None
@@ -420,6 +421,7 @@ def print_projection(cfg: GenerateConfig, seeds: SeedSet, template: Template, pr
 def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console, echo: Callable[[str], None],
                  judge_api_key: str | None = None) -> int:
     """The generate command after its flags: seeds → run directory (resumed), then --evol-rounds and --push-to. Returns the exit code."""
+    from selfinstruct.batch import cancel_batches, interrupted_note, run_price_for, transport_factory
     from selfinstruct.engine import check_orphaned, make_engine
     from selfinstruct.progress import generation_summary_line, print_generation_summary, run_displayed
     from selfinstruct.prompts import generation_template_name, load_template
@@ -428,7 +430,7 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     seed_set = read_seeds(cfg.seeds, cfg.seeds_license)
     cfg = dataclasses.replace(cfg, lang=cfg.lang or infer_lang(seed_set), out=cfg.out or default_out(cfg.seeds, cfg.model))
     template = load_template(cfg.template or generation_template_name(cfg.lang))
-    price = run_price(cfg, console)
+    price = run_price_for(cfg, run_price(cfg, console))
     if cfg.dry_run:
         print_projection(cfg, seed_set, template, price, echo)
         return 0
@@ -440,6 +442,8 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
         parse_repo(cfg.push_to, flag="--push-to")
         get_token()
     run = RunDir(cfg.out)
+    if cfg.cancel_batches:
+        return cancel_batches(run, cfg, api_key, echo)
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
@@ -463,7 +467,7 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
                           + (f", {replayed} records recovered from the ledger" if replayed else ""))
         settings = teacher_settings(cfg)
         try:
-            exit_code = run_displayed(engine, gen, lambda: Teacher(settings, api_key), console, cfg.quiet)
+            exit_code = run_displayed(engine, gen, transport_factory(cfg, settings, api_key, engine), console, cfg.quiet)
         finally:
             run.close()
         if not cfg.quiet or exit_code:
@@ -472,6 +476,8 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
             console.print(generation_summary_line(engine, gen), soft_wrap=True, highlight=False, markup=False)
         if exit_code in (130, 143):
             console.print(f"interrupted; everything finished is saved. Resume with: {command}", soft_wrap=True, highlight=False, markup=False)
+            if cfg.batch:
+                console.print(interrupted_note(command), soft_wrap=True, highlight=False, markup=False)
         if exit_code:
             return exit_code
         if evo is not None:

@@ -92,6 +92,24 @@ def _table_price(model: str, kind: str) -> Price | None:
     return None
 
 
+# The Batch API's discount when the table names no batch price for a model (OpenAI's is half).
+BATCH_DISCOUNT = 0.5
+
+
+def batch_price(price: Price | None, model: str, discount: float | None = None) -> Price | None:
+    """The price of a batch: --batch-discount off the online price, else the table's batch price, else half off."""
+    if price is None:
+        return None
+    if discount is None and price.source.startswith("prices.toml:"):
+        with open(PRICE_FILE, "rb") as fh:
+            table = tomllib.load(fh).get("batch", {})
+        key = price.source.removeprefix("prices.toml:")
+        if key in table:
+            return Price(float(table[key][0]), float(table[key][1]), f"prices.toml:batch.{key}")
+    off = BATCH_DISCOUNT if discount is None else discount
+    return Price(round(price.input * (1 - off), 10), round(price.output * (1 - off), 10), f"{price.source}, batch {off:.0%} off")
+
+
 def estimate_tokens(text: str) -> int:
     """Offline token estimate: one per CJK character plus one per four other non-space characters."""
     cjk = len(CJK_RE.findall(text))

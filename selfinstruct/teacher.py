@@ -445,18 +445,7 @@ class Teacher:
         await self._client.close()
 
     def _params(self, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None) -> dict:
-        s = self.settings
-        params: dict = {"model": s.model, "messages": messages}
-        if s.temperature is not None:
-            params["temperature"] = s.temperature
-        if s.top_p is not None:
-            params["top_p"] = s.top_p
-        limit = max_tokens or s.max_tokens
-        if limit:
-            params[self.token_param] = limit
-        if json_mode:
-            params["response_format"] = {"type": "json_object"}
-        return params
+        return chat_params(self.settings, messages, json_mode, max_tokens, self.token_param)
 
     async def _attempt(self, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None) -> tuple[dict, str]:
         params = self._params(messages, json_mode, max_tokens)
@@ -512,6 +501,7 @@ class Teacher:
         max_tokens: int | None = None,
         text_messages: Callable[[], list[dict[str, str]]] | None = None,
         may_retry_billed: Callable[[Usage], bool] | None = None,
+        request_id: str | None = None,  # the ledger's id; a batch uses it as custom_id, online it is not needed
     ) -> Completion:
         """One chat completion, retried on transient failures; raises RequestFailed or TeacherError.
 
@@ -668,3 +658,116 @@ class Teacher:
         if self._secret:
             text = text.replace(self._secret, "***")
         return f"HTTP {status}: {text}" if status else text
+
+
+def chat_params(settings: TeacherSettings, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None,
+                token_param: str = "max_tokens") -> dict:
+    """The body of one chat completion request, online or as a batch line."""
+    params: dict = {"model": settings.model, "messages": messages}
+    if settings.temperature is not None:
+        params["temperature"] = settings.temperature
+    if settings.top_p is not None:
+        params["top_p"] = settings.top_p
+    limit = max_tokens or settings.max_tokens
+    if limit:
+        params[token_param] = limit
+    if json_mode:
+        params["response_format"] = {"type": "json_object"}
+    return params
+
+
+def read_completion(response: dict, messages: list[dict[str, str]], limit: int | None) -> tuple[str, str | None, Usage]:
+    """Content, finish_reason and usage of a completion body (a batch output line's); raises MalformedReply as online."""
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not choices or not isinstance(choices[0], dict) or not isinstance(choices[0].get("message"), dict):
+        usage = response.get("usage") if isinstance(response, dict) else None
+        wasted = Usage(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)) if isinstance(usage, dict) else None
+        raise MalformedReply("reply has no choices", wasted)
+    content = choices[0]["message"].get("content") or ""
+    if isinstance(content, list):
+        content = "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    content = str(content)
+    if limit and len(content) > limit * MAX_CHARS_PER_TOKEN + OVERSIZE_SLACK_CHARS:
+        raise _oversized(json.dumps(response, ensure_ascii=False).encode(), content, limit, messages, response)
+    return content, choices[0].get("finish_reason"), _usage_from(response, messages, content)
+
+
+class BatchCallFailed(Exception):
+    """A Batch API call (upload, create, retrieve, download) that failed; `transient` when trying again may help."""
+
+    def __init__(self, message: str, transient: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.transient = transient
+
+
+class BatchClient:
+    """The Batch API's calls, as plain dicts: upload a JSONL file, create, retrieve, list and cancel batches, download files."""
+
+    def __init__(self, settings: TeacherSettings, api_key: str | None) -> None:
+        self._secret = api_key
+        # No SDK retries: a create retried after a lost reply would submit the same lines twice (see create()).
+        self._client = AsyncOpenAI(api_key=api_key or "not-needed", base_url=settings.base_url,
+                                   timeout=max(settings.timeout, 300.0), max_retries=0)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def _call(self, what: str, make):
+        try:
+            return await make()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
+            raise TeacherError(f"the teacher refused the API key for {what} (HTTP {exc.status_code})",
+                               "check the key in the environment variable named by --api-key-env and its access to the Batch API") from None
+        except openai.NotFoundError as exc:
+            raise TeacherError(f"{what}: not found (HTTP {exc.status_code}): {self._describe(exc)}",
+                               "check --base-url: the server must offer the Batch API (/files and /batches), or run without --batch") from None
+        except openai.APIStatusError as exc:
+            transient = exc.status_code in (408, 409, 425, 429) or exc.status_code >= 500
+            raise BatchCallFailed(f"{what}: HTTP {exc.status_code}: {self._describe(exc)}", transient) from None
+        except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+            raise BatchCallFailed(f"{what}: {error_kind(exc)}: {self._describe(exc)}", True) from None
+
+    def _describe(self, exc: BaseException) -> str:
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return text.replace(self._secret, "***") if self._secret else text
+
+    async def upload(self, data: bytes, filename: str) -> str:
+        """Upload a JSONL input file (purpose batch); its file id."""
+        made = await self._call("uploading a batch file", lambda: self._client.files.create(file=(filename, data, "application/jsonl"), purpose="batch"))
+        return made.id
+
+    async def create(self, file_id: str, metadata: dict[str, str]) -> dict:
+        """Submit a batch of an uploaded file; after a lost reply, the batch the server made from it is found, never a second one."""
+        try:
+            made = await self._call("creating a batch", lambda: self._client.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata=metadata))
+            return made.model_dump()
+        except BatchCallFailed as failed:
+            if not failed.transient:
+                raise
+            found = await self.find(file_id)
+            if found is None:
+                raise
+            return found
+
+    async def find(self, file_id: str) -> dict | None:
+        """The batch made from an input file, if any (among the most recent ones)."""
+        page = await self._call("listing batches", lambda: self._client.batches.list(limit=100))
+        for batch in page.data:
+            if batch.input_file_id == file_id:
+                return batch.model_dump()
+        return None
+
+    async def retrieve(self, batch_id: str) -> dict:
+        made = await self._call(f"checking batch {batch_id}", lambda: self._client.batches.retrieve(batch_id))
+        return made.model_dump()
+
+    async def cancel(self, batch_id: str) -> dict:
+        made = await self._call(f"cancelling batch {batch_id}", lambda: self._client.batches.cancel(batch_id))
+        return made.model_dump()
+
+    async def content(self, file_id: str) -> bytes:
+        """A file's bytes (a batch's output or error file)."""
+        made = await self._call(f"downloading {file_id}", lambda: self._client.files.content(file_id))
+        return made.content

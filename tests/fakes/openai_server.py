@@ -48,6 +48,14 @@ import threading
 import time
 from typing import Any, Callable
 
+try:
+    from fakes.batch_api import FakeBatchAPI
+except ImportError:  # run as a process: python tests/fakes/openai_server.py
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from batch_api import FakeBatchAPI
+
 # ---------------------------------------------------------------------------------------------
 # Word pools. Chinese words avoid the characters of the blacklist (图 画 视 频 照 录 附 件 绘 截 片),
 # so that no concatenation can spell a blacklisted word; generated instructions are still checked.
@@ -678,6 +686,12 @@ KNOBS: dict[str, Any] = {
     # POST /v1/moderations: None answers 404 (as most local servers); a word flags every text that
     # contains it (categories harassment and violence); a callable(text) -> list of flagged categories.
     "moderation": None,
+    # Batch API (tests/fakes/batch_api.py): seconds a batch spends validating and finalizing, the least it
+    # spends in progress, lines it runs before it expires (None: never), and "validation" to fail every batch.
+    "batch_delay": 0.05,
+    "batch_run_seconds": 0.0,
+    "batch_expire_after": None,
+    "batch_fail": None,
 }
 USAGE_MODES = ("exact", "absent", "zero", "completion_one")
 BODIES = (None, "html", "event-stream")
@@ -733,6 +747,10 @@ def _new_stats() -> dict[str, Any]:
         "connections": 0,  # TCP connections accepted (keep-alive: far fewer than requests)
         "late_seconds_total": 0.0,  # how far past their latency replies were ready (CPU queueing), summed
         "late_seconds_max": 0.0,
+        "files_uploaded": 0,  # Batch API: input files uploaded
+        "batches_created": 0,
+        "batch_lines": [],  # custom_id of every line of every batch created, in order (a line sent twice shows twice)
+        "batch_cancels": 0,
     }
 
 
@@ -756,6 +774,7 @@ class FakeTeacher:
         self._conns: set[asyncio.Task] = set()
         self.host = "127.0.0.1"
         self.port = 0
+        self.batch_api = FakeBatchAPI(self)
 
     def _check_knobs(self) -> None:
         k = self.knobs
@@ -787,7 +806,7 @@ class FakeTeacher:
         s = dict(self._stats)
         for key in ("by_status", "faults", "last_request"):
             s[key] = dict(s[key])
-        for key in ("sent_contents", "bad_items", "near_duplicates", "arrivals"):
+        for key in ("sent_contents", "bad_items", "near_duplicates", "arrivals", "batch_lines"):
             s[key] = list(s[key])
         return s
 
@@ -1041,6 +1060,8 @@ class FakeTeacher:
             return _Response(200, json.dumps({"id": name, "object": "model", "created": 1700000000, "owned_by": "fake"}).encode())
         if method == "POST" and path.endswith("/moderations"):
             return self._moderation(body)
+        if FakeBatchAPI.handles(path):
+            return await self.batch_api.handle(method, path, headers, body)
         if not is_chat:
             return _Response(404, _error_body(f"Invalid URL ({method} {path})", "invalid_request_error"))
         if method != "POST":
@@ -1377,6 +1398,9 @@ def _parser():
     for name, default in KNOBS.items():
         flag = "--" + name.replace("_", "-")
         if name == "reply":
+            continue
+        if name in ("batch_expire_after", "batch_fail"):
+            p.add_argument(flag, type=int if name == "batch_expire_after" else str, default=None)
             continue
         if name == "moderation":
             p.add_argument(flag, default=None, help="flag moderation inputs that contain this word (default: no /v1/moderations)")
