@@ -100,21 +100,24 @@ def units(text: str) -> int:
 @functools.lru_cache(maxsize=1)
 def _variant_tables() -> tuple[dict[int, None], dict[int, None]]:
     """(Traditional-only, Simplified-only) characters from OpenCC's one-character tables, as delete tables."""
-    # A character counts for a side only if the tables never use it on the other side
-    # (后 is both the simplified 後 and the traditional 后): mixed-use characters do not vote.
+    # A character belongs to one script only if converting changes it and the other script's
+    # tables never write it: 后 (後, and itself), 台 (臺, and itself) serve both, and 真 or 教 only
+    # receive old variants (眞→真, 敎→教), which Traditional text writes as 真 and 教 too.
     import opencc
 
     folder = Path(opencc.__file__).parent / "dictionary"
-    simp: set[str] = set()
-    trad: set[str] = set()
-    for name, src, dst in (("STCharacters.txt", simp, trad), ("TSCharacters.txt", trad, simp)):
-        for line in (folder / name).read_text(encoding="utf-8").splitlines():
-            key, _, values = line.partition("\t")
-            src.add(key)
-            dst.update(values.split())
+
+    def table(name: str) -> dict[str, list[str]]:
+        rows = (line.partition("\t") for line in (folder / name).read_text(encoding="utf-8").splitlines())
+        return {key: values.split() for key, _, values in rows if len(key) == 1}
+
+    s2t, t2s = table("STCharacters.txt"), table("TSCharacters.txt")
+    simp_written = {v for vs in t2s.values() for v in vs} | {k for k, vs in s2t.items() if k in vs}
+    trad_written = {v for vs in s2t.values() for v in vs} | {k for k, vs in t2s.items() if k in vs}
+    trad_only = {k for k, vs in t2s.items() if k not in vs} - simp_written
+    simp_only = {k for k, vs in s2t.items() if k not in vs} - trad_written
     # str.translate deletes in C: counting by length difference beats a 4,000-character regex class.
-    only = lambda chars: dict.fromkeys(ord(c) for c in chars if len(c) == 1)
-    return only(trad - simp), only(simp - trad)
+    return dict.fromkeys(map(ord, trad_only)), dict.fromkeys(map(ord, simp_only))
 
 
 def variant_counts(text: str) -> tuple[int, int]:
@@ -183,8 +186,8 @@ REFUSAL_MAX_CHARS = 200  # ... and the answer is short: longer answers that open
 
 # Whole answers that stand for no answer.
 _PLACEHOLDER_RE = re.compile(
-    r"^\W*(?:<\s*no\s*output\s*>|<\s*无输出\s*>|无输出|沒有輸出|不适用|不適用|n/?a|none|null|无|無|"
-    r"<\s*nooutput\s*>|[(（]?无[)）]?|[(（]?空[)）]?|此任务不需要输出|不需要输出|预期无输出.*|无需输出.*|"
+    r"^\W*(?:<\s*no\s*output\s*>|<\s*无输出\s*>|无输出|沒有輸出|不适用|不適用|n/a|"
+    r"<\s*nooutput\s*>|[(（]无[)）]|[(（]空[)）]|此任务不需要输出|不需要输出|预期无输出.*|无需输出.*|"
     r"[\[<【(（](?:在此|此处|在此处)?(?:插入|输入)[^\]>】)）]*[\]>】)）]|[\[【<](?!!--)[^\]】>\n]{0,60}(?:图|照片|视频|可视化|绘|画|设计|标志|徽标|词云|演示|音频|音乐|模拟|模型|表格|工作表|文件)[^\]】>\n]{0,60}[\]】>])\W*$",
     re.IGNORECASE | re.S,
 )
@@ -220,9 +223,9 @@ _CODE_LINE_RE = re.compile(
 _CODE_STRINGS_RE = re.compile(r"\"[^\"\n]*\"|'[^'\n]*'|“[^”\n]*”|‘[^’\n]*’|「[^」\n]*」|#.*$|//.*$|/\*.*?\*/", re.M)
 _ZH_KEYWORD_RE = re.compile(
     r"^\s*(?:如果|否则如果|否则|其他|返回|定义|对于|导入|打印|函数|类|整数|浮点数?|字符串|布尔|设|变量|常量|公共|私有|静态|当|尝试|除了|最后|而|打破|继续|无功|从)"
-    r"\s*(?:[（(A-Za-z_]|[\u4e00-\u9fff]+\s*(?:[（(=:：]|\s*$))",
-    re.M,
+    r"(?:\s*[（(]|\s+[A-Za-z_]|[A-Za-z_]|\s*[\u4e00-\u9fff]+\s*(?:=|[（(]))",
 )
+_STATEMENT_RE = re.compile(r"[;{}]\s*$|[^=!<>]=[^=]")
 _HAN_IDENT_RE = re.compile(
     f"\\b(?:def|class|int|float|double|var|let|const|void|string|String|bool|function|return|new)\\s+[{_HAN_CLASS}]"
     f"|[{_HAN_CLASS}][\\w{_HAN_CLASS}]*\\s*(?:[+\\-*/]?=|==)[^;\\n]*;\\s*$"
@@ -238,7 +241,8 @@ _OTHER_LANGUAGE_RE = re.compile(
     r"代码|程序|函数|脚本|算法|编程|正则|查询|命令|SQL|HTML|CSS|JSON|XML|Python|Java|C\+\+|JavaScript|"
     r"单词|拼写|字母|缩写|首字母|词性|押韵|音标|发音|同义词|反义词|复数|时态|语法|动词|名词|形容词|副词|句子|短语|成语|"
     r"标签|主题标签|用户名|密码|网址|URL|域名|电子邮件|邮箱|表达式|公式|方程|化学式|符号|单位|缩略|型号|代号|名称|名字|标题|"
-    r"translate|english|code|spell|word|letter|acronym|abbrev",
+    r"translate|render|english|chinese|mandarin|cantonese|japanese|korean|french|german|spanish|italian|russian|portuguese|arabic|"
+    r"simplified|traditional|language|code|spell|word|letter|acronym|abbrev",
     re.IGNORECASE,
 )
 
@@ -378,6 +382,9 @@ REASONS = (
     "code-translated",
     "pii",
 )
+# What generate and evolve check by default: a teacher's personal data is invented (the task
+# is often to extract or validate it), so pii is filter's, for data gathered from the world.
+GENERATE_REASONS = tuple(r for r in REASONS if r != "pii")
 # Reasons written by other stages, accepted by --rules / --no-rule where they apply.
 OTHER_REASONS = ("unparseable", "truncated", "near-duplicate", "surplus")
 
@@ -391,7 +398,7 @@ class RuleSettings:
     max_chars: int = 300
     min_words: int = 3
     max_words: int = 150
-    enabled: frozenset[str] = frozenset(REASONS)
+    enabled: frozenset[str] = frozenset(GENERATE_REASONS)
 
 
 def fold(text: str) -> str:
@@ -598,9 +605,11 @@ def _code_translated(ins: str, inp: str, out: str, s: RuleSettings) -> str | Non
         lines = code.splitlines()
         if sum(1 for line in lines if _CODE_LINE_RE.search(line)) < CODE_LINES_MIN:
             continue  # a formula with Chinese names (面积 = 长 × 宽) is maths, not code
-        m = _ZH_KEYWORD_RE.search(code) or _HAN_IDENT_RE.search(code)
-        if m:
-            return f"{field} code has Chinese keywords or identifiers: {m.group(0).strip()[:40]!r}"
+        for line in lines:
+            # A keyword followed by Chinese is code only on a statement line: prose may say "var 声明的变量".
+            m = _ZH_KEYWORD_RE.match(line) or (_HAN_IDENT_RE.search(line) if _STATEMENT_RE.search(line) else None)
+            if m:
+                return f"{field} code has Chinese keywords or identifiers: {m.group(0).strip()[:40]!r}"
     return None
 
 

@@ -7,8 +7,8 @@ import pytest
 from selfinstruct.errors import InputError
 from selfinstruct.rules import REASONS, REFUSALS, RULES, RuleSettings, check, find_pii, fold, load_rules, measure, redact_pii, same_text_key, script_of, variant_counts
 
-ZH = RuleSettings(lang="zh")
-EN = RuleSettings(lang="en")
+ZH = RuleSettings(lang="zh", enabled=frozenset(REASONS))  # every rule, as filter runs them
+EN = RuleSettings(lang="en", enabled=frozenset(REASONS))
 GOOD_ZH = ("解释一下光合作用的过程。", "", "光合作用是植物利用光能把二氧化碳和水转化为有机物的过程。")
 GOOD_EN = ("Explain how photosynthesis works in plants.", "", "Plants turn light, water and carbon dioxide into sugar.")
 
@@ -117,6 +117,13 @@ def test_refusal_only_opening_a_short_answer():
     assert reason(("写一段对话。", "", "甲：帮我搬家吧。乙：抱歉，我无法帮你，我明天要上班。"), ZH) is None
     assert reason(("改写成非正式的语气。", "我很遗憾地通知你，我将无法出席。", "抱歉，我无法参加。"), ZH) is None
     assert reason(("写一首诗。", "", "抱歉，我无法完成这个任务。"), ZH) == "refusal"
+
+
+def test_generate_leaves_personal_data_to_filter():
+    # A teacher's phone numbers are invented, and extracting one is a fair task.
+    record = ("从下面的文字中找出手机号码。", "请拨打13912345678联系我。", "13912345678")
+    assert "pii" not in RuleSettings().enabled and reason(record, RuleSettings(lang="zh")) is None
+    assert reason(record, ZH) == "pii"
 
 
 def test_pii_kinds_with_their_checksums():
