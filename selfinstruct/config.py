@@ -33,6 +33,10 @@ class GenerateConfig:
     model: str = "gpt-4o-mini"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
+    # --local: a llama.cpp server started for the command (selfinstruct/local_server.py); --gguf implies it.
+    local: bool = False
+    gguf: Path | None = None
+    ctx_size: int | None = None  # the local server's context (default: the longest prompt plus --max-tokens)
     template: str | None = None
     json_mode: bool = False
     num_examples: int = 3
@@ -68,6 +72,12 @@ class GenerateConfig:
     judge_price_out: float | None = None
     moderate: bool = False
     push_to: str | None = None
+    # respond: the answering models (preference pairs when two or more), where each one lives and what it
+    # costs (NAME[@BASE_URL][:PRICE_IN:PRICE_OUT][#KEY_ENV]), the pair judge, and the system-prompt set.
+    models: tuple[str, ...] = ()
+    model_specs: tuple[str, ...] = ()
+    pair_judge_model: str | None = None
+    system_prompts: str | None = None
     grace: float = 10.0
     quiet: bool = False
     dry_run: bool = False
@@ -181,7 +191,7 @@ def resolve(
     for name, value in flags.items():
         if value is not None:
             values[name] = tuple(value) if isinstance(value, list) else value
-    for name in ("seeds", "out"):
+    for name in ("seeds", "out", "gguf"):
         if isinstance(values.get(name), str):
             values[name] = Path(values[name])
     cfg = GenerateConfig(**values)
@@ -204,6 +214,7 @@ def validate(cfg: GenerateConfig) -> None:
         (cfg.per_request >= 1, "--per-request must be at least 1", "the default is 10"),
         (cfg.num_examples >= 0, "--num-examples cannot be negative", "the default is 3"),
         (cfg.concurrency >= 1, "--concurrency must be at least 1", "try 16"),
+        (cfg.ctx_size is None or cfg.ctx_size >= 256, "--ctx-size must be at least 256", "leave it out to fit the prompt plus --max-tokens"),
         (0.0 < cfg.similarity <= 1.0, "--similarity must be in (0, 1]", "0.7 is the Self-Instruct threshold"),
         (cfg.timeout > 0, "--timeout must be positive", "seconds per request, e.g. 120"),
         (cfg.grace >= 0, "--grace cannot be negative", "seconds a stop waits for requests in flight, e.g. 10"),

@@ -13,7 +13,10 @@ from selfinstruct.errors import ConfigError, InputError
 from selfinstruct.redaction import file_name
 from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, MANIFEST, RECORDS, check_manifest, read_jsonl
 
-FORMATS = ("alpaca", "sharegpt", "messages")
+FORMATS = ("alpaca", "sharegpt", "messages", "dpo", "dpo-messages")
+# Preference formats (respond --models): a row per judged pair, prompt/chosen/rejected as TRL's DPOTrainer reads them,
+# as plain text (dpo) or as chat messages (dpo-messages: prompt is the system and user turns, chosen/rejected one assistant turn).
+PREFERENCE_FORMATS = ("dpo", "dpo-messages")
 LINEAGE = ("id", "seed_ids", "evol_ops", "model")
 DATA_DIR = "data"  # the layout push_to_hub uses, so an export folder uploads as-is
 
@@ -47,9 +50,14 @@ class Build:
             "alpaca": {"instruction": text, "input": text, "output": text},
             "sharegpt": {"conversations": List({"from": text, "value": text})},
             "messages": {"messages": List({"role": text, "content": text})},
+            "dpo": {"prompt": text, "chosen": text, "rejected": text},
+            "dpo-messages": {"prompt": List({"role": text, "content": text}), "chosen": List({"role": text, "content": text}),
+                             "rejected": List({"role": text, "content": text})},
         }[self.fmt]
         if not self.slim:
             columns |= {"id": text, "seed_ids": List(text), "evol_ops": List(text), "model": text}
+            if self.fmt in PREFERENCE_FORMATS:
+                columns["rejected_model"] = text
         return Features(columns)
 
     def dataset_dict(self):
@@ -62,7 +70,8 @@ class Build:
 
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}", "pass --format alpaca, sharegpt or messages")
+        raise ConfigError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}",
+                          "pass --format alpaca, sharegpt or messages (dpo or dpo-messages for a respond --models run)")
     return fmt
 
 
@@ -143,8 +152,40 @@ def prompt_text(instruction: str, input_text: str) -> str:
     return f"{instruction}\n\n{input_text}" if input_text.strip() else instruction
 
 
+def record_system(rec: dict) -> str | None:
+    """The system prompt a record was answered under (respond --system-prompts), if any."""
+    system = _meta(rec).get("system")
+    return system if isinstance(system, str) and system.strip() else None
+
+
+def preference_rows(rec: dict, fmt: str, *, system: str | None = None, slim: bool = False) -> list[dict]:
+    """A record's judged pairs (respond --models) as dpo or dpo-messages rows; none when no pair was chosen."""
+    meta = _meta(rec)
+    answers = {a.get("model"): a.get("output", "") for a in meta.get("answers") or [] if isinstance(a, dict)}
+    system = record_system(rec) or system
+    prompt = prompt_text(rec["instruction"], rec.get("input") if isinstance(rec.get("input"), str) else "")
+    rows = []
+    for pair in meta.get("pairs") or []:
+        if not isinstance(pair, dict) or pair.get("outcome") != "chosen" or pair.get("chosen") not in answers or pair.get("rejected") not in answers:
+            continue
+        chosen, rejected = answers[pair["chosen"]], answers[pair["rejected"]]
+        if fmt == "dpo":
+            # Plain text has no system slot: the system prompt leads the prompt, as a chat template without one would show it.
+            row: dict[str, Any] = {"prompt": f"{system}\n\n{prompt}" if system else prompt, "chosen": chosen, "rejected": rejected}
+        else:
+            turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            row = {"prompt": turns, "chosen": [{"role": "assistant", "content": chosen}],
+                   "rejected": [{"role": "assistant", "content": rejected}]}
+        if not slim:
+            row |= {"id": str(rec.get("id", "")), "seed_ids": [str(s) for s in meta.get("seed_ids") or []], "evol_ops": _evol_ops(rec),
+                    "model": str(pair["chosen"]), "rejected_model": str(pair["rejected"])}
+        rows.append(row)
+    return rows
+
+
 def convert(rec: dict, fmt: str, *, system: str | None = None, slim: bool = False, default_model: str = "") -> dict:
-    """One kept record as a row of `fmt`, with lineage columns unless `slim`."""
+    """One kept record as a row of `fmt`, with lineage columns unless `slim`; the record's own system prompt wins over `system`."""
+    system = record_system(rec) or system if fmt in ("sharegpt", "messages") else system
     instruction = rec["instruction"]
     input_text = rec.get("input") if isinstance(rec.get("input"), str) else ""
     output = rec["output"]
@@ -233,10 +274,17 @@ def build(
     for rec in records:
         for op in _evol_ops(rec):
             ops[op] = ops.get(op, 0) + 1
-    splits = {
-        name: [convert(rec, fmt, system=system, slim=slim, default_model=model) for rec in rows]
-        for name, rows in split(records, test_size, seed).items()
-    }
+    if fmt in PREFERENCE_FORMATS:
+        splits = {name: [row for rec in rows for row in preference_rows(rec, fmt, system=system, slim=slim)]
+                  for name, rows in split(records, test_size, seed).items()}
+        if not any(splits.values()):
+            raise InputError(f"{run_dir}: no preference pairs to export as {fmt}",
+                             "make them with selfinstruct respond INPUT --models A,B --out DIR, or pass --format alpaca, sharegpt or messages")
+    else:
+        splits = {
+            name: [convert(rec, fmt, system=system, slim=slim, default_model=model) for rec in rows]
+            for name, rows in split(records, test_size, seed).items()
+        }
     return Build(Path(run_dir), fmt, splits, manifest, slim=slim, system=system, seed=seed, test_size=test_size, evol_ops=ops)
 
 
