@@ -40,6 +40,7 @@ count only responses actually written to a client still connected.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -533,8 +534,22 @@ def _bad_item(rng: random.Random, lang: str, kind: str) -> tuple[str, str, str]:
     return ins, inp, out
 
 
+@functools.lru_cache(maxsize=1)
+def _s2t():
+    import opencc
+
+    return opencc.OpenCC("s2t")
+
+
+def to_hant(text: str) -> str:
+    """Simplified Chinese text in Traditional characters."""
+    return _s2t().convert(text) if text else text
+
+
 def render_items(items: list[tuple[str, str, str]], lang: str, as_json: bool, hant: bool = False) -> str:
     """The reply text: numbered blocks separated by ### lines, or {"tasks": [...]} JSON."""
+    if hant:  # a zh-Hant prompt gets Traditional text, as a real teacher writes it
+        items = [(to_hant(a), to_hant(b), to_hant(c)) for a, b, c in items]
     if as_json:
         return json.dumps({"tasks": [{"instruction": a, "input": b, "output": c} for a, b, c in items]}, ensure_ascii=False)
     if lang == "zh":
