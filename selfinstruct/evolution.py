@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Iterator, Sequence
 
-from selfinstruct.card import file_name
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
 from selfinstruct.errors import ConfigError, OutputError
-from selfinstruct.export import prompt_text
-from selfinstruct.parsing import clean_reply, normalise_input
+from selfinstruct.parsing import clean_reply, normalise_input, placeholder_problem, strip_markers
 from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
+from selfinstruct.redaction import file_name
 from selfinstruct.prompts import Template, load_template
 from selfinstruct.rules import RULES, RuleSettings, check, fold, measure, same_text_key
+from selfinstruct.rows import prompt_text
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir
 from selfinstruct.similarity import TOKEN_RE, DedupIndex, rouge_l
 
@@ -131,8 +131,12 @@ def parse_rewrite(content: str, finish_reason: str | None) -> tuple[str, str, tu
         first = bounds[0][0]
         instruction = field("instruction") or (text[:first].strip() if "instruction" not in spans else "")
         input_text = normalise_input(field("input"))
+    instruction = strip_markers(instruction)
     if not instruction.strip():
         return "", "", ("unparseable", f"no instruction in the rewrite: {text[:200]!r}")
+    problem = placeholder_problem(instruction, input_text)
+    if problem:
+        return instruction.strip(), input_text, ("unparseable", problem)
     return instruction.strip(), input_text, None
 
 
@@ -635,12 +639,13 @@ class Evolution:
     def _failed(self, record: dict, parent: dict, entry: dict) -> None:
         """A step whose request failed after retries: eliminated as request-failed, naming the stage that failed."""
         # A step stops at its first failed request, so each failed request in the ledger is exactly one request-failed
-        # rejection (counts.failed_requests == counts.rejected["request-failed"]). Like every elimination it is final:
+        # (or oversized) rejection (counts.failed_requests == those two counts). Like every elimination it is final:
         # a re-run replays the failure from the ledger instead of resending it, whichever stage failed.
         stage = entry["stage"]
         record["meta"]["failed_stage"] = stage
         what = {"evolve": "rewrite", "judge": "judge (--judge-equal)", "respond": "answer"}[stage]
-        return self._eliminate(record, parent, "request-failed", f"the {what} request failed: {entry.get('error', '')}")
+        reason = "oversized" if entry.get("error_kind") == "oversized" else "request-failed"
+        return self._eliminate(record, parent, reason, f"the {what} request failed: {entry.get('error', '')}")
 
     @staticmethod
     def _note(meta: dict, entry: dict) -> None:
@@ -739,6 +744,9 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
         evo = Evolution(cfg, engine, lang, base=base, copy_base=not evolved_only, source=source, seeds=input_seeds(inputs))
         check_evolvable(run, cfg, lang, evo.templates, source, price)
         engine.load()
+        # The manifest first: loading copies the input records into records.jsonl, and records without one are refused.
+        engine.stages.append(evo)
+        engine.save_manifest(force=True)
         evo.load()
         if evo.engine.tally.requests and not cfg.quiet:
             console.print(f"resuming {run.path}: {evo.tally.kept:,} evolutions kept, {sum(evo.tally.rejected.values()):,} eliminated")

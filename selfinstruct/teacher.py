@@ -575,7 +575,8 @@ class Teacher:
             message = self._describe(exc)
             if over_budget:
                 message = f"not retried: another attempt could pass --max-cost (the last reply was billed but unusable: {message})"
-            raise RequestFailed(type(exc).__name__, message, attempts, status, wasted, errors) from None
+            # A failure that names its kind (an oversized reply) keeps it: the run rejects by it.
+            raise RequestFailed(getattr(exc, "kind", type(exc).__name__), message, attempts, status, wasted, errors) from None
         choice = response["choices"][0]
         return Completion(
             content=content,

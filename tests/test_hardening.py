@@ -261,6 +261,10 @@ def test_oversized_replies_are_never_stored_in_full(tmp_path):
     ledger = [json.loads(line) for line in (out / "requests.jsonl").read_text(encoding="utf-8").splitlines()]
     failed = [e for e in ledger if e.get("status") == "failed"]
     assert failed and all("oversized reply" in e["error"] and "2,000,000 characters" in e["error"] for e in failed)
+    # Rejected under its own name, with the size and a bounded prefix, never as a generic request failure.
+    assert all(e["error_kind"] == "oversized" for e in failed)
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert rejected and {r["reason"] for r in rejected} == {"oversized"} and all(len(r["detail"]) < 1000 for r in rejected)
 
 
 def test_doctor_says_no_credit_and_names_an_html_reply(tmp_path):
