@@ -14,7 +14,7 @@ from selfinstruct.batch import BATCH_WINDOW
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches, teacher_settings
-from selfinstruct.errors import OutputError, RunStopped
+from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.parsing import ParsedItem, parse_reply
 from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
 from selfinstruct.prompts import Template
@@ -441,6 +441,10 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
         # Checked before the run: a bad repo id or a missing token would otherwise show up hours later.
         parse_repo(cfg.push_to, flag="--push-to")
         get_token()
+    if cfg.seeds.resolve().parent == cfg.out.resolve():
+        # The run appends to its files: seeding from one of them would feed the run its own output.
+        raise ConfigError(f"--seeds {cfg.seeds} is inside --out {cfg.out}",
+                          "copy the seed file elsewhere or choose another --out (to grow a run, re-run it with a larger --n)")
     run = RunDir(cfg.out)
     if cfg.cancel_batches:
         return cancel_batches(run, cfg, api_key, echo)

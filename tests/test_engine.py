@@ -215,3 +215,18 @@ def test_filter_and_export_refuse_an_output_folder_another_process_writes(tmp_pa
         assert done.returncode == 0, done.stderr
         # The lock sits beside a dataset folder, never inside it: the folder is uploaded as it is.
         assert not any(p.name.endswith(LOCK_FILE) for p in folder.rglob("*"))
+
+
+def test_seeds_inside_the_run_directory_are_refused(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(latency=0.01, seed=9) as fake:
+        assert run_cli(*generate_args(tmp_path, fake.base_url, out, "--quiet")).returncode == 0
+        before = {p.name: p.stat().st_size for p in out.iterdir()}
+        args = list(generate_args(tmp_path, fake.base_url, out, "--quiet"))
+        args[args.index("--seeds") + 1] = str(out / "records.jsonl")
+        sent = fake.stats["requests_received"]
+        again = run_cli(*args)
+        assert fake.stats["requests_received"] == sent
+    # Before: the run appended to the seed file it was reading.
+    assert again.returncode == 2 and "is inside --out" in again.stderr, again.stderr
+    assert {p.name: p.stat().st_size for p in out.iterdir()} == before
