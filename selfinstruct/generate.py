@@ -433,6 +433,8 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     price = run_price_for(cfg, run_price(cfg, console))
     if cfg.dry_run:
         print_projection(cfg, seed_set, template, price, echo)
+        if cfg.batch and price is not None:
+            echo(f"at the Batch API price: ${price.input:g} in, ${price.output:g} out per 1M tokens ({price.source})")
         return 0
     require_key(cfg, api_key)
     if cfg.push_to:

@@ -9,7 +9,7 @@ in the same shape, and a line never run to the error file with response null and
 {"code": "batch_expired" | "batch_cancelled", "message"}. Every line runs through the fake's chat
 path, so its knobs (p_500, reply, latency...) apply per line and its token stats count what the
 output files bill. Knobs (in openai_server.KNOBS): batch_delay, batch_run_seconds, batch_expire_after,
-batch_fail. Stats: files_uploaded, batches_created, batch_lines (every custom_id of every batch created,
+batch_fail (lines start spread over batch_run_seconds, so a cancel or an expiry can leave some unrun). Stats: files_uploaded, batches_created, batch_lines (every custom_id of every batch created,
 in order: a line submitted twice shows twice), batch_cancels.
 """
 
@@ -190,8 +190,13 @@ class FakeBatchAPI:
         begun = 0
         reader = asyncio.StreamReader()  # never at EOF: the chat path's long sleeps run to the end
 
-        async def run(line: dict) -> None:
+        spread = float(k["batch_run_seconds"]) / max(len(lines), 1)
+
+        async def run(no: int, line: dict) -> None:
             nonlocal begun
+            start_at = started + no * spread  # lines start spread over batch_run_seconds, as a batch progresses
+            while time.monotonic() < start_at and batch["status"] != "cancelling":
+                await asyncio.sleep(min(0.05, start_at - time.monotonic()))
             async with slots:
                 if batch["status"] == "cancelling" or (expire_after is not None and begun >= int(expire_after)):
                     return
@@ -204,7 +209,7 @@ class FakeBatchAPI:
                 counts = batch["request_counts"]
                 counts["completed" if response is not None and response.status == 200 else "failed"] += 1
 
-        await asyncio.gather(*(run(line) for line in lines))
+        await asyncio.gather(*(run(no, line) for no, line in enumerate(lines)))
         left = float(k["batch_run_seconds"]) - (time.monotonic() - started)
         while left > 0 and batch["status"] != "cancelling":
             await asyncio.sleep(min(left, 0.05))
