@@ -41,6 +41,9 @@ FILTERS = {
     "no-gain": "Evol-Instruct: the rewrite is identical or nearly (ROUGE-L ≥ 0.9) to its parent, or judged equal",
     "refusal-response": "Evol-Instruct: the answer to the rewrite is a short refusal",
     "stopword-response": "Evol-Instruct: the answer to the rewrite is only punctuation and stop words",
+    "low-score": "the quality judge scored it below the threshold (its reason is kept in rejected.jsonl)",
+    "judge-failed": "no score could be read from the judge, twice, or the judge request failed",
+    "moderation": "flagged by the endpoint's moderation (or, without one, unsafe by the judge's verdict)",
 }
 STAGES = ("generate", "evolve", "respond")
 SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"),
@@ -272,6 +275,26 @@ def _respond_line(r: dict) -> str:
     return _cell("; ".join(bits))
 
 
+def _judge(j: dict) -> dict | None:
+    """The quality gate of a run (selfinstruct/judging.py): judge model, rubric and its hash, threshold, moderation, score histogram."""
+    if not j:
+        return None
+    template = _dict(j.get("template"))
+    moderation = {"endpoint": "kept records were sent to the endpoint's moderation (`/v1/moderations`)",
+                  "judge-safety": "the endpoint had no moderation, so the judge's safety verdict screened kept records instead"
+                  }.get(str(j.get("moderation")), "")
+    histogram = _dict(j.get("histogram"))
+    judged = sum(v for v in histogram.values() if isinstance(v, int))
+    rows = [{"score": s, "count": _num(histogram.get(s, 0)),
+             "share": f"{histogram.get(s, 0) / judged:.1%}" if judged and isinstance(histogram.get(s), int) else "–"}
+            for s in ("5", "4", "3", "2", "1")]
+    min_score = j.get("min_score")
+    return {"model": _cell(str(j.get("model") or "unknown")), "template": _cell(str(template.get("name") or "not recorded")),
+            "sha256": template.get("sha256") or "not recorded",
+            "min_score": f"{min_score:g}" if isinstance(min_score, (int, float)) else "not recorded",
+            "moderation": moderation, "rows": rows, "judged": f"{judged:,}", "scored": bool(j.get("judge", True))}
+
+
 def _figures(names: Iterable[str]) -> list[dict[str, str]]:
     """Image links for the figures beside the card (figures/<name>.png), in the order the report draws them."""
     from selfinstruct.report import FIGURES
@@ -397,7 +420,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
                         "dpo-messages": "Preference pairs as TRL's DPOTrainer reads them (chat messages): one judged pair per row."}[build.fmt],
         "columns": _columns(build), "examples": examples, "load_code": load_code, "load_note": load_note,
         "license_line": license_line, "filtered": filtered, "figures": _figures(figures),
-        "respond": respond,
+        "respond": respond, "judge": _judge(_dict(m.get("judge"))),
     }
 
 

@@ -317,3 +317,21 @@ def test_generate_judge_gates_the_run_with_a_judge_of_another_price(tmp_path, ju
     assert again.returncode == 0, again.stderr
     assert "nothing to do" in again.stderr and judge_fake.stats["requests_received"] == before
     assert read_jsonl(out / "records.jsonl") == kept
+
+
+# ---- the card --------------------------------------------------------------------------------
+
+
+def test_card_names_the_judge_rubric_threshold_histogram_and_cost(tmp_path):
+    from fakes.sample_run import JUDGE_SHA, make_run
+    from selfinstruct.card import hub_card
+    from selfinstruct.export import build
+
+    card = hub_card(build(make_run(tmp_path / "run", judge=True), "alpaca"), None, "alice/x")
+    for needle in ("| Quality judge | `gpt-4o-mini`, records scored below 4 of 5 rejected |",
+                   f"(`judge_zh.jinja`, sha256 `{JUDGE_SHA}`)", "| 5 | 7 | 53.8% |", "| 2 | 1 | 7.7% |", "| **judged** | **13** | |",
+                   "kept records were sent to the endpoint's moderation", "| judge | 13 | 9,000 | 600 | $0.0017 |",
+                   "| `low-score` | the quality judge scored it below the threshold"):
+        assert needle in card, needle
+    plain = hub_card(build(make_run(tmp_path / "plain"), "alpaca"), None, "alice/x")
+    assert "Quality judge" not in plain and "low-score" not in plain

@@ -15,6 +15,7 @@ from selfinstruct.rundir import LEDGER, RECORDS, REJECTED, RunDir
 TEMPLATE_SHA = hashlib.sha256(b"generate_zh.jinja").hexdigest()
 EVOLVE_SHA = hashlib.sha256(b"evolve_zh.jinja").hexdigest()
 SEEDS_SHA = hashlib.sha256(b"seeds").hexdigest()
+JUDGE_SHA = hashlib.sha256(b"judge_zh.jinja").hexdigest()
 SAMPLE_CARD = Path(__file__).resolve().parents[2] / "docs" / "sample-card.md"
 
 TASKS = [
@@ -35,8 +36,8 @@ TASKS = [
 
 def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str | None = "Apache-2.0",
              command: str = "selfinstruct generate --seeds seeds/zh_seed_tasks.jsonl --n 12 --model gpt-4o-mini --evol-rounds 1",
-             manifest: bool = True, seeds_path: str = "zh_seed_tasks.jsonl") -> Path:
-    """Write records.jsonl, rejected.jsonl, requests.jsonl and manifest.json for a small zh run."""
+             manifest: bool = True, seeds_path: str = "zh_seed_tasks.jsonl", judge: bool = False) -> Path:
+    """Write records.jsonl, rejected.jsonl, requests.jsonl and manifest.json for a small zh run (`judge`: gated by generate --judge)."""
     run = RunDir(path)
     run.prepare()
     records = []
@@ -69,7 +70,12 @@ def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str
          "detail": "identical to its parent", "parent_id": "r000001.1", "parent_instruction": TASKS[0][0],
          "meta": {"seed_ids": ["seed_task_0", "seed_task_2"], "model": "gpt-4o-mini", "stage": "evolve", "op": "deepen", "round": 1,
                   "evol": [{"round": 1, "op": "deepen", "parent_id": "r000001.1"}]}},
-    ]
+    ] + ([  # what the quality gate rejected
+        {"id": "r000005.3", "instruction": "列出三种常见的哺乳动物。", "input": "", "output": "鲨鱼、海豚、鲸鱼。", "reason": "low-score",
+         "detail": "2/5 < --min-score 4: 鲨鱼是鱼类，不是哺乳动物",
+         "meta": {"seed_ids": ["seed_task_3"], "model": "gpt-4o-mini", "stage": "judge", "gated_stage": "generate",
+                  "judge": {"score": 2, "reason": "鲨鱼是鱼类，不是哺乳动物", "model": "gpt-4o-mini"}}},
+    ] if judge else [])
     run.append(REJECTED, rejected)
     run.append(LEDGER, [{"request_no": k, "request_id": f"r{k:06d}", "status": "ok", "content": "…"} for k in range(1, 6)])
     if manifest:
@@ -97,9 +103,24 @@ def make_run(path: Path, *, n: int = 12, status: str = "completed", license: str
             "evol": {"rounds": 1, "rounds_completed": 1, "ops": {  # the shape Evolution.evol_summary writes
                 "deepen": {"1": {"kept": 2, "eliminated": {"no-gain": 1}}},
                 "concretize": {"1": {"kept": 1, "eliminated": {}}}}},
-        })
+        } | (JUDGED if judge else {}))
     run.close()
     return path
+
+
+# The manifest sections generate --judge --moderate changes (judging.Judging.summary's shape, a judge stage at the teacher's price).
+JUDGED = {
+    "command": "selfinstruct generate --seeds seeds/zh_seed_tasks.jsonl --n 12 --model gpt-4o-mini --evol-rounds 1 --judge --moderate",
+    "counts": {"kept": 12, "rejected": {"blacklist": 1, "near-duplicate": 1, "no-gain": 1, "low-score": 1}, "requests": 18, "failed_requests": 0},
+    "usage": {"prompt_tokens": 14200, "completion_tokens": 2700, "estimated": False},
+    "cost": {"usd": 0.00375, "priced": True, "price_in_per_1m": 0.15, "price_out_per_1m": 0.6, "price_source": "table"},
+    "stages": {"generate": {"requests": 4, "prompt_tokens": 4000, "completion_tokens": 1700, "usd": 0.00162},
+               "evolve": {"requests": 1, "prompt_tokens": 1200, "completion_tokens": 400, "usd": 0.00042},
+               "judge": {"requests": 13, "prompt_tokens": 9000, "completion_tokens": 600, "usd": 0.00171}},
+    "judge": {"model": "gpt-4o-mini", "endpoint_kind": "openai", "template": {"name": "judge_zh.jinja", "sha256": JUDGE_SHA},
+              "min_score": 4.0, "judge": True, "moderate": True, "moderation": "endpoint", "completed": True, "judged": 13,
+              "kept": 12, "rejected": {"low-score": 1}, "histogram": {"1": 0, "2": 1, "3": 0, "4": 5, "5": 7}},
+}
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -113,7 +134,7 @@ def sample_card(workdir: Path) -> str:
 
     # Relative paths: the card's title and load_dataset() path must not depend on where it was made.
     with contextlib.chdir(workdir):
-        make_run(Path("zh-sample"))
+        make_run(Path("zh-sample"), judge=True)
         export_run(Path("zh-sample"), Path("exports/zh-sample"), "alpaca", test_size=0.25)
         return Path("exports/zh-sample/README.md").read_text(encoding="utf-8")
 
