@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from selfinstruct.errors import TeacherError
-from selfinstruct.pricing import batch_price
+from selfinstruct.pricing import BATCH_DISCOUNT, batch_price
 from selfinstruct.teacher import (
     BatchCallFailed,
     BatchClient,
@@ -191,8 +191,12 @@ class BatchTransport:
 
     def describe(self, manifest: dict) -> None:
         """The manifest's batch section: every batch with its status and counts."""
+        price = self.engine.routes["teacher"].price
+        source = price.source if price else None
+        # The share off the online price: --batch-discount, else half, unless the table named a batch price.
+        discount = self.discount if self.discount is not None else (None if (source or "").startswith("prices.toml:batch.") else BATCH_DISCOUNT)
         manifest["batch"] = {
-            "discount": self.discount, "poll_interval": self.poll_interval,
+            "discount": discount, "price_source": source, "poll_interval": self.poll_interval,
             "batches": [{"id": b.id, "input_file_id": b.file_id, "requests": len(b.request_ids), "status": b.status,
                          "request_counts": b.counts} for b in self.batches.values()],
         }

@@ -358,6 +358,9 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
     elif cost.get("price_in_per_1m") is not None:
         notes.append(f"Priced at ${cost['price_in_per_1m']:g} / ${cost.get('price_out_per_1m', 0):g} per 1M prompt / completion tokens"
                      + (f" ({cost['price_source']})." if cost.get("price_source") else "."))
+    batches = _dict(m.get("batch")).get("batches") or []
+    if batches:
+        notes.append(f"Requests went through the OpenAI Batch API ({len(batches):,} batches), charged at the batch price.")
 
     split_sizes = ", ".join(f"{name} {len(rows):,}" for name, rows in build.splits.items())
     rows_line = f"{build.rows:,} rows ({split_sizes}), `{build.fmt}` format" + (", lineage columns included." if not build.slim else ".")

@@ -210,10 +210,16 @@ def test_generate_batch_keeps_n_in_waves_at_the_batch_price(tmp_path):
     # Charged at half the online price given by the flags.
     cost = manifest["cost"]
     assert (cost["price_in_per_1m"], cost["price_out_per_1m"]) == (0.5, 1.0) and "batch" in cost["price_source"]
+    assert manifest["batch"]["discount"] == 0.5
     usage = manifest["usage"]
     assert cost["usd"] == pytest.approx((usage["prompt_tokens"] * 0.5 + usage["completion_tokens"] * 1.0) / 1e6, abs=1e-6)
     assert usage["prompt_tokens"] == stats["prompt_tokens_sent"] and usage["completion_tokens"] == stats["completion_tokens_sent"]
     assert cost["possibly_billed"]["requests"] == 0
+    # The dataset card says so.
+    from selfinstruct.card import hub_card
+    from selfinstruct.export import build
+
+    assert "through the OpenAI Batch API" in hub_card(build(out, "alpaca"), None, "alice/x")
 
 
 def test_dry_run_projects_at_the_batch_price(tmp_path):
@@ -301,3 +307,42 @@ def test_evolve_batch_sends_each_phase_of_a_round_as_a_batch(tmp_path):
     files = notes(ledger, "batch-file")
     assert len(files) == 2 and all(rid.startswith("evolve:") for rid in files[0]["request_ids"]) and len(files[0]["request_ids"]) == 12
     assert sorted(stats["batch_lines"]) == sorted(e["request_id"] for e in finished(ledger))
+
+
+def test_a_file_uploaded_before_a_kill_is_submitted_as_it_is_on_resume(tmp_path):
+    """A kill between upload and batch create leaves a file in the ledger: resume makes its batch, uploading nothing again."""
+    with FakeTeacher(seed=10) as fake:
+        client = openai.OpenAI(base_url=fake.base_url, api_key="sk-x", max_retries=0)
+        ids = ["q000", "q001", "q002"]
+        lines = [{"custom_id": rid, "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "m", "messages": [{"role": "user", "content": f"写 2 个任务 {i}"}]}} for i, rid in enumerate(ids)]
+        file_id = client.files.create(file=("in.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode()),
+                                      purpose="batch").id
+        run = RunDir(tmp_path / "run")
+        run.prepare()
+        run.append(LEDGER, [{"status": "batch-file", "file_id": file_id, "request_ids": ids, "at": 1.0}])
+        run.close()
+        _, entries = ask_all(tmp_path, fake, 3)
+        stats = fake.stats
+    assert [e["status"] for e in entries] == ["ok"] * 3
+    assert stats["files_uploaded"] == 1 and stats["batches_created"] == 1 and stats["batch_lines"] == ids
+    batch = notes(read_jsonl(tmp_path / "run" / LEDGER), "batch")
+    assert len(batch) == 1 and batch[0]["file_id"] == file_id
+
+
+def test_a_server_without_json_mode_gets_the_text_template_in_the_next_batch(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(seed=11, no_json_mode=True) as fake:
+        result = run_cli(*generate_args(fake, tmp_path, out, 20, "--json-mode"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "response_format" in manifest["teacher"]["json_mode_fallback"]
+    ok = [e for e in finished(read_jsonl(out / LEDGER)) if e["status"] == "ok"]
+    assert ok and all(e["json_mode"] is False for e in ok)
+
+
+def test_a_refused_key_stops_the_batch_run_on_one_line_without_the_key(tmp_path):
+    with FakeTeacher(api_key="sk-the-right-one") as fake:
+        result = run_cli(*generate_args(fake, tmp_path, tmp_path / "run", 20), timeout=60)
+    assert result.returncode != 0
+    assert "refused the API key" in result.stderr and KEY not in result.stderr and "Traceback" not in result.stderr
