@@ -335,3 +335,78 @@ def test_card_names_the_judge_rubric_threshold_histogram_and_cost(tmp_path):
         assert needle in card, needle
     plain = hub_card(build(make_run(tmp_path / "plain"), "alpaca"), None, "alice/x")
     assert "Quality judge" not in plain and "low-score" not in plain
+
+
+# ---- in place, after generate and evolve ------------------------------------------------------
+
+
+def test_generate_judge_killed_in_the_gate_resumes_without_paying_twice(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(reply=JudgeReplies(), latency=0.1) as fake:
+        args = ("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "60", "--out", str(out), "--base-url", fake.base_url,
+                "--model", "m", "--concurrency", "4", "--judge", "--quiet")
+        proc = cli(*args)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(e.get("stage") == "judge" for e in finished(read_jsonl(out / "requests.jsonl"))) < 10:
+            time.sleep(0.05)
+        proc.kill()
+        proc.communicate(timeout=30)
+        first = finished(read_jsonl(out / "requests.jsonl"))
+        generated = [e for e in first if e["stage"] == "generate"]
+        paid = {e["request_id"] for e in first if e["stage"] == "judge"}
+        assert 10 <= len(paid) < 60
+        # Killed mid-gate: records.jsonl is still the generation's; the gate's rejections so far are in rejected.jsonl.
+        assert len(read_jsonl(out / "records.jsonl")) == 60
+        sent = fake.stats["requests_received"]
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        resent = fake.stats["requests_received"] - sent
+    ledger = finished(read_jsonl(out / "requests.jsonl"))
+    assert [e for e in ledger if e["stage"] == "generate"] == generated  # generation was complete: nothing asked again
+    judged = [e["request_id"] for e in ledger if e["stage"] == "judge"]
+    assert len(judged) == len(set(judged)) == 60 and resent == 60 - len(paid)
+    kept = read_jsonl(out / "records.jsonl")
+    gated = [r for r in read_jsonl(out / "rejected.jsonl") if r["meta"]["stage"] == "judge"]
+    assert len(kept) + len(gated) == 60 and len({r["id"] for r in kept + gated}) == 60
+    assert all(r["meta"]["judge"]["score"] >= 4 for r in kept)
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert m["counts"]["kept"] == len(kept) and m["counts"]["rejected"].get("low-score") == len(gated)
+
+
+class EvolAndJudge:
+    """Evol-Instruct replies from fakes.evol_replies, verdicts from fakes.judge_replies."""
+
+    def __init__(self) -> None:
+        from fakes.evol_replies import EvolReplies
+
+        self.evol, self.judge = EvolReplies(), JudgeReplies()
+
+    def __call__(self, body, rng):
+        users = [m.get("content", "") for m in body.get("messages", []) if m.get("role") == "user"]
+        if users and ("### 回答" in users[0] or "### Response" in users[0]):
+            return self.judge(body, rng)
+        return self.evol(body, rng)
+
+
+def test_evolve_judge_gates_originals_and_evolutions(tmp_path):
+    from fakes.evol_replies import task_rows
+
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in task_rows(12, "zh")), encoding="utf-8")
+    out = tmp_path / "evolved"
+    with FakeTeacher(reply=EvolAndJudge()) as fake:
+        args = ("evolve", str(inputs), "--out", str(out), "--base-url", fake.base_url, "--model", "m", "--judge", "--min-score", "3",
+                "--quiet")
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        kept = read_jsonl(out / "records.jsonl")
+        gated = [r for r in read_jsonl(out / "rejected.jsonl") if r["meta"]["stage"] == "judge"]
+        assert kept and gated and all(r["meta"]["judge"]["score"] >= 3 for r in kept)
+        assert {r["meta"]["gated_stage"] for r in gated} <= {"input", "evolve"}
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        assert m["counts"]["kept"] == len(kept) and m["counts"]["rejected"]["low-score"] == len(gated)
+        assert m["judge"]["judged"] == len(kept) + len(gated) and "evol" in m and m["input"]["records"] == 12
+        before = fake.stats["requests_received"]
+        again = run_cli(*args[:-1])  # without --quiet, to read what it says
+        assert again.returncode == 0 and "nothing to do" in again.stderr
+        assert fake.stats["requests_received"] == before and read_jsonl(out / "records.jsonl") == kept
