@@ -434,6 +434,28 @@ class Response:
         if self.judge:
             out["pairs"] = {"judged": self.pairs["judged"], "kept": self.pairs["kept"], "dropped": dropped,
                             "orders_per_pair": 2}
+        out["by_model"] = self.by_model()
+        return out
+
+    def by_model(self) -> dict:
+        """Requests, tokens and dollars of each model in each of its roles (answering, judging), from the ledger's finished requests."""
+        tallies: dict[tuple[str, str], list[int]] = {}
+        for entry in self.engine.replies.values():
+            stage = entry.get("stage")
+            if stage not in self.ledger_stages:
+                continue
+            route = self.engine.routes.get(str(entry.get("route", "teacher"))) or self.engine.routes["teacher"]
+            usage = entry.get("usage") or {}
+            t = tallies.setdefault((route.name, str(stage)), [0, 0, 0])
+            t[0] += 1
+            t[1] += int(usage.get("prompt_tokens", 0))
+            t[2] += int(usage.get("completion_tokens", 0))
+        out: dict = {}
+        for (route_name, stage), (requests, prompt, completion) in sorted(tallies.items()):
+            route = self.engine.routes[route_name]
+            out.setdefault(route.model, {})[stage] = {
+                "requests": requests, "prompt_tokens": prompt, "completion_tokens": completion,
+                "usd": round(route.price.usd(prompt, completion), 6) if route.price else None}
         return out
 
     def describe(self, m: dict) -> None:

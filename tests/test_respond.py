@@ -91,8 +91,8 @@ class RespondReplies:
             return "The first one reads better.\n[[A]]"
         if "QMUDDLE" in user:
             return "Hard to say."
-        a = re.search(r"(?:\[Answer A\]|【回答 A】)\n(?:The )?(\w+)", user).group(1)
-        b = re.search(r"(?:\[Answer B\]|【回答 B】)\n(?:The )?(\w+)", user).group(1)
+        a = re.search(r"(?:\[Answer A\]|【回答 A】)\n(?:The )?([A-Za-z-]+)", user).group(1)
+        b = re.search(r"(?:\[Answer B\]|【回答 B】)\n(?:The )?([A-Za-z-]+)", user).group(1)
         return f"{a} is more thorough.\n[[A]]" if RANK.get(a, 0) >= RANK.get(b, 0) else f"{b} is more thorough.\n[[B]]"
 
 
@@ -377,3 +377,34 @@ def test_orca_system_prompts_are_sent_kept_and_exported_as_the_system_turn(tmp_p
     assert manifest["respond"]["system_prompts"]["set"] == "mine.txt" and manifest["templates"]["respond"]["name"] == "answer_en.jinja"
     b = build(tmp_path / "own", "messages")
     assert all(row["messages"][0]["role"] == "system" for row in b.splits["train"])
+
+
+def test_chinese_pairs_with_orca_prompts_show_the_judge_the_system_prompt_and_export_it_as_the_first_turn(tmp_path):
+    data = zh_dataset(tmp_path / "alpaca.json", n=6)
+    replies = RespondReplies()
+    judged: list[str] = []
+    with FakeTeacher(reply=lambda body, rng: (judged.append(body["messages"][-1]["content"]) if "【回答 A】" in body["messages"][-1]["content"]
+                                              else None) or replies(body, rng)) as fake:
+        result = run_cli("respond", str(data), "--out", str(tmp_path / "zh"), "--models", "beta,alpha", "--system-prompts", "orca",
+                         "--base-url", fake.base_url, "--model-spec", "beta:1:2", "--model-spec", "alpha:3:6", "--quiet")
+    assert result.returncode == 0, result.stderr
+    records, rejected, ledger, manifest = load(tmp_path / "zh")
+    assert len(records) == 6 and not [r for r in rejected if r["reason"] != "near-duplicate" and r["reason"] != "blacklist"]
+    assert len(judged) == 12 and manifest["templates"]["pair-judge"]["name"] == "pair_judge_zh.jinja"
+    for rec in records:
+        assert rec["meta"]["model"] == "alpha" and rec["meta"]["pair_judge"] == "beta"  # judged by the first model, alpha still won
+        assert sum(rec["meta"]["system"] in prompt and rec["instruction"] in prompt for prompt in judged) == 2
+    by_model = manifest["respond"]["by_model"]
+    assert set(by_model) == {"alpha", "beta"} and set(by_model["beta"]) == {"respond", "pair-judge"} and set(by_model["alpha"]) == {"respond"}
+    alpha = by_model["alpha"]["respond"]
+    assert alpha["requests"] == 6 and alpha["usd"] == pytest.approx((alpha["prompt_tokens"] * 3 + alpha["completion_tokens"] * 6) / 1e6, abs=1e-6)
+    assert sum(s["usd"] for m in by_model.values() for s in m.values()) == pytest.approx(manifest["cost"]["usd"], abs=1e-5)
+    b = build(tmp_path / "zh", "dpo-messages")
+    rows = b.splits["train"]
+    assert len(rows) == 6
+    systems = {r["id"]: r["meta"]["system"] for r in records}
+    for row in rows:
+        assert row["prompt"][0] == {"role": "system", "content": systems[row["id"]]} and row["prompt"][1]["role"] == "user"
+        assert row["model"] == "alpha" and row["rejected_model"] == "beta"
+    plain = build(tmp_path / "zh", "dpo").splits["train"][0]
+    assert plain["prompt"].startswith(systems[plain["id"]] + "\n\n")
