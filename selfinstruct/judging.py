@@ -414,7 +414,7 @@ class Judging:
                 "completed": self.completed, "judged": sum(self.histogram.values()), "kept": self.tally.kept,
                 "rejected": dict(sorted(self.tally.rejected.items())),
                 "histogram": {str(s): self.histogram.get(s, 0) for s in SCORES},
-                # Not built yet: --batch will send the verdicts through the Batch API (its own issue).
+                # Verdicts always go online for now; see the hook in gate_run.
                 "batch": False}
 
     def describe(self, m: dict) -> None:
@@ -483,6 +483,10 @@ def gate_run(engine: Engine, cfg: GenerateConfig, lang: str, api_key: str | None
     settings = judge_settings(cfg, lang, console)
     check_judgeable(engine.previous, settings)
     check_key(settings, api_key)
+    if cfg.batch and not cfg.quiet:
+        # The hook for a batch judge: verdicts are independent requests, so a batch transport on the "judge" route
+        # (with the stage's window widened, as Generation does under --batch) is all it takes. Not built yet.
+        console.print("note: the judge sends its requests online (no --batch judge yet)", highlight=False, markup=False)
     add_judge_route(engine, settings, cfg, api_key)
     gate = Judging(settings, engine, cfg, in_place=True)
     gate.load()
