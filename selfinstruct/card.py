@@ -160,6 +160,8 @@ def metadata(build, *, license: str | None = None, existing: dict | None = None,
     code, _ = LANGUAGES.get(_lang(build), (_lang(build).split("-")[0], ""))
     # Filtered data is whatever the inputs were: no claim that it is synthetic.
     tags = [] if is_filtered(build) else TAGS + (["evol-instruct"] if uses_evol(build) else [])
+    if build.fmt in ("dpo", "dpo-messages"):
+        tags.append("dpo")  # the Hub's tag for preference data TRL's DPOTrainer reads
     old_tags = existing.get("tags") if isinstance(existing.get("tags"), list) else []
     out: dict[str, Any] = {
         "language": [code],

@@ -62,6 +62,9 @@ def parse_model_spec(text: str) -> ModelSpec:
     url = m.group("url")
     if url is not None and not re.match(r"^https?://", url):
         raise ConfigError(f"--model-spec {text!r}: {url!r} is not an http(s) URL", "write the endpoint as http://host:port/v1")
+    if url and re.match(r"^https?://[^/]*@", url):
+        raise ConfigError(f"--model-spec {m.group('name').strip()!r}: the URL carries a user name or password",
+                          "drop the user:password@ part; name the variable holding the key with #KEY_ENV")
     pin, pout = m.group("pin"), m.group("pout")
     return ModelSpec(m.group("name").strip(), url or None, float(pin) if pin else None, float(pout) if pout else None, m.group("env"))
 
