@@ -453,11 +453,10 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
-        if cfg.judge or cfg.moderate:
-            from selfinstruct.judging import finish_gated, gated_before
+        from selfinstruct.judging import finish_gated, gated_before
 
-            if gated_before(run):  # the quality gate already rewrote records.jsonl: generating again would refill it
-                return finish_gated(run, cfg, seed_set.license, console)
+        if gated_before(run, cfg):  # the quality gate already rewrote records.jsonl: generating again would refill it
+            return finish_gated(run, cfg, seed_set.license, console)
         check_resumable(run, cfg, seed_set, template, price)
         engine = make_engine(run, cfg, price, command)
         gen = Generation(cfg, seed_set, template, engine)

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable, Sequence
 
 from selfinstruct.config import GenerateConfig
 from selfinstruct.engine import Engine, Tally, public_url
-from selfinstruct.errors import ConfigError, OutputError
+from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.pricing import Price, endpoint_kind, resolve_price
 from selfinstruct.prompts import Template, load_template
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir, dump_line
@@ -342,6 +342,10 @@ class Judging:
             try:
                 flagged, categories = await transport.moderate(text_of(record))
             except ModerationUnavailable as exc:
+                if not self.settings.judge:
+                    # Nothing else could screen the records: stop rather than reject (or keep) them all unscreened.
+                    raise RunStopped("moderation-unavailable", f"the endpoint has no /v1/moderations ({exc}) (hint: add --judge to "
+                                     "screen kept records with the judge's safety verdict, or drop --moderate)", exit_code=1) from None
                 self._no_moderation(str(exc))
             except RequestFailed as exc:
                 return "moderation", f"the moderation request failed: {exc.message}"
@@ -454,11 +458,18 @@ def rewrite_records(run: RunDir, judged: dict[str, dict], gone: set[str]) -> Non
         raise
 
 
-def gated_before(run: RunDir) -> bool:
-    """Whether the gate already rewrote this run's records.jsonl (so generating again would refill what it took out)."""
-    gate = (run.load_manifest() or {}).get("judge")
+def gated_before(run: RunDir, cfg: GenerateConfig) -> bool:
+    """Whether the gate already rewrote this run's records.jsonl (so generating again would refill what it took out).
+
+    A gated run re-run without --judge / --moderate is refused: it would refill records.jsonl with unjudged records.
+    """
+    gate = (run.load_manifest() or {}).get("judge") if run.manifest_path.exists() else None
     if not isinstance(gate, dict):
         return False
+    if not (cfg.judge or cfg.moderate):
+        flags = " ".join(f for f, on in (("--judge", gate.get("judge")), ("--moderate", gate.get("moderate"))) if on)
+        raise OutputError(f"{run.path}: this run was gated by {flags or 'the judge'}; without it, a re-run would refill records.jsonl "
+                          "with records nobody judged", f"re-run with {flags or '--judge'}, or choose a new --out")
     if gate.get("completed"):
         return True
     # A kill between the rewrite and the manifest: every record carries the gate's mark.

@@ -410,3 +410,24 @@ def test_evolve_judge_gates_originals_and_evolutions(tmp_path):
         again = run_cli(*args[:-1])  # without --quiet, to read what it says
         assert again.returncode == 0 and "nothing to do" in again.stderr
         assert fake.stats["requests_received"] == before and read_jsonl(out / "records.jsonl") == kept
+
+
+def test_moderate_without_judge_stops_where_the_endpoint_has_no_moderation(tmp_path):
+    out = tmp_path / "run"
+    with FakeTeacher(reply=JudgeReplies()) as fake:
+        result = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "10", "--out", str(out), "--base-url", fake.base_url,
+                         "--model", "m", "--moderate", "--quiet")
+    assert result.returncode == 1 and "has no /v1/moderations" in result.stderr and "add --judge" in result.stderr
+    assert len(read_jsonl(out / "records.jsonl")) == 10  # nothing rejected or rewritten unscreened
+
+
+def test_a_gated_run_rerun_without_the_gate_is_refused(tmp_path, judge_fake):
+    out = tmp_path / "run"
+    args = ("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "10", "--out", str(out), "--base-url", judge_fake.base_url,
+            "--model", "m", "--quiet")
+    assert run_cli(*args, "--judge").returncode == 0
+    kept = read_jsonl(out / "records.jsonl")
+    before = judge_fake.stats["requests_received"]
+    again = run_cli(*args)
+    assert again.returncode == 2 and "re-run with --judge" in again.stderr and "Traceback" not in again.stderr
+    assert judge_fake.stats["requests_received"] == before and read_jsonl(out / "records.jsonl") == kept
