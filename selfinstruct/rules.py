@@ -142,7 +142,7 @@ def _other_variant(text: str, variant: str) -> tuple[int, int]:
 BLACKLIST_PRODUCE_ZH = (
     r"(?<![动漫壁油国字书版图刻插绘计策规谋])(?:画|畫)(?:一|出|个|張|张|幅|下|成|条|只|些|两|三)",
     r"(?:绘制|繪製|描绘出)[^，。；？！\n]{0,8}?图",
-    r"拍一|拍张|(?<!记)录制一|(?<!记)录一段|剪辑一|上传|上傳|截屏",
+    r"拍一|拍张|(?<!记)录制一|(?<!记)录一段|剪辑一|上传(?!的)|上傳(?!的)|截屏",
     r"(?:生成|创建|创作|制作|设计|做|输出|渲染)(?:一|个|张|幅|段|份)*[^，。；？！\n]{0,10}?"
     r"(?<![体意])(?:图片|图像|照片|视频|动画|音频|录音|插图|插画|漫画|图稿|图纸|图标|动图|表情包|壁纸|三维模型|3D模型)",
 )
@@ -494,17 +494,22 @@ def _wrong_script(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
 
 
 # Asking how a medium is made (the steps, an algorithm, the software) asks for text.
-_ABOUT_MAKING_RE = re.compile(r"步骤|算法|方法|如何|怎么|怎样|技巧|提示|软件|工具|程序|能否|是否|吗[？?]?\s*$|\bsteps?\b|\bhow\b|\balgorithm|\bsoftware|\btools?\b", re.IGNORECASE)
+_ABOUT_MAKING_RE = re.compile(r"步骤|算法|方法|如何|怎么|怎样|技巧|提示|软件|工具|程序|能否|是否|解释|类比|吗[？?]?\s*$|\bsteps?\b|\bhow\b|\balgorithm|\bsoftware|\btools?\b", re.IGNORECASE)
+
+
+_PERCEIVE_TOPIC_RE = re.compile(r"算法|模型|机器学习|程序|代码|\balgorithm|\bmodel\b|\bmachine learning|\bcode\b", re.IGNORECASE)
+_NAMED_WORK_RE = re.compile(r"《[^》]+》")
 
 
 def _blacklist(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    # A quoted sentence to rewrite is material, not the task; a named work (《星夜》这幅画) is known.
-    ins = _QUOTED_RE.sub('"', ins)
+    # A quoted sentence to rewrite is material, not the task; a named work (《星夜》这幅画) is known;
+    # after a colon comes the material (把下面的句子改成主动语态：这幅画是由艺术家创作的).
+    ins = re.split(r"[:：]\s*\S", _QUOTED_RE.sub('"', ins), maxsplit=1)[0]
     m = None if _ABOUT_MAKING_RE.search(ins) else _PRODUCE_RE.search(ins)
     if m:
         return f"the task asks to make a medium: {m.group(0)!r}"
-    m = _PERCEIVE_RE.search(ins)
-    if m and (_MEDIUM_STAND_IN_RE.match(inp) or units(_URL_RE.sub(" ", inp)) < DESCRIBED_MEDIUM_UNITS):
+    m = None if _PERCEIVE_TOPIC_RE.search(ins) else _PERCEIVE_RE.search(ins)
+    if m and not _NAMED_WORK_RE.search(inp) and (_MEDIUM_STAND_IN_RE.match(inp) or units(_URL_RE.sub(" ", inp)) < DESCRIBED_MEDIUM_UNITS):
         return f"the task asks to see or hear a medium it does not describe: {m.group(0)!r}"
     return None
 
@@ -554,7 +559,7 @@ def _placeholder(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
 
 # Checking for errors, or putting in order, a text that is already right: the unchanged text is the answer.
 _CORRECTION_RE = re.compile(
-    r"错误|错字|更正|纠正|修正|修复|校对|是否正确|检查|排序|顺序|排列|排名|匹配|"
+    r"错误|错字|更正|纠正|修正|修复|校对|(?:语法|拼写|使其|是否)(?:上)?正确|检查|排序|顺序|排列|排名|匹配|"
     r"\bcorrect|\berror|\bproofread|\bfix|\bsort|\border\b|\barrange|\brank|\bmatch|\borgani[sz]e|\balphabet",
     re.IGNORECASE,
 )
