@@ -86,8 +86,11 @@ class BatchTransport:
 
     def __init__(self, client: BatchClient, settings: TeacherSettings, engine, *, poll_interval: float = 5.0,
                  discount: float | None = None, notify: Callable[[str], None] | None = None,
-                 max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES, quiet_seconds: float = QUIET_SECONDS) -> None:
+                 max_lines: int = MAX_LINES, max_bytes: int = MAX_BYTES, quiet_seconds: float = QUIET_SECONDS,
+                 route: str = "teacher") -> None:
         self.client = client
+        # The engine route this transport serves: its notes carry it, so two batch routes never collect each other's batches.
+        self.route = route
         self.settings = settings
         self.engine = engine
         self.poll_interval = poll_interval
@@ -111,7 +114,7 @@ class BatchTransport:
         self._stopping = False
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
-        self._recover(engine.notes)
+        self._recover([n for n in engine.notes if n.get("route", "teacher") == route])
 
     # ---- resume -------------------------------------------------------------------------
 
@@ -174,6 +177,12 @@ class BatchTransport:
     def stop_retrying(self) -> None:
         """Submit nothing more; requests waiting end now (their batches run on and resume collects them)."""
         self._stopping = True
+        unsent = [rid for rid in self.queue if rid in self.waiting]
+        if unsent:  # never uploaded, so never billed: the engine must not count them as possibly billed
+            try:
+                self._note({"status": "batch-unsent", "request_ids": unsent})
+            except Exception:  # the run is stopping anyway; they are then counted as possibly billed, the safe side
+                pass
         for waiting in self.waiting.values():
             if not waiting.future.done():
                 waiting.future.set_exception(RequestCancelled(waiting.attempts, waiting.wasted, waiting.errors))
@@ -191,17 +200,21 @@ class BatchTransport:
 
     def describe(self, manifest: dict) -> None:
         """The manifest's batch section: every batch with its status and counts."""
-        price = self.engine.routes["teacher"].price
+        price = self.engine.routes[self.route].price
         source = price.source if price else None
         # The share off the online price: --batch-discount, else half, unless the table named a batch price.
         discount = self.discount if self.discount is not None else (None if (source or "").startswith("prices.toml:batch.") else BATCH_DISCOUNT)
-        manifest["batch"] = {
-            "discount": discount, "price_source": source, "poll_interval": self.poll_interval,
-            "batches": [{"id": b.id, "input_file_id": b.file_id, "requests": len(b.request_ids), "status": b.status,
-                         "request_counts": b.counts} for b in self.batches.values()],
-        }
+        batches = [{"id": b.id, "input_file_id": b.file_id, "requests": len(b.request_ids), "status": b.status,
+                    "request_counts": b.counts} | ({"route": self.route} if self.route != "teacher" else {}) for b in self.batches.values()]
+        if self.route != "teacher" and "batch" in manifest:  # another route's batches join the teacher's list
+            manifest["batch"]["batches"].extend(batches)
+            return
+        manifest["batch"] = {"discount": discount, "price_source": source, "poll_interval": self.poll_interval, "batches": batches}
 
     # ---- queue --------------------------------------------------------------------------
+
+    def _note(self, entry: dict) -> None:
+        self.engine.note(entry if self.route == "teacher" else {**entry, "route": self.route})
 
     def _start(self) -> None:
         if self._task is None:
@@ -298,7 +311,7 @@ class BatchTransport:
                 continue
             file_id = await self.client.upload(b"".join(parts), f"selfinstruct-{secrets.token_hex(4)}.jsonl")
             # The file's lines reach the ledger before the batch exists: a kill now finds the file, not a second upload.
-            self.engine.note({"status": "batch-file", "file_id": file_id, "request_ids": ids})
+            self._note({"status": "batch-file", "file_id": file_id, "request_ids": ids})
             del self.queue[: len(chunk)]
             for rid in ids:
                 self.holder[rid] = f"file:{file_id}"
@@ -315,7 +328,7 @@ class BatchTransport:
             for rid in ids:
                 self._fail(rid, "batch-rejected", failed.message, None)
             return
-        self.engine.note({"status": "batch", "batch_id": made["id"], "file_id": file_id})
+        self._note({"status": "batch", "batch_id": made["id"], "file_id": file_id})
         del self.orphans[file_id]
         batch = _Batch(made["id"], file_id, ids, made.get("status") or "validating", made.get("request_counts") or {})
         self.batches[batch.id] = batch
@@ -360,7 +373,7 @@ class BatchTransport:
             else:
                 self.ready[rid] = (lines.get(rid), batch)
         batch.collected = True
-        self.engine.note({"status": "batch-end", "batch_id": batch.id, "batch_status": batch.status, "request_counts": batch.counts})
+        self._note({"status": "batch-end", "batch_id": batch.id, "batch_status": batch.status, "request_counts": batch.counts})
 
     # ---- one line -----------------------------------------------------------------------
 
@@ -428,8 +441,8 @@ class BatchTransport:
         waiting.future.set_exception(RequestFailed(kind, message, max(waiting.attempts, 1), status, waiting.wasted, waiting.errors))
 
 
-def transport_factory(cfg, settings: TeacherSettings, api_key: str | None, engine, console=None):
-    """What drives a run's requests: the online Teacher, or with --batch this module's transport."""
+def transport_factory(cfg, settings: TeacherSettings, api_key: str | None, engine, route: str = "teacher"):
+    """What drives a route's requests (engine.add_route's make, or the run's teacher): the online Teacher, or with --batch this module's transport."""
     from selfinstruct.teacher import Teacher
 
     if not cfg.batch:
@@ -440,7 +453,7 @@ def transport_factory(cfg, settings: TeacherSettings, api_key: str | None, engin
             engine.notify(message)
 
     return lambda: BatchTransport(BatchClient(settings, api_key), settings, engine, poll_interval=cfg.poll_interval,
-                                  discount=cfg.batch_discount, notify=notify)
+                                  discount=cfg.batch_discount, notify=notify, route=route)
 
 
 def run_price_for(cfg, price):

@@ -346,3 +346,39 @@ def test_a_refused_key_stops_the_batch_run_on_one_line_without_the_key(tmp_path)
         result = run_cli(*generate_args(fake, tmp_path, tmp_path / "run", 20), timeout=60)
     assert result.returncode != 0
     assert "refused the API key" in result.stderr and KEY not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_stop_before_the_queue_is_sent_bills_nothing_and_resume_sends_it(tmp_path):
+    from selfinstruct.engine import Halted
+
+    run = RunDir(tmp_path / "run")
+    run.prepare()
+    with FakeTeacher(seed=12) as fake:
+        settings = TeacherSettings(model="m", base_url=fake.base_url)
+
+        def engine_with_transport(quiet: float) -> Engine:
+            engine = Engine(run, None, model="m", base_url=fake.base_url, price=Price(0.5, 1.0, "test"), command="test")
+            engine.load()
+            engine.transport = BatchTransport(BatchClient(settings, "sk-x"), settings, engine, poll_interval=0.02, quiet_seconds=quiet)
+            return engine
+
+        async def ask(engine: Engine, stop_after: float | None):
+            jobs = [asyncio.ensure_future(engine.ask("generate", f"q{i}", [{"role": "user", "content": "写 2 个任务"}])) for i in range(3)]
+            if stop_after is not None:
+                await asyncio.sleep(stop_after)
+                engine.request_stop("interrupted")
+            results = await asyncio.gather(*jobs, return_exceptions=True)
+            await engine.transport.aclose()
+            return results
+
+        stopped = engine_with_transport(quiet=30.0)
+        results = asyncio.run(ask(stopped, 0.2))
+        assert all(isinstance(r, Halted) for r in results)
+        assert fake.stats["files_uploaded"] == 0
+        # Never uploaded, so never billed; the next engine over the same ledger agrees, and sends them.
+        assert stopped.possibly_billed()["requests"] == 0
+        resumed = engine_with_transport(quiet=0.05)
+        assert resumed.possibly_billed()["requests"] == 0
+        results = asyncio.run(ask(resumed, None))
+        assert [r["status"] for r in results] == ["ok"] * 3 and sorted(fake.stats["batch_lines"]) == ["q0", "q1", "q2"]
+    run.close()
