@@ -140,8 +140,8 @@ class JudgeSettings:
         """How the judge route drives its endpoint: the run's limits, the judge's model, a deterministic decoding."""
         limit = min(JUDGE_MAX_TOKENS, cfg.max_tokens or JUDGE_MAX_TOKENS)
         return TeacherSettings(model=self.model, base_url=self.base_url, timeout=cfg.timeout, retries=cfg.retries,
-                               concurrency=cfg.concurrency, rpm=cfg.rpm, tpm=cfg.tpm, temperature=JUDGE_TEMPERATURE, top_p=None,
-                               max_tokens=limit)
+                               concurrency=cfg.concurrency, adaptive=getattr(cfg, "adaptive_concurrency", False), rpm=cfg.rpm,
+                               tpm=cfg.tpm, temperature=JUDGE_TEMPERATURE, top_p=None, max_tokens=limit)
 
     def manifest(self) -> dict:
         return {"model": self.model, "endpoint_kind": endpoint_kind(self.base_url), "base_url": public_url(self.base_url),
@@ -495,8 +495,9 @@ def gate_run(engine: Engine, cfg: GenerateConfig, lang: str, api_key: str | None
     check_judgeable(engine.previous, settings)
     check_key(settings, api_key)
     if cfg.batch and not cfg.quiet:
-        # The hook for a batch judge: verdicts are independent requests, so a batch transport on the "judge" route
-        # (with the stage's window widened, as Generation does under --batch) is all it takes. Not built yet.
+        # The hook for a batch judge: verdicts are independent requests, so the judge route's make would be
+        # batch.transport_factory(cfg, settings.teacher(cfg), api_key, engine, route="judge"), the stage's window
+        # batch.BATCH_WINDOW and its price the batch price; moderation would keep an online Teacher. Not built yet.
         console.print("note: the judge sends its requests online (no --batch judge yet)", highlight=False, markup=False)
     add_judge_route(engine, settings, cfg, api_key)
     gate = Judging(settings, engine, cfg, in_place=True)
