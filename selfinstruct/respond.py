@@ -34,6 +34,10 @@ NO_PREFERENCE = "no-preference"
 # A verdict is a few sentences and a bracketed word.
 PAIR_JUDGE_MAX_TOKENS = 1024
 SHIPPED_SETS = ("orca",)
+# Meta keys that describe how an input record's old answer was made: respond writes its own, and an old system prompt
+# left behind would be exported as the system turn of an answer made without it.
+PREVIOUS_ANSWER_KEYS = ("raw", "usage", "request_id", "request_ids", "response_id", "finish_reason", "template", "template_sha256",
+                        "respond_template", "failed_stage", "answers", "pairs", "pair_judge", "system", "system_set", "system_index")
 
 _SPEC = re.compile(r"^(?P<name>[^@#]+?)(?:@(?P<url>[^#]*?))?(?::(?P<pin>\d+(?:\.\d+)?):(?P<pout>\d+(?:\.\d+)?))?(?:#(?P<env>[A-Za-z_][A-Za-z0-9_]*))?$")
 _VERDICT = re.compile(r"\[\[\s*(A|B|tie|平局|平手|相同)\s*\]\]", re.IGNORECASE)
@@ -302,7 +306,7 @@ class Response:
 
     def _record(self, rec: dict) -> dict:
         """The output record's shape: the input's id, instruction and input; its meta kept, its output moved to previous_output."""
-        meta = {k: v for k, v in (rec.get("meta") or {}).items() if k not in ("raw", "usage", "request_id", "request_ids")}
+        meta = {k: v for k, v in (rec.get("meta") or {}).items() if k not in PREVIOUS_ANSWER_KEYS}
         if rec.get("output", "").strip():
             meta["previous_output"] = rec["output"]
         previous_model = meta.pop("model", None)

@@ -267,20 +267,19 @@ def test_preference_pairs_route_each_model_judge_both_orders_and_export_dpo(tmp_
     triggers = {2: "QTIE", 5: "QBIAS", 7: "QMUDDLE", 9: "QBETA", 10: "QNOPE"}
     data = en_dataset(tmp_path / "tasks.jsonl", n=12, triggers=triggers)
     with FakeTeacher(reply=RespondReplies(), seed=1) as main, FakeTeacher(reply=RespondReplies(), seed=2) as second:
-        result = run_cli(
-            "respond", str(data), "--out", str(tmp_path / "pairs"), "--models", "alpha,beta,gamma",
-            "--base-url", main.base_url, "--model-spec", "alpha:0.5:1.5", "--model-spec", f"beta@{second.base_url}:1:2#BETA_KEY",
-            "--model-spec", "gamma:0.25:0.75", "--concurrency", "4", "--quiet", env={"BETA_KEY": "sk-beta-0123456789abcdef"})
+        args = ("respond", str(data), "--out", str(tmp_path / "pairs"), "--models", "alpha,beta,gamma", "--pair-judge-model", "judge-x",
+                "--base-url", main.base_url, "--model-spec", "alpha:0.5:1.5", "--model-spec", f"beta@{second.base_url}:1:2#BETA_KEY",
+                "--model-spec", "gamma:0.25:0.75", "--model-spec", "judge-x:2:4", "--concurrency", "4", "--quiet")
+        result = run_cli(*args, env={"BETA_KEY": "sk-beta-0123456789abcdef"})
         assert result.returncode == 0, result.stderr
         main_stats, second_stats, second_url = main.stats, second.stats, second.base_url
         # A rerun replays every answer and verdict from the ledger: neither server hears from it.
-        again = run_cli(
-            "respond", str(data), "--out", str(tmp_path / "pairs"), "--models", "alpha,beta,gamma",
-            "--base-url", main.base_url, "--model-spec", "alpha:0.5:1.5", "--model-spec", f"beta@{second.base_url}:1:2#BETA_KEY",
-            "--model-spec", "gamma:0.25:0.75", "--concurrency", "4", "--quiet", env={"BETA_KEY": "sk-beta-0123456789abcdef"})
+        again = run_cli(*args, env={"BETA_KEY": "sk-beta-0123456789abcdef"})
         assert again.returncode == 0, again.stderr
         assert (main.stats["requests_received"], second.stats["requests_received"]) == (
             main_stats["requests_received"], second_stats["requests_received"])
+        other = run_cli(*args[:5], "alpha,beta", *args[6:], env={"BETA_KEY": "sk-beta-0123456789abcdef"})
+        assert other.returncode == 2 and "--models" in other.stderr
     records, rejected, ledger, manifest = load(tmp_path / "pairs")
     # Each model answered every record at its own endpoint: beta alone went to the second server.
     answers = [e for e in ledger if e["stage"] == "respond"]
@@ -312,10 +311,12 @@ def test_preference_pairs_route_each_model_judge_both_orders_and_export_dpo(tmp_
     price = {"alpha": (0.5, 1.5), "beta": (1, 2), "gamma": (0.25, 0.75)}
     respond_usd = sum((e["usage"]["prompt_tokens"] * price[e["model"]][0] + e["usage"]["completion_tokens"] * price[e["model"]][1]) / 1e6
                       for e in answers)
-    judge_usd = sum((e["usage"]["prompt_tokens"] * 0.5 + e["usage"]["completion_tokens"] * 1.5) / 1e6 for e in judged)
+    judge_usd = sum((e["usage"]["prompt_tokens"] * 2 + e["usage"]["completion_tokens"] * 4) / 1e6 for e in judged)
+    assert all(e["route"] == "pair-judge" for e in judged)
     assert manifest["stages"]["respond"]["usd"] == pytest.approx(respond_usd, abs=1e-6)
     assert manifest["stages"]["pair-judge"]["usd"] == pytest.approx(judge_usd, abs=1e-6)
-    assert set(manifest["teachers"]) == {"teacher", "beta", "gamma"} and manifest["teachers"]["beta"]["base_url"] == second_url
+    assert set(manifest["respond"]["by_model"]["judge-x"]) == {"pair-judge"}
+    assert set(manifest["teachers"]) == {"teacher", "beta", "gamma", "pair-judge"} and manifest["teachers"]["beta"]["base_url"] == second_url
     assert "sk-beta" not in (tmp_path / "pairs" / "manifest.json").read_text(encoding="utf-8")
 
     # export --format dpo and dpo-messages: a row per kept pair, as TRL's DPOTrainer reads them.
@@ -363,6 +364,16 @@ def test_orca_system_prompts_are_sent_kept_and_exported_as_the_system_turn(tmp_p
             assert turns[0][role_key] == system_role and turns[0]["content" if fmt == "messages" else "value"] == systems[row["id"]]
     card = (tmp_path / "messages" / "README.md").read_text(encoding="utf-8")
     assert "orca-zh" in card
+    # Answering the Orca run again without system prompts: the old answer moves to previous_output, the old system prompt goes.
+    with FakeTeacher(reply=RespondReplies()) as fake:
+        result = run_cli("respond", str(tmp_path / "orca"), "--out", str(tmp_path / "plain"), "--base-url", fake.base_url, "--model", "beta",
+                         "--quiet")
+    assert result.returncode == 0, result.stderr
+    plain = load(tmp_path / "plain")[0]
+    assert len(plain) == 16 and not any("system" in r["meta"] or "system_index" in r["meta"] for r in plain)
+    old = {r["id"]: r for r in records}
+    assert all(r["meta"]["previous_output"] == old[r["id"]]["output"] and r["meta"]["previous_model"] == "fake-teacher" for r in plain)
+    assert all(r["meta"]["request_id"] == f"respond:beta:{r['id']}" for r in plain)
 
     # Your own set: --system-prompts FILE (English run).
     own = tmp_path / "mine.txt"
