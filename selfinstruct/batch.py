@@ -340,14 +340,14 @@ class BatchTransport:
     # ---- polling ------------------------------------------------------------------------
 
     async def _check(self, batch: _Batch) -> bool:
-        """Retrieve a batch; collect it once it ended. Whether anything changed."""
+        """Retrieve a batch; collect it once it ended. Whether its status changed (counts alone do not reset the backoff)."""
         info = await self.client.retrieve(batch.id)
         status, counts = info.get("status") or batch.status, info.get("request_counts") or {}
-        changed = (status, counts) != (batch.status, batch.counts)
-        batch.status, batch.counts = status, counts
-        if changed:
+        changed = status != batch.status
+        if (status, counts) != (batch.status, batch.counts):
             self.notify(f"batch {batch.id}: {status}, {counts.get('completed', 0):,}/{counts.get('total', len(batch.request_ids)):,} "
                         f"done, {counts.get('failed', 0):,} failed")
+        batch.status, batch.counts = status, counts
         if status in TERMINAL:
             await self._collect(batch, info)
             return True
@@ -492,6 +492,10 @@ def cancel_batches(run, cfg, api_key: str | None, echo: Callable[[str], None]) -
     if not live:
         echo(f"{run.path}: no batch is running")
         return 0
-    asyncio.run(cancel_all())
+    from selfinstruct.dirlock import DirectoryLock
+
+    # A run still going would send the lines a cancel leaves unrun again: it must be stopped first.
+    with DirectoryLock(run.path, "--cancel-batches"):
+        asyncio.run(cancel_all())
     echo("re-run the command without --cancel-batches to resume: lines the batches finished are kept, the rest go again")
     return 0

@@ -98,8 +98,8 @@ BATCH_DISCOUNT = 0.5
 
 def batch_price(price: Price | None, model: str, discount: float | None = None) -> Price | None:
     """The price of a batch: --batch-discount off the online price, else the table's batch price, else half off."""
-    if price is None:
-        return None
+    if price is None or (price.input, price.output) == (0.0, 0.0):
+        return price  # nothing to take half of (a local server)
     if discount is None and price.source.startswith("prices.toml:"):
         with open(PRICE_FILE, "rb") as fh:
             table = tomllib.load(fh).get("batch", {})

@@ -266,6 +266,9 @@ def test_ctrl_c_leaves_batches_running_and_cancel_batches_cancels_them(tmp_path)
         args = generate_args(fake, tmp_path, out, 40)
         proc = cli(*args)
         wait_for(lambda: (out / LEDGER).exists() and notes(read_jsonl(out / LEDGER), "batch"))
+        # While the run holds its directory, a cancel is refused: the run would send the unrun lines again.
+        refused = run_cli(*args, "--cancel-batches", timeout=60)
+        assert refused.returncode == 2 and fake.stats["batch_cancels"] == 0, refused.stderr
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 130, err
