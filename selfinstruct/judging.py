@@ -477,6 +477,26 @@ def gated_before(run: RunDir, cfg: GenerateConfig) -> bool:
     return bool(records) and all(isinstance(r.get("meta"), dict) and ("judge" in r["meta"] or "moderation" in r["meta"]) for r in records)
 
 
+# A planning prior for --dry-run: a verdict is a score and a sentence.
+VERDICT_TOKENS = 60
+
+
+def project_gate(cfg: GenerateConfig, lang: str, records: int, samples: Sequence[tuple[str, str, str]]) -> str:
+    """The --dry-run line of the gate: verdict requests, tokens and dollars for `records` records like the samples."""
+    from selfinstruct.pricing import estimate_prompt_tokens
+
+    settings = judge_settings(cfg, lang)
+    prompt = 0.0
+    if settings.template is not None and samples:
+        prompt = sum(estimate_prompt_tokens(settings.template.render(instruction=i, input=x, output=o, lang=lang, previous=None))
+                     for i, x, o in samples) / len(samples)
+    tokens = (int(records * prompt), records * VERDICT_TOKENS if settings.judge else 0)
+    usd = f"${settings.price.usd(*tokens):.2f}" if settings.price else "unknown (no price for the judge)"
+    what = f"≈ {records:,} verdicts by {settings.model} (retries not counted), ≈ {tokens[0]:,} prompt + {tokens[1]:,} completion tokens, ≈ {usd}"
+    moderation = "; moderation requests are free at OpenAI" if settings.moderate else ""
+    return f"then the gate: {what if settings.judge else 'moderation only'}{moderation}"
+
+
 # ---- running -----------------------------------------------------------------------------------
 
 

@@ -431,3 +431,14 @@ def test_a_gated_run_rerun_without_the_gate_is_refused(tmp_path, judge_fake):
     again = run_cli(*args)
     assert again.returncode == 2 and "re-run with --judge" in again.stderr and "Traceback" not in again.stderr
     assert judge_fake.stats["requests_received"] == before and read_jsonl(out / "records.jsonl") == kept
+
+
+def test_dry_run_projects_the_gate_at_the_judges_price(tmp_path):
+    result = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "1000", "--out", str(tmp_path / "run"), "--dry-run",
+                     "--judge", "--judge-model", "judge-m", "--judge-price-in", "10", "--judge-price-out", "20")
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("then the gate"))
+    assert "1,000 verdicts by judge-m" in line and "+ 60,000 completion tokens" in line
+    prompt = int(line.split("≈ ")[2].split(" prompt")[0].replace(",", ""))
+    assert f"${(prompt * 10 + 60_000 * 20) / 1e6:.2f}" in line
+    assert not (tmp_path / "run").exists()
