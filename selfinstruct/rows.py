@@ -36,6 +36,8 @@ class Build:
     seed: int = 42
     test_size: float | None = None
     evol_ops: dict[str, int] = field(default_factory=dict)
+    # Records answered under a system prompt (respond --system-prompts) that an alpaca row has no place for.
+    systems_dropped: int = 0
 
     @property
     def rows(self) -> int:
@@ -285,7 +287,9 @@ def build(
             name: [convert(rec, fmt, system=system, slim=slim, default_model=model) for rec in rows]
             for name, rows in split(records, test_size, seed).items()
         }
-    return Build(Path(run_dir), fmt, splits, manifest, slim=slim, system=system, seed=seed, test_size=test_size, evol_ops=ops)
+    dropped = sum(1 for rec in records if record_system(rec)) if fmt == "alpaca" else 0
+    return Build(Path(run_dir), fmt, splits, manifest, slim=slim, system=system, seed=seed, test_size=test_size, evol_ops=ops,
+                 systems_dropped=dropped)
 
 
 def infer_lang(build: Build) -> str:
@@ -300,7 +304,11 @@ def infer_lang(build: Build) -> str:
 
 
 def status_note(b: Build) -> list[str]:
+    notes = []
     status = b.manifest.get("status")
     if status and status != "completed":
-        return [f"note: the run's status is {status!r}; exported the {b.rows:,} records kept so far"]
-    return []
+        notes.append(f"note: the run's status is {status!r}; exported the {b.rows:,} records kept so far")
+    if b.systems_dropped:
+        notes.append(f"note: {b.systems_dropped:,} records were answered under a system prompt, which alpaca has no place for; "
+                     "--format sharegpt or messages keeps it as the first turn")
+    return notes

@@ -364,6 +364,9 @@ def test_orca_system_prompts_are_sent_kept_and_exported_as_the_system_turn(tmp_p
             assert turns[0][role_key] == system_role and turns[0]["content" if fmt == "messages" else "value"] == systems[row["id"]]
     card = (tmp_path / "messages" / "README.md").read_text(encoding="utf-8")
     assert "orca-zh" in card
+    notes: list[str] = []
+    export_run(tmp_path / "orca", tmp_path / "alpaca", "alpaca", echo=notes.append)
+    assert any("16 records were answered under a system prompt" in n for n in notes)
     # Answering the Orca run again without system prompts: the old answer moves to previous_output, the old system prompt goes.
     with FakeTeacher(reply=RespondReplies()) as fake:
         result = run_cli("respond", str(tmp_path / "orca"), "--out", str(tmp_path / "plain"), "--base-url", fake.base_url, "--model", "beta",
