@@ -254,12 +254,10 @@ class Judging:
             self.gone.add(rec["id"])
             self._count(rec, rec.get("reason", "unknown"))
         if self.in_place:
+            # Every record still in records.jsonl is judged (paid verdicts replay from the ledger): the file is
+            # rewritten only when the gate completes, and a completed gate never runs again (gated_before). A
+            # meta.judge a record already has came with the input (an earlier judge) and is replaced.
             self.records = self.run.load(RECORDS)
-            for rec in self.records:
-                if isinstance((rec.get("meta") or {}).get("judge"), dict) and rec["id"] not in finished:
-                    finished.add(rec["id"])  # the gate already rewrote records.jsonl with it
-                    self.judged[rec["id"]] = rec
-                    self._count(rec, None)
         else:
             for rec in self.run.load(RECORDS):
                 finished.add(rec["id"])

@@ -442,3 +442,17 @@ def test_dry_run_projects_the_gate_at_the_judges_price(tmp_path):
     prompt = int(line.split("≈ ")[2].split(" prompt")[0].replace(",", ""))
     assert f"${(prompt * 10 + 60_000 * 20) / 1e6:.2f}" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_records_judged_before_are_judged_again_by_this_gate(tmp_path, judge_fake):
+    first = tmp_path / "first"
+    assert judge_cli(judge_fake, write_records(tmp_path / "in.jsonl", ["JS5", "JS4", "JS3"]), first, "--min-score", "3").returncode == 0
+    evolved = tmp_path / "evolved"
+    # The judged records (meta.judge from the first judge) as the input of an evolve --judge with a stricter threshold.
+    with FakeTeacher(reply=EvolAndJudge()) as fake:
+        result = run_cli("evolve", str(first), "--out", str(evolved), "--base-url", fake.base_url, "--model", "m", "--judge",
+                         "--min-score", "4", "--quiet")
+    assert result.returncode == 0, result.stderr
+    gated = {r["id"]: r for r in read_jsonl(evolved / "rejected.jsonl") if r["meta"]["stage"] == "judge"}
+    assert gated["k2"]["reason"] == "low-score"  # kept at 3 by the first judge, not by this one
+    assert all(r["meta"]["judge"]["score"] >= 4 for r in read_jsonl(evolved / "records.jsonl"))
