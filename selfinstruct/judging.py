@@ -39,10 +39,11 @@ _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"```[a-zA-Z]*\s*(.*?)```", re.DOTALL)
 _OBJECT = re.compile(r"\{.*\}", re.DOTALL)
 # "Score: 4", "**评分**：4", "得分 = 4", "score 4"; then "4/5", "4 / 5"; then "4分".
-_LABELLED = re.compile(r"(?:score|rating|评分|評分|得分|分数|分數|打分)\s*[*_]*\s*[:：=]?\s*[*_]*\s*([1-5](?:\.\d+)?)(?![\d.]*\s*/\s*(?:10|100))",
-                       re.IGNORECASE)
-_FRACTION = re.compile(r"(?<![\d.])([1-5](?:\.\d+)?)\s*/\s*5(?![\d])")
-_POINTS = re.compile(r"(?<![\d.])([1-5])\s*分(?!之)")
+_LABELLED = re.compile(r"(?:score|rating|评分|評分|得分|分数|分數|打分)\s*[*_]*\s*[:：=]?\s*[*_]*\s*([1-5](?:\.\d+)?)(?![\d.])"
+                       r"(?!\s*(?:/|out of)\s*(?:10|100))", re.IGNORECASE)
+_FRACTION = re.compile(r"(?<![\d.])([1-5](?:\.\d+)?)\s*(?:/|out of)\s*5(?![\d])", re.IGNORECASE)
+# "4分", but not the scale ("满分5分", "总分 5 分").
+_POINTS = re.compile(r"(?<![\d.])(?<!满分)(?<!滿分)(?<!总分)(?<!總分)\s*([1-5])\s*分(?!之)")
 _BARE = re.compile(r"^\s*[*_]*([1-5])[*_]*\s*[.。]?\s*$")
 _REASON = re.compile(r"(?:reason|理由|原因|说明|說明)\s*[*_]*\s*[:：]\s*[*_]*\s*(.+)", re.IGNORECASE | re.DOTALL)
 

@@ -73,6 +73,9 @@ def by_id(rows: list[dict]) -> dict[str, dict]:
     ("我给 3 分，因为不完整。", 3),
     ("5", 5),
     ("<think>long reasoning</think>\n\nScore: 2", 2),
+    ("Score: 4/5", 4),
+    ("I would rate this 4 out of 5.", 4),
+    ("满分5分，我给4分。", 4),
 ])
 def test_each_reply_form_is_read(reply, score):
     verdict = parse_verdict(reply)
@@ -86,6 +89,8 @@ def test_each_reply_form_is_read(reply, score):
     "",
     "<think>I think score: 4 but I ran out of tokens",
     '{"reason": "no score"}',
+    "Score: 10",
+    "Rating: 7 out of 10",
 ])
 def test_unreadable_replies_are_none(reply):
     assert parse_verdict(reply) is None
