@@ -24,7 +24,7 @@ from selfinstruct.prompts import Template, load_template
 from selfinstruct.rules import RULES, RuleSettings, check, fold, measure, same_text_key
 from selfinstruct.rows import prompt_text
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir
-from selfinstruct.similarity import TOKEN_RE, DedupIndex, rouge_l
+from selfinstruct.similarity import TOKEN_RE, DedupIndex, compared_text, rouge_l
 
 IN_DEPTH = ("add-constraints", "deepen", "concretize", "increase-reasoning", "complicate-input")
 IN_BREADTH = ("mutate",)
@@ -392,9 +392,9 @@ class Evolution:
             self.index.add(key, text)
         for rec in self.base:
             if rec["id"] not in present:
-                self.index.add(rec["id"], rec["instruction"])
+                self.index.add(rec["id"], self.compared(rec))
         for rec in records:
-            self.index.add(rec["id"], rec["instruction"])
+            self.index.add(rec["id"], self.compared(rec))
             if self._ours(rec):
                 self.kept[rec["id"]] = rec
                 self.finished.add(rec["id"])
@@ -410,6 +410,10 @@ class Evolution:
             self.originals = len(self.base)
         self._parents = list(self.base)
         self._start_round(1)
+
+    def compared(self, rec: dict) -> str:
+        """What the near-duplicate check compares of a record (--field)."""
+        return compared_text(rec["instruction"], rec.get("input") or "", self.cfg.dedup_field)
 
     def _ours(self, rec: dict) -> bool:
         return stage_of(rec) == "evolve" and rec["id"] not in self.base_ids and bool(chain_of(rec))
@@ -611,9 +615,9 @@ class Evolution:
     def _near_duplicate(self, record: dict, ancestors: set[str], add: bool) -> tuple[str, str] | None:
         if "near-duplicate" not in self.checks:
             if add:
-                self.index.add(record["id"], record["instruction"])
+                self.index.add(record["id"], self.compared(record))
             return None
-        match = self.index.search(record["instruction"], exclude=ancestors)
+        match = self.index.search(self.compared(record), exclude=ancestors)
         if match is not None:
             record["duplicate_of"] = match.key
             record["duplicate_text"] = match.text
@@ -621,7 +625,7 @@ class Evolution:
             return "near-duplicate", f"ROUGE-L {match.score:.3f} with {match.key}"
         if add:
             # No await since the search: nothing else can slip in between.
-            self.index.add(record["id"], record["instruction"])
+            self.index.add(record["id"], self.compared(record))
         return None
 
     def _eliminate(self, record: dict, parent: dict, reason: str, detail: str) -> None:
@@ -679,13 +683,13 @@ class Evolution:
         cfg = self.cfg
         if self.own_manifest:
             keys = ("model", "base_url", "api_key_env", "seed", "concurrency", "rpm", "tpm", "timeout", "retries", "temperature",
-                    "top_p", "max_tokens", "similarity", "max_cost", "price_in", "price_out", "no_rule", "evol_rounds", "evol_ops",
+                    "top_p", "max_tokens", "similarity", "dedup_field", "max_cost", "price_in", "price_out", "no_rule", "evol_rounds", "evol_ops",
                     "judge_equal", "min_yield", "yield_window", "grace")
             m["config"] = {k: v for k, v in cfg.to_dict().items() if k in keys} | {"lang": self.lang, "base_url": public_url(cfg.base_url)}
             m["input"] = self.source
             if self.seeds:
                 m["seeds"] = self.seeds
-            m["filters"] = {"similarity": cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang}
+            m["filters"] = {"similarity": cfg.similarity, "field": cfg.dedup_field, "rules": sorted(self.rules.enabled), "lang": self.lang}
         m["templates"] = dict(m.get("templates") or {}) | self.templates.manifest()
         m["filters"] = dict(m.get("filters") or {}) | {"evol_checks": sorted(self.checks)}
         m["evol"] = self.evol_summary()
@@ -735,10 +739,11 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
-        from selfinstruct.judging import finish_gated, gated_before
+        if cfg.judge or cfg.moderate:
+            from selfinstruct.judging import finish_gated, gated_before
 
-        if gated_before(run, cfg):  # the quality gate already rewrote records.jsonl: evolving again would refill it
-            return finish_gated(run, cfg, None, console)
+            if gated_before(run):  # the quality gate already rewrote records.jsonl: evolving again would refill it
+                return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, price, command)
         evo = Evolution(cfg, engine, lang, base=base, copy_base=not evolved_only, source=source, seeds=input_seeds(inputs))
         check_evolvable(run, cfg, lang, evo.templates, source, price)
@@ -781,6 +786,8 @@ def check_evolvable(run: RunDir, cfg: GenerateConfig, lang: str, templates: Evol
         mismatches.append("--seed")
     if source is not None and (previous.get("config") or {}).get("lang", lang) != lang:
         mismatches.append("--lang")
+    if (previous.get("config") or {}).get("dedup_field", cfg.dedup_field) != cfg.dedup_field:
+        mismatches.append("--field")
     old_templates = previous.get("templates") or {}
     for key, t in templates.manifest().items():
         if key in old_templates and old_templates[key].get("sha256") != t["sha256"]:
@@ -820,7 +827,8 @@ def project_evolution(cfg: GenerateConfig, lang: str, records: int, samples: Seq
 
 def after_generation(gen) -> Evolution:
     """The evolution step of `generate --evol-rounds`: evolves the run's kept records into the same run directory."""
-    evo = Evolution(gen.cfg, gen.engine, gen.lang, extra_index=[(f"seed:{task.id}", task.instruction) for task in gen.seeds.tasks],
-                    own_manifest=False)
+    seeds = [(f"seed:{task.id}" + (f"#{k}" if k else ""), compared_text(task.instruction, inst.input, gen.cfg.dedup_field))
+             for task in gen.seeds.tasks for k, inst in enumerate(task.instances)]
+    evo = Evolution(gen.cfg, gen.engine, gen.lang, extra_index=seeds, own_manifest=False)
     check_evolvable(gen.run, gen.cfg, gen.lang, evo.templates, price=gen.engine.price)
     return evo

@@ -21,7 +21,7 @@ from selfinstruct.prompts import Template
 from selfinstruct.rules import RuleSettings, check
 from selfinstruct.rundir import RECORDS, REJECTED, SURPLUS, RunDir
 from selfinstruct.seeds import SeedSet, SeedTask
-from selfinstruct.similarity import DedupIndex
+from selfinstruct.similarity import DedupIndex, compared_text
 
 # Until a few requests are back, the dry run assumes half the asked-for tasks survive the filters...
 PRIOR_YIELD = 0.5
@@ -93,7 +93,9 @@ class Generation:
     def load(self, finished: list[dict]) -> int:
         """Reload an earlier attempt from the engine's ledger: index seeds and kept records, finish half-processed replies."""
         for task in self.seeds.tasks:
-            self.index.add(f"seed:{task.id}", task.instruction)
+            # Each instance of a seed: with --field instruction+input a seed's instruction on other material is another task.
+            for k, inst in enumerate(task.instances):
+                self.index.add(f"seed:{task.id}" + (f"#{k}" if k else ""), self.compared(task.instruction, inst.input))
         previous = self.engine.previous
         if previous:
             self.json_fallback = (previous.get("teacher") or {}).get("json_mode_fallback")
@@ -102,7 +104,7 @@ class Generation:
         rejected = [r for r in self.run.load(REJECTED) if (r.get("meta") or {}).get("stage", "generate") == "generate"]
         done = set()
         for rec in kept:
-            self.index.add(rec["id"], rec["instruction"])
+            self.index.add(rec["id"], self.compared(rec["instruction"], rec.get("input", "")))
             if (rec.get("meta") or {}).get("stage", "generate") == "generate":
                 done.add(rec["id"])
         self.tally.kept = len(done)
@@ -111,7 +113,7 @@ class Generation:
             done.add(rec["id"])
         pool = [r for r in self.run.load(SURPLUS) if r["id"] not in done]
         for rec in pool:
-            self.index.add(rec["id"], rec["instruction"])
+            self.index.add(rec["id"], self.compared(rec["instruction"], rec.get("input", "")))
             done.add(rec["id"])
         # A larger --n than the run had: the records it held back are used before anything is paid for.
         promoted = pool[: max(self.cfg.n - self.tally.kept, 0)]
@@ -189,7 +191,7 @@ class Generation:
             }
             verdict = apply_rules(item, self.rules)
             if verdict is None and "near-duplicate" not in self.cfg.no_rule:
-                match = self.index.add_if_novel(rid, item.instruction)
+                match = self.index.add_if_novel(rid, self.compared(item.instruction, item.input))
                 if match is not None:
                     verdict = ("near-duplicate", f"ROUGE-L {match.score:.3f} with {match.key}")
                     record["duplicate_of"] = match.key
@@ -203,6 +205,9 @@ class Generation:
                 rejected.append(record)
         self._write(kept, rejected, surplus)
         return len(kept) + len(rejected) + len(surplus)
+
+    def compared(self, instruction: str, input_text: str) -> str:
+        return compared_text(instruction, input_text, self.cfg.dedup_field)
 
     def _write(self, kept: list[dict], rejected: list[dict], surplus: list[dict] = ()) -> None:
         if kept:
@@ -325,7 +330,8 @@ class Generation:
                              "license": self.seeds.license}
         manifest["templates"] = {"generate": {"name": self.template.name, "sha256": self.template.sha256}}
         manifest["teacher"]["json_mode_fallback"] = self.json_fallback
-        manifest["filters"] = {"similarity": self.cfg.similarity, "rules": sorted(self.rules.enabled), "lang": self.lang}
+        manifest["filters"] = {"similarity": self.cfg.similarity, "field": self.cfg.dedup_field, "rules": sorted(self.rules.enabled),
+                               "lang": self.lang}
         manifest["surplus"] = {"records": self.reserve, "file": SURPLUS}
 
 
@@ -363,7 +369,7 @@ def check_resumable(run: RunDir, cfg: GenerateConfig, seeds: SeedSet, template: 
         mismatches.append("seed file contents")
     if previous.get("templates", {}).get("generate", {}).get("sha256") not in (None, template.sha256):
         mismatches.append("template")
-    for key in ("lang", "json_mode", "similarity"):
+    for key in ("lang", "json_mode", "similarity", "dedup_field"):
         if key in old and old[key] != getattr(cfg, key) and not (key == "lang" and cfg.lang is None):
             mismatches.append(f"--{key.replace('_', '-')}")
     if mismatches:
@@ -433,12 +439,6 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     price = run_price_for(cfg, run_price(cfg, console))
     if cfg.dry_run:
         print_projection(cfg, seed_set, template, price, echo)
-        if cfg.judge or cfg.moderate:
-            from selfinstruct.judging import project_gate
-
-            # Every kept record is judged: --n, plus what --evol-rounds adds (its projection's prior).
-            judged = cfg.n + sum(round(cfg.n * 0.7 ** r) for r in range(1, cfg.evol_rounds + 1))
-            echo(project_gate(cfg, cfg.lang, judged, [(t.instruction, t.instances[0].input, t.instances[0].output) for t in seed_set.tasks]))
         if cfg.batch and price is not None:
             echo(f"at the Batch API price: ${price.input:g} in, ${price.output:g} out per 1M tokens ({price.source})")
         return 0
@@ -459,10 +459,11 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
-        from selfinstruct.judging import finish_gated, gated_before
+        if cfg.judge or cfg.moderate:
+            from selfinstruct.judging import finish_gated, gated_before
 
-        if gated_before(run, cfg):  # the quality gate already rewrote records.jsonl: generating again would refill it
-            return finish_gated(run, cfg, seed_set.license, console)
+            if gated_before(run):  # the quality gate already rewrote records.jsonl: generating again would refill it
+                return finish_gated(run, cfg, seed_set.license, console)
         check_resumable(run, cfg, seed_set, template, price)
         engine = make_engine(run, cfg, price, command)
         gen = Generation(cfg, seed_set, template, engine)

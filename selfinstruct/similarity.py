@@ -90,6 +90,11 @@ def dedup_text(instruction: str, input: str = "") -> str:
     return f"{instruction}\n{input}" if input and input.strip() else instruction
 
 
+def compared_text(instruction: str, input: str, field: str) -> str:
+    """The text a run's near-duplicate check compares for --field instruction or instruction+input."""
+    return instruction if field == "instruction" else dedup_text(instruction, input)
+
+
 def partner_min_len(length: int, threshold: float) -> int:
     """Shortest sequence that can still reach F1 >= threshold against one of `length` tokens."""
     # F1 <= 2·min/(a+b); with a <= b this needs a >= b·t/(2-t).
