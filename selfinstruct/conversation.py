@@ -81,7 +81,6 @@ class Conversation:
         self.source = source or {}
         self.seeds = seeds
         self.assistant_template, self.user_template = load_templates(lang)
-        self.window = cfg.concurrency
         self.rules = RuleSettings(lang=lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.later_rules = dataclasses.replace(self.rules, enabled=self.rules.enabled - frozenset(INSTRUCTION_SHAPE))
         self.dedup = "near-duplicate" not in cfg.no_rule
@@ -138,6 +137,11 @@ class Conversation:
             self.tally.rejected[reason] += 1
 
     # ---- the engine's questions -----------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Conversations in flight: a conversation asks its turns one after the other, so as many as the teacher takes now (--concurrency auto moves it)."""
+        return getattr(self.engine.transport, "capacity", self.cfg.concurrency)
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
         rec = next(self._queue, None)

@@ -134,7 +134,6 @@ class Textbook:
         self.audiences = load_shipped("audiences", lang)
         self.styles = load_shipped("styles", lang)
         self.section_template, self.exercise_template = load_templates(lang)
-        self.window = cfg.concurrency
         self.rules = RuleSettings(lang=lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.section_rules = dataclasses.replace(self.rules, enabled=self.rules.enabled & frozenset(SECTION_RULES))
         self.dedup = "near-duplicate" not in cfg.no_rule
@@ -168,6 +167,11 @@ class Textbook:
         self._queue = iter(todo)
 
     # ---- the engine's questions -----------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Sections in flight: a unit asks its two requests one after the other, so as many as the teacher takes now (--concurrency auto moves it)."""
+        return getattr(self.engine.transport, "capacity", self.cfg.concurrency)
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
         uid = next(self._queue, None)

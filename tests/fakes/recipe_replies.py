@@ -4,13 +4,13 @@ Replies depend only on the prompt text (never on arrival order), so an interrupt
 same replies as an uninterrupted one. Trigger words make the teacher misbehave on purpose:
 
 textbook (in a topic; the section's title carries it into the exercises prompt):
-    QREFUSE   the section is a short refusal                                   -> section rejected (refusal), no exercises asked
+    QNOPE   the section is a short refusal                                   -> section rejected (refusal), no exercises asked
     QTWIN     every QTWIN section is the same text                             -> all but one section near-duplicate
     every exercises reply ends with the same shared exercise                   -> all but one near-duplicate across sections
     QPIC      the second exercise asks for a picture                           -> blacklist
 
 chat (in the first user turn):
-    QREFUSE   the assistant refuses on turn 1                                  -> conversation rejected (refusal)
+    QNOPE   the assistant refuses on turn 1                                  -> conversation rejected (refusal)
     QLATE     the assistant refuses on turn 2                                  -> kept, cut before turn 2
     QBYE      the simulated user closes after the first answer ([END])         -> kept with one turn, ended closed
 """
@@ -48,7 +48,7 @@ class TextbookReplies:
 
     @staticmethod
     def section(topic: str, prompt: str, lang: str) -> str:
-        if "QREFUSE" in topic:
+        if "QNOPE" in topic:
             return "抱歉，我无法完成这个请求。" if lang == "zh" else "Sorry, I cannot help with that."
         rng = _rng("QTWIN" if "QTWIN" in topic else prompt)
         parts = [f"# {topic}", make_text(rng, lang, 200, 300)]
@@ -102,7 +102,7 @@ class ChatReplies:
     def answer(messages: list[dict], lang: str) -> str:
         users = [m["content"] for m in messages if m["role"] == "user"]
         turn = len(users)
-        if ("QREFUSE" in users[0] and turn == 1) or ("QLATE" in users[0] and turn == 2):
+        if ("QNOPE" in users[0] and turn == 1) or ("QLATE" in users[0] and turn == 2):
             return "抱歉，我无法回答这个问题。" if lang == "zh" else "Sorry, I can't help with that."
         rng = _rng("\n".join(m["content"] for m in messages))
         lead = f"第{turn}轮回答：" if lang == "zh" else f"Answer {turn}: "
