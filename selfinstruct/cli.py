@@ -579,3 +579,89 @@ def judge(
                           os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None, command_line(), Console(stderr=True))
     if exit_code:
         raise typer.Exit(exit_code)
+
+
+@app.command()
+def textbook(
+    topics: str = typer.Option(..., "--topics", help="Topics: a text file (one a line), JSONL of {\"topic\": ...}, or zh / en for the shipped lists."),
+    n: int = typer.Option(..., "--n", help="Sections to write (units of topic × audience × style); each gives --exercises exercise records."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume (a larger --n extends it)."),
+    exercises: Optional[int] = typer.Option(None, "--exercises", help="Exercises with solutions asked per section (default 3)."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the topics)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default gpt-4o-mini)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the topic × audience × style draws (default 42)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Sections in flight (default 16)."),
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Reply token limit of a section and of its exercises (default 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which a section or an exercise is a near-duplicate of an earlier one (default 0.7)."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable)."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
+) -> None:
+    """phi-style textbooks: a section with worked examples per topic × audience × style, then exercises with solutions as records. Re-run to resume."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "topics")}
+    from rich.console import Console
+
+    from selfinstruct.config import resolve
+    from selfinstruct.textbook import run_textbook
+
+    cfg = resolve(flags, config)
+    _check_rule_names(cfg.no_rule)
+    exit_code = run_textbook(cfg, topics, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True))
+    if exit_code:
+        raise typer.Exit(exit_code)
+
+
+@app.command()
+def chat(
+    inputs: Optional[list[Path]] = typer.Argument(None, help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories: each record's instruction (+ input) opens a conversation."),
+    seeds: Optional[Path] = typer.Option(None, "--seeds", help="Open conversations with a seed file's tasks instead of INPUT."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume."),
+    turns: Optional[int] = typer.Option(None, "--turns", help="The most assistant turns a conversation has; the simulated user may close it earlier (default 3)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input records."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model, playing both user and assistant (default gpt-4o-mini)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Conversations in flight (default 16)."),
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Assistant reply token limit (default 3072; a user turn gets at most 512)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which a first user turn is a near-copy of an earlier one and is not used (default 0.7)."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable)."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
+) -> None:
+    """Multi-turn conversations: the teacher plays a user who follows up and the assistant who answers, until the user closes or --turns. Re-run to resume."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "inputs", "seeds", "limit")}
+    from rich.console import Console
+
+    from selfinstruct.config import resolve
+    from selfinstruct.conversation import run_chat
+
+    cfg = resolve(flags, config)
+    _check_rule_names(cfg.no_rule)
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit must be at least 1", "leave it out to use every record")
+    exit_code = run_chat(cfg, inputs or [], seeds, limit, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True))
+    if exit_code:
+        raise typer.Exit(exit_code)

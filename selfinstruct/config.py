@@ -32,6 +32,9 @@ class GenerateConfig:
     lang: str | None = None  # zh, zh-Hant, en; None: inferred from the seeds
     model: str = "gpt-4o-mini"
     base_url: str | None = None
+    # --base-url repeated: more endpoints serving the same model (vLLM or llama.cpp replicas); base_url stays
+    # the primary one (its kind and price stand for all).
+    replicas: tuple[str, ...] = ()
     api_key_env: str = "OPENAI_API_KEY"
     # --local: a llama.cpp server started for the command (selfinstruct/local_server.py); --gguf implies it.
     local: bool = False
@@ -42,7 +45,11 @@ class GenerateConfig:
     num_examples: int = 3
     per_request: int = 10
     seed: int = 42
-    concurrency: int = 16
+    # The most requests in flight: fixed, or with adaptive_concurrency (--concurrency auto) the ceiling a
+    # limit starting at 1 grows to while latency holds (ConcurrencyLimit). 64: one CLI process still keeps
+    # up with the teacher there (0.95x the bound in benchmarks/throughput_bench.py, CPU-bound at 256).
+    concurrency: int = 64
+    adaptive_concurrency: bool = True
     rpm: int | None = None
     tpm: int | None = None
     timeout: float = 120.0
@@ -79,6 +86,9 @@ class GenerateConfig:
     model_specs: tuple[str, ...] = ()
     pair_judge_model: str | None = None
     system_prompts: str | None = None
+    # textbook: exercises asked per section; chat: the most assistant turns a conversation has.
+    exercises: int = 3
+    turns: int = 3
     grace: float = 10.0
     quiet: bool = False
     dry_run: bool = False
@@ -148,6 +158,20 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         ) from None
 
 
+# Keys of files, environment and flags that are not fields: `concurrency` takes "auto" or a number,
+# `max_concurrency` is the ceiling of auto (both spread over concurrency and adaptive_concurrency).
+_CONCURRENCY_KEYS = ("concurrency", "max_concurrency")
+MAX_CONCURRENCY = GenerateConfig.concurrency
+
+
+def _spread_concurrency(name: str, value: Any, where: str) -> dict[str, Any]:
+    """`concurrency` "auto" or N, or `max_concurrency` M, as the fields they set (a fixed number means fixed)."""
+    if name == "concurrency" and isinstance(value, str) and value.strip().lower() == "auto":
+        return {"adaptive_concurrency": True}
+    number = _coerce("concurrency", value, where)
+    return {"concurrency": number, "adaptive_concurrency": False} if name == "concurrency" else {"concurrency": number}
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Keys from a TOML config file (top level or a [generate] table); unknown keys are errors."""
     try:
@@ -162,6 +186,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     values = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if name in _CONCURRENCY_KEYS:
+            values.update(_spread_concurrency(name, value, str(path)))
+            continue
         if name not in _FIELDS:
             raise ConfigError(
                 f"{path}: unknown key `{key}`",
@@ -174,10 +201,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """Values from SELFINSTRUCT_<FIELD> environment variables."""
     values = {}
-    for name in _FIELDS:
+    for name in (*_FIELDS, "max_concurrency"):
         key = ENV_PREFIX + name.upper()
         if key in environ:
-            values[name] = _coerce(name, environ[key], key)
+            values.update(_spread_concurrency(name, environ[key], key) if name in _CONCURRENCY_KEYS else {name: _coerce(name, environ[key], key)})
     return values
 
 
@@ -189,8 +216,18 @@ def resolve(
     if config_file is not None:
         values.update(read_config_file(config_file))
     values.update(read_env(os.environ if environ is None else environ))
+    fixed, ceiling = flags.get("concurrency"), flags.get("max_concurrency")
+    if ceiling is not None and fixed is not None and str(fixed).strip().lower() != "auto":
+        raise ConfigError(f"--max-concurrency {ceiling} goes with --concurrency auto, not --concurrency {fixed}",
+                          "a fixed --concurrency is the limit itself; drop one of the two")
     for name, value in flags.items():
-        if value is not None:
+        if value is None:
+            continue
+        if name in _CONCURRENCY_KEYS:
+            values.update(_spread_concurrency(name, value, f"--{name.replace('_', '-')}"))
+        elif name == "base_url" and isinstance(value, (list, tuple)):  # --base-url repeated: the first is the primary
+            values["base_url"], values["replicas"] = (value[0], tuple(value[1:])) if value else (None, ())
+        else:
             values[name] = tuple(value) if isinstance(value, list) else value
     for name in ("seeds", "out", "gguf"):
         if isinstance(values.get(name), str):
@@ -214,7 +251,10 @@ def validate(cfg: GenerateConfig) -> None:
         (cfg.n >= 1, "--n must be at least 1", "ask for the number of records you want, e.g. --n 1000"),
         (cfg.per_request >= 1, "--per-request must be at least 1", "the default is 10"),
         (cfg.num_examples >= 0, "--num-examples cannot be negative", "the default is 3"),
-        (cfg.concurrency >= 1, "--concurrency must be at least 1", "try 16"),
+        (cfg.concurrency >= 1, "--concurrency must be at least 1" if not cfg.adaptive_concurrency else "--max-concurrency must be at least 1",
+         "auto (the default) finds the teacher's pace; a number fixes it, e.g. 16"),
+        (not cfg.replicas or cfg.base_url is not None, "replicas need a primary --base-url", "give every endpoint as --base-url URL"),
+        (not (cfg.replicas and cfg.batch), "--batch goes to one endpoint, not several --base-url", "give one --base-url with --batch"),
         (cfg.ctx_size is None or cfg.ctx_size >= 256, "--ctx-size must be at least 256", "leave it out to fit the prompt plus --max-tokens"),
         (0.0 < cfg.similarity <= 1.0, "--similarity must be in (0, 1]", "0.7 is the Self-Instruct threshold"),
         (cfg.dedup_field in ("instruction", "instruction+input"), f"--field {cfg.dedup_field!r} is not supported",
@@ -226,6 +266,8 @@ def validate(cfg: GenerateConfig) -> None:
         (cfg.tpm is None or cfg.tpm >= 1, "--tpm must be at least 1", "leave it out for no limit"),
         (cfg.max_cost is None or cfg.max_cost > 0, "--max-cost must be positive", "a budget in USD, e.g. 5"),
         (cfg.lang in (None, "zh", "zh-Hant", "en"), f"--lang {cfg.lang!r} is not supported", "use zh, zh-Hant or en"),
+        (cfg.exercises >= 1, "--exercises must be at least 1", "exercises asked per textbook section, e.g. 3"),
+        (cfg.turns >= 1, "--turns must be at least 1", "the most assistant turns a conversation has, e.g. 3"),
         (cfg.evol_rounds >= 0, "--evol-rounds cannot be negative", "0 switches evolution off"),
         (0.0 <= cfg.min_yield < 1.0, "--min-yield must be in [0, 1)", "the default is 0.1"),
         (cfg.max_requests is None or cfg.max_requests >= 1, "--max-requests must be at least 1", "leave it out for the default cap"),
@@ -233,7 +275,7 @@ def validate(cfg: GenerateConfig) -> None:
         (cfg.batch_discount is None or 0.0 <= cfg.batch_discount < 1.0, "--batch-discount must be in [0, 1)",
          "the share off the online price, e.g. 0.5"),
         (bool(cfg.model.strip()), "--model is empty", "name the teacher model, e.g. --model gpt-4o-mini"),
-        (not _has_credentials(cfg.base_url), "--base-url carries a user name or password",
+        (not any(map(_has_credentials, (cfg.base_url, *cfg.replicas))), "--base-url carries a user name or password",
          "drop the user:password@ part; the key goes in the variable named by --api-key-env"),
         (1.0 <= cfg.min_score <= 5.0, "--min-score must be in [1, 5]", "the judge scores 1-5; 4 keeps records that meet every criterion"),
         (cfg.judge_model is None or bool(cfg.judge_model.strip()), "--judge-model is empty", "name the judge model, or leave it out"),

@@ -739,11 +739,10 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
-        if cfg.judge or cfg.moderate:
-            from selfinstruct.judging import finish_gated, gated_before
+        from selfinstruct.judging import finish_gated, gated_before
 
-            if gated_before(run):  # the quality gate already rewrote records.jsonl: evolving again would refill it
-                return finish_gated(run, cfg, None, console)
+        if gated_before(run, cfg):  # the quality gate already rewrote records.jsonl: evolving again would refill it
+            return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, price, command)
         evo = Evolution(cfg, engine, lang, base=base, copy_base=not evolved_only, source=source, seeds=input_seeds(inputs))
         check_evolvable(run, cfg, lang, evo.templates, source, price)

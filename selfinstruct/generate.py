@@ -439,6 +439,12 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     price = run_price_for(cfg, run_price(cfg, console))
     if cfg.dry_run:
         print_projection(cfg, seed_set, template, price, echo)
+        if cfg.judge or cfg.moderate:
+            from selfinstruct.judging import project_gate
+
+            # Every kept record is judged: --n, plus what --evol-rounds adds (its projection's prior).
+            judged = cfg.n + sum(round(cfg.n * 0.7 ** r) for r in range(1, cfg.evol_rounds + 1))
+            echo(project_gate(cfg, cfg.lang, judged, [(t.instruction, t.instances[0].input, t.instances[0].output) for t in seed_set.tasks]))
         if cfg.batch and price is not None:
             echo(f"at the Batch API price: ${price.input:g} in, ${price.output:g} out per 1M tokens ({price.source})")
         return 0
@@ -459,11 +465,10 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
-        if cfg.judge or cfg.moderate:
-            from selfinstruct.judging import finish_gated, gated_before
+        from selfinstruct.judging import finish_gated, gated_before
 
-            if gated_before(run):  # the quality gate already rewrote records.jsonl: generating again would refill it
-                return finish_gated(run, cfg, seed_set.license, console)
+        if gated_before(run, cfg):  # the quality gate already rewrote records.jsonl: generating again would refill it
+            return finish_gated(run, cfg, seed_set.license, console)
         check_resumable(run, cfg, seed_set, template, price)
         engine = make_engine(run, cfg, price, command)
         gen = Generation(cfg, seed_set, template, engine)
