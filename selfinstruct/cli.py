@@ -488,7 +488,7 @@ def respond(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume."),
     models: Optional[list[str]] = typer.Option(None, "--models", help="Two or more models (comma-separated or repeated) answer every record; a judge then picks preference pairs."),
-    model_spec: Optional[list[str]] = typer.Option(None, "--model-spec", help="Where a model of --models (or the judge) lives and what it costs: NAME[@BASE_URL][:PRICE_IN:PRICE_OUT][#KEY_ENV] (repeatable)."),
+    model_spec: Optional[list[str]] = typer.Option(None, "--model-spec", help="Where a model of --models (or the judge) lives and what it costs: NAME\\[@BASE_URL]\\[:PRICE_IN:PRICE_OUT]\\[#KEY_ENV] (repeatable)."),
     pair_judge_model: Optional[str] = typer.Option(None, "--pair-judge-model", help="Model judging each pair in both orders (default: the first of --models)."),
     system_prompts: Optional[str] = typer.Option(None, "--system-prompts", help="Draw a system prompt per record: orca (shipped zh/en explanation set) or a file, one prompt a line."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N input records."),

@@ -214,7 +214,6 @@ class Response:
         self.seeds = seeds
         self.template, self.judge_template = load_answer_templates(lang)
         self.ledger_stages = (ANSWER, PAIR_JUDGE) if self.judge else (ANSWER,)
-        self.window = cfg.concurrency
         self.rules = RuleSettings(lang=lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.dedup = "near-duplicate" not in cfg.no_rule
         self.tally = Tally()
@@ -281,6 +280,11 @@ class Response:
             self.pairs["kept" if pair.get("outcome") == "chosen" else str(pair.get("outcome"))] += 1
 
     # ---- the engine's questions -----------------------------------------------------------
+
+    @property
+    def window(self) -> int:
+        """Records in flight: as many as the teacher takes requests at once (its adaptive capacity when it has one)."""
+        return getattr(self.engine.transport, "capacity", None) or self.cfg.concurrency
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
         rec = next(self._queue, None)
