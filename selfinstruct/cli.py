@@ -98,6 +98,9 @@ BATCH = typer.Option(None, "--batch/--no-batch", help="Send requests through the
 POLL_INTERVAL = typer.Option(None, "--poll-interval", help="Seconds between batch status checks at first; backs off to a minute (default 5).")
 BATCH_DISCOUNT = typer.Option(None, "--batch-discount", help="Share off the online price for batches (default: the price table's batch price, else 0.5).")
 CANCEL_BATCHES = typer.Option(None, "--cancel-batches", help="Cancel the run's running batches and exit; finished lines are kept for a resume.")
+# How many requests a teacher command keeps in flight, shared by every one of them.
+CONCURRENCY = typer.Option(None, "--concurrency", metavar="auto|N", help="Requests in flight: auto starts at 1 and grows while the teacher keeps up (cut on timeouts, 429s, 5xx), up to --max-concurrency; a number fixes it. Default: auto.")
+MAX_CONCURRENCY = typer.Option(None, "--max-concurrency", help="Ceiling of --concurrency auto. Default: 64.")
 
 
 def _check_rule_names(names) -> None:
@@ -125,7 +128,8 @@ def generate(
     num_examples: Optional[int] = typer.Option(None, "--num-examples", help="Seed tasks shown per request (default 3)."),
     per_request: Optional[int] = typer.Option(None, "--per-request", help="New tasks asked per request (default 10)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 42)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
+    concurrency: Optional[str] = CONCURRENCY,
+    max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
@@ -214,7 +218,8 @@ def evolve(
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the op draws (default 42)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
+    concurrency: Optional[str] = CONCURRENCY,
+    max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
@@ -497,7 +502,8 @@ def respond(
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the system-prompt draws (default 42)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Records in flight (default 16)."),
+    concurrency: Optional[str] = CONCURRENCY,
+    max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap (per model)."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap (per model)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
@@ -553,7 +559,8 @@ def judge(
     judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="... with the key in this variable (default --api-key-env)."),
     judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="... at this USD per 1M prompt tokens."),
     judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="... and this USD per 1M completion tokens."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Requests in flight (default 16)."),
+    concurrency: Optional[str] = CONCURRENCY,
+    max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
@@ -592,7 +599,8 @@ def textbook(
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the topic × audience × style draws (default 42)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Sections in flight (default 16)."),
+    concurrency: Optional[str] = CONCURRENCY,
+    max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
@@ -634,7 +642,8 @@ def chat(
     model: Optional[str] = typer.Option(None, "--model", help="Teacher model, playing both user and assistant (default gpt-4o-mini)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="Conversations in flight (default 16)."),
+    concurrency: Optional[str] = CONCURRENCY,
+    max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),

@@ -154,6 +154,7 @@ def teacher_settings(cfg) -> TeacherSettings:
     """How a run drives its teacher, from its frozen config."""
     return TeacherSettings(
         model=cfg.model, base_url=cfg.base_url, timeout=cfg.timeout, retries=cfg.retries, concurrency=cfg.concurrency,
+        adaptive=getattr(cfg, "adaptive_concurrency", False),
         rpm=cfg.rpm, tpm=cfg.tpm, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
     )
 

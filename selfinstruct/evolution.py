@@ -352,12 +352,6 @@ class Evolution:
         self.ops = resolve_ops(cfg.evol_ops)
         self.templates = load_templates(lang, self.ops, cfg.judge_equal)
         self.ledger_stages = STAGES if self.templates.judge is not None else tuple(s for s in STAGES if s != "judge")
-        # A step is up to three requests in a row: twice --concurrency steps keep the teacher busy.
-        self.window = cfg.concurrency * 2
-        if cfg.batch:  # a round's rewrites (then its answers) go as one batch
-            from selfinstruct.batch import BATCH_WINDOW
-
-            self.window = BATCH_WINDOW
         self.rules = RuleSettings(lang=lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.checks = frozenset(r for r in (*REASONS, "near-duplicate") if r not in cfg.no_rule)
         self.index = DedupIndex(cfg.similarity)
@@ -375,6 +369,15 @@ class Evolution:
         self._parents: list[dict] = []
         self._children: dict[str, dict] = {}
         self._queue: Iterator[dict] = iter(())
+
+    @property
+    def window(self) -> int:
+        """Steps in flight: a step is up to three requests in a row, so twice what the teacher takes now keeps it busy."""
+        if self.cfg.batch:  # a round's rewrites (then its answers) go as one batch
+            from selfinstruct.batch import BATCH_WINDOW
+
+            return BATCH_WINDOW
+        return 2 * getattr(self.engine.transport, "capacity", self.cfg.concurrency)
 
     # ---- resume -------------------------------------------------------------------------
 

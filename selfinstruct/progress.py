@@ -28,8 +28,18 @@ def describe(state: RunState) -> str:
     tokens = t.prompt_tokens + t.completion_tokens
     return (
         f"rejected: {top} | {t.requests} req ({t.failed_requests} failed) {t.requests / elapsed:.1f}/s | "
-        f"{tokens:,} tok | ${state.usd:.4f}"
+        f"{tokens:,} tok | ${state.usd:.4f}{_concurrency(state)}"
     )
+
+
+def _concurrency(state: RunState) -> str:
+    """' | concurrency 12 (auto, ≤64), 0 timeouts, 3 retries' from the teacher's transport, or '' without one."""
+    report = getattr(getattr(state, "transport", None), "concurrency", None)
+    if not callable(report):
+        return ""
+    c = report()
+    mode = f" (auto, ≤{c['max']})" if c["adaptive"] else ""
+    return f" | concurrency {c['concurrency']}{mode}, {c['timeouts']} timeouts, {c['retries']} retries"
 
 
 class ProgressView:

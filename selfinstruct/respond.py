@@ -574,7 +574,8 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
         for name, spec in specs.items():
             if name == models[0]:
                 continue
-            route = name if name in models else PAIR_JUDGE
+            # A model called "teacher" or "pair-judge" must not take over the engine's own route names.
+            route = (name if name not in ("teacher", PAIR_JUDGE) else f"model:{name}") if name in models else PAIR_JUDGE
             routes[name] = route
             key = keys.get(spec.api_key_env or cfg.api_key_env)
             route_settings = dataclasses.replace(settings, model=name, base_url=spec.base_url)

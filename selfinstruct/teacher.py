@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import importlib
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,7 +51,8 @@ class TeacherSettings:
     base_url: str | None = None
     timeout: float = 120.0
     retries: int = 6
-    concurrency: int = 16
+    concurrency: int = 16  # the most requests in flight: fixed, or the ceiling of an adaptive limit
+    adaptive: bool = False  # --concurrency auto: start low, move between 1 and `concurrency` (ConcurrencyLimit)
     rpm: int | None = None
     tpm: int | None = None
     temperature: float | None = 1.0
@@ -397,6 +400,149 @@ def _http_client(settings: TeacherSettings):
     return transport(timeout=settings.timeout, limits=limits)
 
 
+# --concurrency auto: where the limit starts. One request alone measures the teacher's unloaded latency;
+# a server that runs one request at a time then never sees a queue it has to work off.
+ADAPTIVE_START = 1
+# A round's median latency over the unloaded one: below HOLD there is room (grow), above CUT requests
+# queue in the server (cut to what it really works on at once, Little's law: limit / ratio).
+LATENCY_HOLD = 1.3
+LATENCY_CUT = 1.8
+# A timeout, 429, 5xx or dropped connection halves the limit (at most once per round of requests).
+DECREASE = 0.5
+# Error kinds that mean "too much at once" to the limiter.
+OVERLOAD = ("timeout", "connection", "http-429")
+
+
+class ConcurrencyLimit:
+    """How many requests may be in flight: a fixed number, or adaptive between 1 and `most`.
+
+    Adaptive is TCP's congestion control on latency: slow start doubles the limit each round (one
+    round = as many replies as the limit) while latency holds, then additive increase (+1 a round);
+    a timeout, 429, 5xx or dropped connection halves it, a round whose latency grew past LATENCY_CUT
+    times the unloaded latency cuts it to limit / ratio. The first cut ends slow start.
+    """
+
+    def __init__(self, most: int, adaptive: bool = False) -> None:
+        self.most = max(1, most)
+        self.adaptive = adaptive
+        self.limit = float(min(ADAPTIVE_START, self.most) if adaptive else self.most)
+        self.in_flight = 0
+        self.peak = int(self.limit)  # the highest limit reached
+        self.timeouts = 0  # attempts that ran past --timeout
+        self.overloads = 0  # timeouts, 429s, 5xx and dropped connections
+        self.retries = 0  # attempts after a request's first
+        self.slow_start = True
+        self.baseline: float | None = None  # median latency of a round run alone (limit 1), or the lowest seen
+        self._round: list[float] = []
+        self._round_full = False  # the limit was reached during this round: more demand than room
+        self._cut_at = 0.0  # replies to requests sent before the last cut tell of the old load
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    @property
+    def current(self) -> int:
+        """Requests allowed in flight now."""
+        return max(1, int(self.limit))
+
+    @property
+    def room(self) -> int:
+        return self.current - self.in_flight
+
+    async def acquire(self) -> None:
+        while self.in_flight >= self.current:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken, then cancelled: pass the slot on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+                raise
+        self.in_flight += 1
+        if self.in_flight >= self.current:
+            self._round_full = True
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.current - self.in_flight
+        while free > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+    async def __aenter__(self) -> "ConcurrencyLimit":
+        """A slot that tells the limiter nothing (a moderation call is no chat request)."""
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, retry: bool = False):
+        """A slot for one chat attempt: its latency, or why it failed, steers an adaptive limit."""
+        await self.acquire()
+        self.retries += retry
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException as exc:
+            self.failed(error_kind(exc) if isinstance(exc, Exception) else "cancelled", started)
+            raise
+        else:
+            self.succeeded(time.monotonic() - started, started)
+        finally:
+            self.release()
+
+    def failed(self, kind: str, started: float) -> None:
+        """An attempt that failed: an overload cuts the limit, once per round."""
+        self.timeouts += kind == "timeout"
+        overload = kind in OVERLOAD or (kind.startswith("http-5") and kind[5:].isdigit())
+        self.overloads += overload
+        if overload and self.adaptive and started >= self._cut_at:
+            self._cut(self.limit * DECREASE)
+
+    def succeeded(self, latency: float, started: float) -> None:
+        """A reply: at the end of each round of them, grow, hold or cut by how latency moved."""
+        if not self.adaptive or started < self._cut_at:
+            return
+        self._round.append(latency)
+        if len(self._round) < max(2, self.current):
+            return
+        median = statistics.median(self._round)
+        full, alone = self._round_full, self.current == 1
+        self._round, self._round_full = [], self.in_flight >= self.current
+        if self.baseline is None or alone or median < self.baseline:
+            self.baseline = median  # alone, no request of ours waits behind another
+        ratio = median / self.baseline if self.baseline > 0 else 1.0
+        if ratio > LATENCY_CUT:
+            self._cut(self.limit / ratio)
+        elif ratio < LATENCY_HOLD and full:
+            self._set(self.limit * 2 if self.slow_start else self.limit + 1)
+
+    def _cut(self, limit: float) -> None:
+        self.slow_start = False
+        self._cut_at = time.monotonic()
+        self._round, self._round_full = [], False
+        self._set(limit)
+
+    def _set(self, limit: float) -> None:
+        self.limit = min(float(self.most), max(1.0, limit))
+        self.peak = max(self.peak, self.current)
+        self._wake()
+
+    def summary(self) -> dict:
+        """For the manifest: how the limit moved and what pushed it down."""
+        return {"adaptive": self.adaptive, "concurrency": self.current, "peak": self.peak, "max": self.most,
+                "timeouts": self.timeouts, "overloads": self.overloads, "retries": self.retries}
+
+
 class Teacher:
     """Sends chat requests with bounded concurrency, rate limits, retries and usage capture."""
 
@@ -410,7 +556,7 @@ class Teacher:
             max_retries=0,  # retries are ours: the SDK's would hide attempts and ignore our budget
             http_client=_http_client(settings),
         )
-        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._slots = ConcurrencyLimit(settings.concurrency, settings.adaptive)
         self._limiter = RateLimiter(settings.rpm, settings.tpm)
         # Newer hosted models reject max_tokens; learned once, then used for every request.
         self.token_param = "max_tokens"
@@ -423,6 +569,15 @@ class Teacher:
     def stop_retrying(self) -> None:
         """Start no more attempts: requests between attempts end as RequestCancelled, those in flight may land."""
         self._stopping.set()
+
+    @property
+    def capacity(self) -> int:
+        """Requests this teacher takes at once now (an adaptive limit moves; a stage's window follows it)."""
+        return self._slots.current
+
+    def concurrency(self) -> dict:
+        """The limit now, its peak and ceiling, and the timeouts and retries so far (progress line, manifest)."""
+        return self._slots.summary()
 
     async def _backoff_sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short when the run stops."""
@@ -532,7 +687,7 @@ class Teacher:
                     raise RequestCancelled(attempts, wasted, errors)
                 with attempt:
                     entry = await self._limiter.acquire(estimate)
-                    async with self._slots:
+                    async with self._slots.hold(retry=attempts > 0):
                         if self._stopping.is_set():  # stopped while this request queued for a slot: it never left
                             raise RequestCancelled(attempts, wasted, errors)
                         attempts += 1
