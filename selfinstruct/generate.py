@@ -71,8 +71,6 @@ class Generation:
         self.template = template
         self.engine = engine
         self.run = engine.run
-        # With --batch a wave is one batch: as many requests as the yield estimate says --n still needs.
-        self.window = BATCH_WINDOW if cfg.batch else cfg.concurrency
         self.lang = cfg.lang or "zh"
         self.rules = RuleSettings(lang=self.lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
         self.index = DedupIndex(cfg.similarity)
@@ -87,6 +85,11 @@ class Generation:
         self.sample_finish: str | None = None
         # The server's refusal of response_format, once seen: the run then asks in the text template.
         self.json_fallback: str | None = None
+
+    @property
+    def window(self) -> int:
+        """Requests in flight: what the teacher takes now (--concurrency auto moves it); with --batch a wave is one batch."""
+        return BATCH_WINDOW if self.cfg.batch else getattr(self.engine.transport, "capacity", self.cfg.concurrency)
 
     # ---- resume -------------------------------------------------------------------------
 

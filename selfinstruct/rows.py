@@ -19,6 +19,7 @@ FORMATS = ("alpaca", "sharegpt", "messages", "dpo", "dpo-messages")
 PREFERENCE_FORMATS = ("dpo", "dpo-messages")
 LINEAGE = ("id", "seed_ids", "evol_ops", "model")
 DATA_DIR = "data"  # the layout push_to_hub uses, so an export folder uploads as-is
+SHAREGPT_ROLES = {"user": "human", "assistant": "gpt"}
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -160,6 +161,16 @@ def record_system(rec: dict) -> str | None:
     return system if isinstance(system, str) and system.strip() else None
 
 
+def record_turns(rec: dict) -> list[dict]:
+    """A record's user and assistant turns: every turn of a conversation (selfinstruct chat), else its one exchange."""
+    turns = rec.get("messages")
+    if isinstance(turns, list) and len(turns) >= 2 and all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str) for m in turns):
+        return [{"role": m["role"], "content": m["content"]} for m in turns]
+    input_text = rec.get("input") if isinstance(rec.get("input"), str) else ""
+    return [{"role": "user", "content": prompt_text(rec["instruction"], input_text)}, {"role": "assistant", "content": rec["output"]}]
+
+
 def preference_rows(rec: dict, fmt: str, *, system: str | None = None, slim: bool = False) -> list[dict]:
     """A record's judged pairs (respond --models) as dpo or dpo-messages rows; none when no pair was chosen."""
     meta = _meta(rec)
@@ -195,11 +206,11 @@ def convert(rec: dict, fmt: str, *, system: str | None = None, slim: bool = Fals
         row: dict[str, Any] = {"instruction": instruction, "input": input_text, "output": output}
     elif fmt == "sharegpt":
         turns = [{"from": "system", "value": system}] if system else []
-        turns += [{"from": "human", "value": prompt_text(instruction, input_text)}, {"from": "gpt", "value": output}]
+        turns += [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in record_turns(rec)]
         row = {"conversations": turns}
     else:
         messages = [{"role": "system", "content": system}] if system else []
-        messages += [{"role": "user", "content": prompt_text(instruction, input_text)}, {"role": "assistant", "content": output}]
+        messages += record_turns(rec)
         row = {"messages": messages}
     if not slim:
         meta = _meta(rec)
