@@ -29,14 +29,9 @@ from selfinstruct.respond import (ModelSpec, combine, load_system_prompts, parse
 KEY = "sk-test-RESPOND-0123456789abcdef"
 # Higher answers better: the scripted judge prefers the answer of the better model.
 RANK = {"alpha": 3, "beta": 2, "gamma": 1, "fake-teacher": 1}
+# Words for the inputs; the instructions come from the fake server's own generator (two rarely reach ROUGE-L 0.7).
 ZH_TOPICS = """春天 秋天 城市 乡村 学生 老师 医生 工程师 程序 数据 历史 文化 经济 环境 能源 交通 健康 饮食 运动 音乐 电影 小说 诗歌
 旅行 节日 家庭 朋友 公司 市场 产品 客户 科技 手机 网络 安全 隐私 教育 考试 读书 写作 语言 翻译 数学 物理 化学 生物""".split()
-ZH_FRAMES = ("请解释{a}和{b}之间的联系", "比较{a}与{b}的优缺点", "用三句话介绍{a}对{b}的影响", "分析{a}在{b}中的作用",
-             "谈谈你对{a}与{b}关系的看法", "总结{a}影响{b}的主要原因")
-EN_TOPICS = """river mountain city village student teacher doctor engineer program data history culture economy energy traffic health
-diet sport music movie novel poem travel holiday family friend company market""".split()
-EN_FRAMES = ("Explain the link between {a} and {b}", "Compare the pros and cons of {a} and {b}", "Describe how {a} shapes {b}",
-             "Analyse the role of {a} in {b}")
 
 
 # ---- the scripted teacher ------------------------------------------------------------------------
