@@ -277,6 +277,26 @@ def _respond_line(r: dict) -> str:
     return _cell("; ".join(bits))
 
 
+def _recipe_line(m: dict) -> str:
+    """What a textbook or chat run made: its units and how they came out, so a reader knows the rows' shape."""
+    t, c = _dict(m.get("textbook")), _dict(m.get("chat"))
+    if t:
+        topics, sections, exercises = _dict(t.get("topics")), _dict(t.get("sections")), _dict(t.get("exercises"))
+        rejected = ", ".join(f"{k} {_num(v)}" for k, v in _dict(sections.get("rejected")).items()) or "none"
+        return _cell(f"phi-style textbook: {_num(t.get('units'))} sections, each a topic from `{topics.get('name')}` "
+                     f"({_num(topics.get('count'))} topics) × one of {_num(_dict(t.get('audiences')).get('count'))} audiences × "
+                     f"one of {_num(_dict(t.get('styles')).get('count'))} styles, drawn per unit id; {_num(sections.get('kept'))} "
+                     f"sections kept (rejected: {rejected}), each asked for {_num(t.get('exercises_per_section'))} exercises; "
+                     f"every row is an exercise with its solution (meta.section_id names its section)")
+    if c:
+        ended = ", ".join(f"{k} {_num(v)}" for k, v in _dict(c.get("ended")).items()) or "none"
+        turns = ", ".join(f"{k} turn{'s' if k != '1' else ''}: {_num(v)}" for k, v in _dict(c.get("turns")).items()) or "none"
+        return _cell(f"multi-turn conversations: the teacher played a user who follows up and the assistant who answers, up to "
+                     f"{_num(c.get('max_turns'))} assistant turns; ended: {ended}; {turns}; the rules ran on every assistant turn, "
+                     f"and a conversation is cut before the first turn that fails them")
+    return ""
+
+
 def _judge(j: dict) -> dict | None:
     """The quality gate of a run (selfinstruct/judging.py): judge model, rubric and its hash, threshold, moderation, score histogram."""
     if not j:
@@ -425,7 +445,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
                         "dpo-messages": "Preference pairs as TRL's DPOTrainer reads them (chat messages): one judged pair per row."}[build.fmt],
         "columns": _columns(build), "examples": examples, "load_code": load_code, "load_note": load_note,
         "license_line": license_line, "filtered": filtered, "figures": _figures(figures),
-        "respond": respond, "judge": _judge(_dict(m.get("judge"))),
+        "respond": respond, "judge": _judge(_dict(m.get("judge"))), "recipe": _recipe_line(m),
     }
 
 

@@ -136,6 +136,8 @@ def test_chat_plays_both_sides_ends_early_cuts_bad_turns_exports_every_turn_and_
     rows = {r["id"]: r for r in Dataset.from_parquet(str(tmp_path / "sharegpt" / "data" / "train-00000-of-00001.parquet"))}
     assert [t["from"] for t in rows["alpaca.json:1"]["conversations"]] == ["human", "gpt"] * 3
     assert [t["value"] for t in rows["alpaca.json:1"]["conversations"]] == [m["content"] for m in first["messages"]]
+    card = (tmp_path / "sharegpt" / "README.md").read_text(encoding="utf-8")
+    assert "| Recipe | multi-turn conversations" in card and "ended: closed 1, max-turns 7, cut 1" in card and "| chat-user |" in card
     messages = {r["id"]: r for r in build(out, "messages").splits["train"]}
     assert messages["alpaca.json:1"]["messages"] == first["messages"] and len(messages["alpaca.json:6"]["messages"]) == 2
     with_system = {r["id"]: r for r in build(out, "messages", system="You are kind.").splits["train"]}

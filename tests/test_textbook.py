@@ -156,6 +156,8 @@ def test_textbook_writes_sections_then_exercises_dedups_across_them_and_a_rerun_
             run_textbook(cfg, "zh", KEY, "selfinstruct textbook", Console(stderr=True))
         assert fake.stats["requests_received"] == len(new)
     export_run(out, tmp_path / "alpaca", "alpaca")
+    card = (tmp_path / "alpaca" / "README.md").read_text(encoding="utf-8")
+    assert "| Recipe | phi-style textbook: 14 sections" in card and "| exercises |" in card
 
 
 def test_textbook_in_english_from_the_shipped_topics(tmp_path):
