@@ -443,10 +443,12 @@ class BatchTransport:
 
 def transport_factory(cfg, settings: TeacherSettings, api_key: str | None, engine, route: str = "teacher"):
     """What drives a route's requests (engine.add_route's make, or the run's teacher): the online Teacher, or with --batch this module's transport."""
-    from selfinstruct.teacher import Teacher
+    from selfinstruct.teacher import online_transport
 
     if not cfg.batch:
-        return lambda: Teacher(settings, api_key)
+        # --base-url repeated: the run's teacher is a pool of the replicas (a judge route has its own endpoint).
+        replicas = getattr(cfg, "replicas", ()) if route == "teacher" else ()
+        return lambda: online_transport(settings, replicas, api_key)
 
     def notify(message: str) -> None:
         if not cfg.quiet:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import importlib
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+from urllib.parse import urlparse
 
 import openai
 from openai import AsyncOpenAI
@@ -814,6 +817,198 @@ class Teacher:
         if self._secret:
             text = text.replace(self._secret, "***")
         return f"HTTP {status}: {text}" if status else text
+
+
+# --base-url repeated: an endpoint whose attempts fail this many times in a row (timeouts, 5xx) rests;
+# a refused or dropped connection rests it at once. It rests PAUSE_FIRST s, doubled after each failed probe.
+PAUSE_AFTER = 2
+PAUSE_FIRST = 2.0
+PAUSE_MAX = 60.0
+
+
+def _shown_url(url: str) -> str:
+    """An endpoint for the manifest: no user, password or query string (some gateways take the key there)."""
+    parts = urlparse(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def _worth_another(failed: RequestFailed, text_messages) -> bool:
+    """Whether a request that failed on one endpoint may be tried again (there, or on another)."""
+    if failed.message.startswith("not retried") or failed.kind in ("oversized", "UnexpectedReply"):
+        return False
+    if failed.kind == "JsonModeUnsupported":
+        return text_messages is not None
+    kind = failed.errors[-1] if failed.errors else ""
+    if kind.startswith("http-") and kind[5:].isdigit():
+        return int(kind[5:]) in (408, 409, 425, 429) or int(kind[5:]) >= 500 or failed.kind == "ParameterRejected"
+    return kind in ("timeout", "connection", "malformed")
+
+
+class Endpoint:
+    """One replica in a pool: its own Teacher (and adaptive limit), what the pool sent it, and its health."""
+
+    def __init__(self, url: str, teacher: "Teacher") -> None:
+        self.url = url
+        self.teacher = teacher
+        self.in_flight = 0
+        self.failing = 0  # failed attempts in a row
+        self.resting_until = 0.0
+        self.rest = PAUSE_FIRST
+        self.probing = False  # back from a rest: one request at a time until one succeeds
+        self.counts: collections.Counter = collections.Counter()  # attempts, ok, failed attempts, pauses
+        self.errors: collections.Counter = collections.Counter()
+
+    def room(self, now: float) -> int:
+        """Requests it may take now: none while it rests, one while probed, else its limit's free slots."""
+        if now < self.resting_until:
+            return 0
+        return (1 if self.probing else self.teacher.capacity) - self.in_flight
+
+    def succeeded(self) -> None:
+        self.counts["ok"] += 1
+        self.failing, self.probing, self.rest = 0, False, PAUSE_FIRST
+
+    def failed(self, kind: str) -> None:
+        """An attempt that failed here; a dead or failing endpoint rests (and is probed when the rest ends)."""
+        self.counts["failed_attempts"] += 1
+        self.errors[kind] += 1
+        if kind == "http-429" or not (kind in ("timeout", "connection") or kind.startswith("http-5")):
+            return  # a 429 asks for less, which its limit gives; a bad reply says nothing of the endpoint's health
+        self.failing += 1
+        if kind == "connection" or self.failing >= PAUSE_AFTER or self.probing:
+            self.resting_until = time.monotonic() + self.rest
+            self.rest = min(self.rest * 2, PAUSE_MAX)
+            self.probing = True
+            self.counts["pauses"] += 1
+
+    def summary(self) -> dict:
+        state = "resting" if time.monotonic() < self.resting_until else "probing" if self.probing else "up"
+        return {"base_url": _shown_url(self.url), "state": state, "attempts": self.counts["attempts"], "ok": self.counts["ok"],
+                "failed_attempts": self.counts["failed_attempts"], "pauses": self.counts["pauses"],
+                "errors": dict(sorted(self.errors.items())), "concurrency": self.teacher.concurrency()}
+
+
+class TeacherPool:
+    """Several endpoints of one model (--base-url repeated) as one transport with Teacher's interface.
+
+    Each attempt goes to the endpoint with the most free room under its own adaptive limit; a failed
+    attempt is tried again at once on another endpoint while --retries allows; a failing endpoint rests
+    and is probed with one request when the rest ends, while the run goes on with the others.
+    """
+
+    def __init__(self, settings: TeacherSettings, urls: tuple[str, ...] | list[str], api_key: str | None) -> None:
+        self.settings = settings
+        # Each endpoint tries once; the pool retries, on another endpoint when there is one.
+        once = dataclasses.replace(settings, retries=0)
+        self.endpoints = [Endpoint(url, Teacher(dataclasses.replace(once, base_url=url), api_key)) for url in urls]
+        self.retries = 0
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+
+    @property
+    def json_mode_error(self) -> str | None:
+        return next((e.teacher.json_mode_error for e in self.endpoints if e.teacher.json_mode_error), None)
+
+    @property
+    def capacity(self) -> int:
+        """Requests the pool takes at once now: the endpoints' limits, those resting left out (at least 1)."""
+        now = time.monotonic()
+        return max(1, sum(e.room(now) + e.in_flight for e in self.endpoints if now >= e.resting_until))
+
+    def concurrency(self) -> dict:
+        each = [e.teacher.concurrency() for e in self.endpoints]
+        return {"adaptive": self.settings.adaptive, "concurrency": self.capacity, "peak": sum(c["peak"] for c in each),
+                "max": sum(c["max"] for c in each), "timeouts": sum(c["timeouts"] for c in each),
+                "overloads": sum(c["overloads"] for c in each), "retries": self.retries}
+
+    def describe(self, manifest: dict) -> None:
+        """Per-endpoint counts in the manifest: requests, replies, failed attempts by kind, rests, limits."""
+        manifest["endpoints"] = [e.summary() for e in self.endpoints]
+
+    def stop_retrying(self) -> None:
+        self._stopping = True
+        self._stopped.set()
+        for endpoint in self.endpoints:
+            endpoint.teacher.stop_retrying()
+        self._wake()
+
+    async def aclose(self) -> None:
+        for endpoint in self.endpoints:
+            await endpoint.teacher.aclose()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _choose(self, avoid: Endpoint | None = None) -> Endpoint | None:
+        """The endpoint with the most free room (another than `avoid` if one has room), waiting for one; None once the run stops."""
+        while not self._stopping:
+            now = time.monotonic()
+            best = max(self.endpoints, key=lambda e: (e.room(now) > 0 and e is not avoid, e.room(now), -e.in_flight))
+            if best.room(now) > 0:
+                return best
+            rests = [e.resting_until - now for e in self.endpoints if e.resting_until > now]
+            changed = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=min(rests) if rests else None)
+        return None
+
+    async def complete(self, messages: list[dict[str, str]], json_mode: bool = False, max_tokens: int | None = None,
+                       text_messages: Callable[[], list[dict[str, str]]] | None = None,
+                       may_retry_billed: Callable[[Usage], bool] | None = None, request_id: str | None = None) -> Completion:
+        """One chat completion from whichever endpoint has room; raises RequestFailed, RequestCancelled or TeacherError as Teacher does."""
+        attempts, wasted, errors = 0, Usage(), []
+        started = time.monotonic()
+        failed_on: Endpoint | None = None
+        while True:
+            endpoint = await self._choose(avoid=failed_on)
+            if endpoint is None:
+                raise RequestCancelled(attempts, wasted, errors)
+            self.retries += attempts > 0
+            endpoint.in_flight += 1
+            endpoint.counts["attempts"] += 1
+            try:
+                done = await endpoint.teacher.complete(messages, json_mode, max_tokens, text_messages, None, request_id)
+            except RequestFailed as exc:
+                failed = exc
+            except RequestCancelled as cancelled:
+                wasted.add(cancelled.wasted)
+                raise RequestCancelled(attempts + cancelled.attempts, wasted, errors + cancelled.errors) from None
+            else:
+                endpoint.succeeded()
+                done.wasted.add(wasted)
+                return dataclasses.replace(done, attempts=attempts + done.attempts, errors=errors + done.errors,
+                                           latency=time.monotonic() - started)
+            finally:
+                endpoint.in_flight -= 1
+                self._wake()
+            attempts, errors = attempts + failed.attempts, errors + failed.errors
+            wasted.add(failed.wasted)
+            endpoint.failed(failed.errors[-1] if failed.errors else failed.kind)
+            failed_on = endpoint
+            if failed.kind == "JsonModeUnsupported":  # replicas run the same server: none of them has it
+                for other in self.endpoints:
+                    other.teacher.json_mode_error = other.teacher.json_mode_error or endpoint.teacher.json_mode_error
+            if not (_worth_another(failed, text_messages) and attempts <= self.settings.retries and not self._stopping):
+                raise RequestFailed(failed.kind, failed.message, attempts, failed.status, wasted, errors)
+            billed = failed.wasted.prompt_tokens or failed.wasted.completion_tokens
+            if billed and may_retry_billed is not None and not may_retry_billed(failed.wasted):
+                raise RequestFailed(failed.kind, f"not retried: another attempt could pass --max-cost (the last reply was billed "
+                                    f"but unusable: {failed.message})", attempts, failed.status, wasted, errors)
+            now = time.monotonic()
+            if not any(e is not endpoint and e.room(now) > 0 for e in self.endpoints):
+                # No other endpoint to turn to: back off as Teacher does, cut short by a stop.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopped.wait(), timeout=min(60.0, 2.0 ** (attempts - 1)) * random.uniform(0.5, 1.0))
+
+
+def online_transport(settings: TeacherSettings, replicas: tuple[str, ...], api_key: str | None) -> "Teacher | TeacherPool":
+    """The online transport of a run: one Teacher, or a pool when --base-url was given more than once."""
+    if replicas:
+        return TeacherPool(settings, (settings.base_url, *replicas), api_key)
+    return Teacher(settings, api_key)
 
 
 def chat_params(settings: TeacherSettings, messages: list[dict[str, str]], json_mode: bool, max_tokens: int | None,
