@@ -501,3 +501,16 @@ def cancel_batches(run, cfg, api_key: str | None, echo: Callable[[str], None]) -
         asyncio.run(cancel_all())
     echo("re-run the command without --cancel-batches to resume: lines the batches finished are kept, the rest go again")
     return 0
+
+
+def check_batches(engine, cfg) -> None:
+    """Refuse to resume online a run whose batches still run: their lines would be paid twice."""
+    if cfg.batch:
+        return
+    ended = {n["batch_id"] for n in engine.notes if n.get("status") == "batch-end"}
+    live = [n["batch_id"] for n in engine.notes if n.get("status") == "batch" and n["batch_id"] not in ended]
+    if live:
+        from selfinstruct.errors import OutputError
+
+        raise OutputError(f"{engine.run.path}: {len(live)} batches of this run may still be running at the provider ({', '.join(live[:3])})",
+                          "add --batch to resume and collect them, or cancel them first with --cancel-batches")

@@ -732,7 +732,7 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
     lang = cfg.lang or infer_lang(r["instruction"] for r in base)
     cfg = dataclasses.replace(cfg, lang=lang)
     source = {"paths": [Path(p).name for p in inputs], "records": len(base), "limit": limit, "sha256": records_sha256(base)}
-    from selfinstruct.batch import cancel_batches, run_price_for
+    from selfinstruct.batch import cancel_batches, check_batches, run_price_for
 
     price = run_price_for(cfg, run_price(cfg, console))
     require_key(cfg, api_key)
@@ -750,6 +750,7 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
         evo = Evolution(cfg, engine, lang, base=base, copy_base=not evolved_only, source=source, seeds=input_seeds(inputs))
         check_evolvable(run, cfg, lang, evo.templates, source, price)
         engine.load()
+        check_batches(engine, cfg)
         # The manifest first: loading copies the input records into records.jsonl, and records without one are refused.
         engine.stages.append(evo)
         engine.save_manifest(force=True)

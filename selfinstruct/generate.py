@@ -430,7 +430,7 @@ def print_projection(cfg: GenerateConfig, seeds: SeedSet, template: Template, pr
 def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console, echo: Callable[[str], None],
                  judge_api_key: str | None = None) -> int:
     """The generate command after its flags: seeds → run directory (resumed), then --evol-rounds and --push-to. Returns the exit code."""
-    from selfinstruct.batch import cancel_batches, interrupted_note, run_price_for, transport_factory
+    from selfinstruct.batch import cancel_batches, check_batches, interrupted_note, run_price_for, transport_factory
     from selfinstruct.engine import check_orphaned, make_engine
     from selfinstruct.progress import generation_summary_line, print_generation_summary, run_displayed
     from selfinstruct.prompts import generation_template_name, load_template
@@ -482,6 +482,7 @@ def run_generate(cfg: GenerateConfig, api_key: str | None, command: str, console
 
             evo = after_generation(gen)  # evol templates and resume settings are checked before anything is spent
         replayed = gen.load(engine.load())
+        check_batches(engine, cfg)
         if gen.requests.requests and not cfg.quiet:
             console.print(f"resuming {run.path}: {gen.tally.kept:,} kept from {gen.requests.requests:,} requests"
                           + (f", {replayed} records recovered from the ledger" if replayed else ""))

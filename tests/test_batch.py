@@ -275,6 +275,11 @@ def test_ctrl_c_leaves_batches_running_and_cancel_batches_cancels_them(tmp_path)
         assert "--cancel-batches" in err and "resume" in err
         batch_id = notes(read_jsonl(out / LEDGER), "batch")[0]["batch_id"]
         assert fake.batch_api.batches[batch_id]["status"] == "in_progress"
+        # Resuming online (at the same, batch, price) would pay the running lines twice: refused.
+        before = len(read_jsonl(out / LEDGER))
+        online = run_cli("generate", "--seeds", str(seeds_file(tmp_path)), "--n", "40", "--base-url", fake.base_url, "--model", "m",
+                         "--out", str(out), "--price-in", "0.5", "--price-out", "1", "--quiet", timeout=60)
+        assert online.returncode == 2 and "add --batch" in online.stderr and len(read_jsonl(out / LEDGER)) == before
         cancelled = run_cli(*args, "--cancel-batches", timeout=60)
         assert cancelled.returncode == 0, cancelled.stderr
         assert batch_id in cancelled.stdout + cancelled.stderr

@@ -907,7 +907,7 @@ class FakeTeacher:
     async def _shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
-        tasks = [t for t in self._conns if t is not asyncio.current_task()]
+        tasks = [t for t in self._conns if t is not asyncio.current_task()] + list(self.batch_api._tasks)
         for t in tasks:
             t.cancel()
         if tasks:
