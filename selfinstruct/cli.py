@@ -518,6 +518,7 @@ def respond(
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens of the first model (overrides the table)."),
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable); near-duplicate answers every input record."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print the records to answer, projected requests, tokens and cost per stage; call nothing."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Answer any instruction dataset with a teacher (GPT-4-LLM); --models A,B for judged preference pairs; --system-prompts orca for explanation answers. Re-run to resume."""
@@ -536,7 +537,7 @@ def respond(
         raise ConfigError("--model is not one of --models", "leave --model out: the first of --models is the run's teacher")
     cfg = dataclasses.replace(cfg, out=out)
     keys = {name: os.environ.get(name) or None for name in key_variables(cfg)}
-    exit_code = run_respond(cfg, inputs, limit, keys, command_line(), Console(stderr=True))
+    exit_code = run_respond(cfg, inputs, limit, keys, command_line(), Console(stderr=True), typer.echo)
     if exit_code:
         raise typer.Exit(exit_code)
 

@@ -18,7 +18,7 @@ from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
 from selfinstruct.errors import ConfigError, InputError, OutputError
 from selfinstruct.evolution import check_instruction, infer_lang, input_seeds, read_base, records_sha256, strip_think, template_suffix
-from selfinstruct.pricing import Price, endpoint_kind, resolve_price
+from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens, resolve_price
 from selfinstruct.prompts import Template, load_template, prompts_dir
 from selfinstruct.rows import prompt_text
 from selfinstruct.rules import RuleSettings, check
@@ -185,6 +185,28 @@ def combine(first: str, second: str, a: str, b: str) -> tuple[str, str | None]:
     return "disagreement", None  # each order picked the answer in one place: position bias, not preference
 
 
+def refused_before_paying(base: Sequence[dict], rules: RuleSettings, similarity: float | None) -> dict[str, tuple[str, str]]:
+    """Records refused before any request, by id: the instruction rules, then near-copies of an earlier input record.
+
+    respond keeps the input's instructions, so the near-duplicate check (similarity None: off) looks at them (instruction +
+    input, as filter compares) once, keep-first in input order: answering a near-copy twice would pay twice for one task.
+    """
+    refused: dict[str, tuple[str, str]] = {}
+    standing = []
+    for rec in base:
+        verdict = check_instruction(rec["instruction"], rec["input"], rules)
+        if verdict:
+            refused[rec["id"]] = verdict
+        else:
+            standing.append(rec)
+    if similarity is not None and len(standing) > 1:
+        result = BatchDedup(similarity).run([dedup_text(r["instruction"], r["input"]) for r in standing])
+        for i, kept in enumerate(result.duplicate_of):
+            if kept >= 0:
+                refused[standing[i]["id"]] = ("near-duplicate", f"ROUGE-L {result.score[i]:.3f} with {standing[int(kept)]['id']}")
+    return refused
+
+
 def load_answer_templates(lang: str) -> tuple[Template, Template]:
     """The shipped answer and pair-judge templates for a language."""
     suffix = template_suffix(lang)
@@ -243,25 +265,7 @@ class Response:
         self._queue = iter(todo)
 
     def _refused(self) -> dict[str, tuple[str, str]]:
-        """Records refused before any request: the instruction rules, then near-copies of an earlier input record.
-
-        respond keeps the input's instructions, so the near-duplicate check looks at them (instruction + input, as filter
-        compares) once, keep-first in input order: answering a near-copy twice would pay twice for one task.
-        """
-        refused: dict[str, tuple[str, str]] = {}
-        standing = []
-        for rec in self.base:
-            verdict = check_instruction(rec["instruction"], rec["input"], self.rules)
-            if verdict:
-                refused[rec["id"]] = verdict
-            else:
-                standing.append(rec)
-        if self.dedup and len(standing) > 1:
-            result = BatchDedup(self.cfg.similarity).run([dedup_text(r["instruction"], r["input"]) for r in standing])
-            for i, kept in enumerate(result.duplicate_of):
-                if kept >= 0:
-                    refused[standing[i]["id"]] = ("near-duplicate", f"ROUGE-L {result.score[i]:.3f} with {standing[int(kept)]['id']}")
-        return refused
+        return refused_before_paying(self.base, self.rules, self.cfg.similarity if self.dedup else None)
 
     def _rejected(self, rec: dict, reason: str, detail: str) -> dict:
         out = self._record(rec)
@@ -529,7 +533,7 @@ def check_respondable(run: RunDir, cfg: GenerateConfig, lang: str, source: dict,
 
 
 def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, keys: Mapping[str, str | None], command: str,
-                console) -> int:
+                console, echo: Callable[[str], None] | None = None) -> int:
     """The respond command after its flags: any dataset → a run directory of answered (or preference-paired) records. Returns the exit code."""
     from selfinstruct.config import require_key
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
@@ -562,6 +566,13 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
                 raise ConfigError(f"--max-cost needs a price, and {name!r} is not in the price table",
                                   f"give its price: --model-spec {name}[@URL]:PRICE_IN:PRICE_OUT (USD per 1M tokens)")
             console.print(f"[yellow]warning:[/] no price known for {name!r}; its cost will be reported as unknown", highlight=False)
+    if cfg.dry_run:
+        rules = RuleSettings(lang=lang, enabled=frozenset(r for r in RuleSettings().enabled if r not in cfg.no_rule))
+        refused = refused_before_paying(base, rules, cfg.similarity if "near-duplicate" not in cfg.no_rule else None)
+        for line in projection_lines(project_respond(cfg, lang, base, refused, system_prompts, prices), cfg.max_cost):
+            (echo or console.print)(line)
+        return 0
+    for spec in specs.values():
         require_key(dataclasses.replace(cfg, base_url=spec.base_url, api_key_env=spec.api_key_env or cfg.api_key_env),
                     keys.get(spec.api_key_env or cfg.api_key_env))
     run = RunDir(out)
@@ -595,6 +606,63 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
         if exit_code in (130, 143):
             console.print(f"interrupted; everything finished is saved. Resume with: {command}", soft_wrap=True, highlight=False, markup=False)
         return exit_code
+
+
+# Planning priors for --dry-run, not measurements: an answer as long as the input's old output (this many tokens where there is
+# none), and a verdict of a few sentences.
+PRIOR_ANSWER_TOKENS = 400
+PRIOR_VERDICT_TOKENS = 80
+
+
+def project_respond(cfg: GenerateConfig, lang: str, base: Sequence[dict], refused: Mapping[str, tuple[str, str]],
+                    system_prompts: SystemPrompts | None, prices: Mapping[str, Price | None]) -> dict:
+    """The --dry-run projection: records to answer after the free checks, then requests, tokens and dollars per stage."""
+    template, judge_template = load_answer_templates(lang)
+    models, judge = answer_models(cfg), pair_judge(cfg)
+    pairs = len(models) * (len(models) - 1) // 2
+    todo = [r for r in base if r["id"] not in refused]
+    answer_prompt = answer_out = judge_prompt = 0
+    for rec in todo:
+        system = system_prompts.draw(cfg.seed, rec["id"])[1] if system_prompts else ""
+        answer_prompt += estimate_prompt_tokens(template.render(instruction=rec["instruction"], input=rec["input"], lang=lang, system=system))
+        out = estimate_tokens(rec["output"]) if rec["output"].strip() else PRIOR_ANSWER_TOKENS
+        out = min(out, cfg.max_tokens or out)
+        answer_out += out
+        if judge:
+            frame = estimate_prompt_tokens(judge_template.render(system=system, task=prompt_text(rec["instruction"], rec["input"]),
+                                                                 first="", second="", lang=lang))
+            judge_prompt += 2 * pairs * (frame + 2 * out)
+    stages = {ANSWER: {"requests": len(todo) * len(models), "prompt_tokens": answer_prompt * len(models),
+                       "completion_tokens": answer_out * len(models),
+                       "usd": (sum(prices[m].usd(answer_prompt, answer_out) for m in models)
+                               if all(prices[m] is not None for m in models) else None)}}
+    if judge:
+        requests = 2 * pairs * len(todo)
+        judge_out = requests * PRIOR_VERDICT_TOKENS
+        stages[PAIR_JUDGE] = {"requests": requests, "prompt_tokens": judge_prompt, "completion_tokens": judge_out,
+                              "usd": prices[judge].usd(judge_prompt, judge_out) if prices[judge] is not None else None}
+    unknown = [m for m in dict.fromkeys([*models, *([judge] if judge else [])]) if prices[m] is None]
+    return {"records": len(base), "to_answer": len(todo), "refused": dict(collections.Counter(r for r, _ in refused.values()).most_common()),
+            "models": list(models), "pair_judge": judge, "stages": stages, "unpriced": unknown,
+            "usd": None if unknown else sum(st["usd"] for st in stages.values())}
+
+
+def projection_lines(p: dict, max_cost: float | None) -> list[str]:
+    """The --dry-run report, one line per stage and one for the total."""
+    refused = ", ".join(f"{k} {v:,}" for k, v in p["refused"].items()) or "none"
+    lines = [f"dry run: {p['to_answer']:,} of {p['records']:,} records to answer (refused before paying: {refused}); "
+             f"answers as long as the input's old outputs, {PRIOR_ANSWER_TOKENS} tokens where there is none"]
+    for name, st in p["stages"].items():
+        usd = f"${st['usd']:.2f}" if st["usd"] is not None else "unknown (no price)"
+        who = f"{len(p['models'])} model{'s' if len(p['models']) > 1 else ''}" if name == ANSWER else f"{p['pair_judge']}, both orders of every pair"
+        lines.append(f"  {name} ({who}): {st['requests']:,} requests ≈ {st['prompt_tokens']:,} prompt + {st['completion_tokens']:,} "
+                     f"completion tokens ≈ {usd}")
+    total = f"${p['usd']:.2f}" if p["usd"] is not None else f"unknown (no price for {', '.join(p['unpriced'])}: give it with --model-spec)"
+    lines.append(f"  in all ≈ {total}")
+    if max_cost is not None and p["usd"] is not None and p["usd"] > max_cost:
+        lines.append(f"note: that is over --max-cost ${max_cost:g}; the run would stop at the budget with about "
+                     f"{max_cost / p['usd']:.0%} of it done (re-run with a higher --max-cost to resume)")
+    return lines
 
 
 def print_summary(engine: Engine, stage: Response, console) -> None:

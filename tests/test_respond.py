@@ -417,3 +417,16 @@ def test_chinese_pairs_with_orca_prompts_show_the_judge_the_system_prompt_and_ex
         assert row["model"] == "alpha" and row["rejected_model"] == "beta"
     plain = build(tmp_path / "zh", "dpo").splits["train"][0]
     assert plain["prompt"].startswith(systems[plain["id"]] + "\n\n")
+
+
+def test_dry_run_projects_requests_and_cost_per_stage_after_the_free_checks_and_calls_nothing(tmp_path):
+    data = zh_dataset(tmp_path / "alpaca.json", n=10)
+    result = run_cli("respond", str(data), "--out", str(tmp_path / "run"), "--models", "alpha,beta", "--model-spec", "alpha:2:8",
+                     "--model-spec", "beta@http://127.0.0.1:9/v1:1:2", "--max-tokens", "100", "--dry-run", "--max-cost", "0.000001")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dry run: 10 of 12 records to answer (refused before paying: ")
+    assert "near-duplicate 1" in lines[0] and "blacklist 1" in lines[0]
+    assert "respond (2 models): 20 requests" in lines[1] and "pair-judge (alpha, both orders of every pair): 20 requests" in lines[2]
+    assert lines[3].startswith("  in all ≈ $") and lines[4].startswith("note: that is over --max-cost")
+    assert not (tmp_path / "run").exists()
