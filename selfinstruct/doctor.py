@@ -4,20 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
+import math
 import re
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from selfinstruct.errors import TeacherError
-from selfinstruct.parsing import parse_reply
+from selfinstruct.parsing import CONTEXT_FIX, context_cut, parse_reply
 from selfinstruct.pricing import Price, endpoint_kind
 from selfinstruct.prompts import generation_template_name, load_template
 from selfinstruct.teacher import Completion, JsonModeUnsupported, RequestFailed, Teacher, TeacherSettings
 
-# Tasks asked for per probe: enough to see the reply parse, few enough to answer in seconds.
+# Tasks asked for by the JSON-mode probe: enough to see the reply parse, few enough to answer in seconds.
 PROBE_TASKS = 2
 PROBE_MAX_TOKENS = 1024
+# The parallelism probe: short replies, one alone then two at once. Two at once taking this many times
+# as long as one means the server answers one request at a time.
+PARALLEL_PROBE_TOKENS = 32
+SERIAL_RATIO = 1.6
+# Below this a request is too quick to tell a queue from noise.
+PARALLEL_MIN_SECONDS = 0.05
+# The --timeout doctor suggests leaves this much room over the full-size request's latency (replies vary in length).
+TIMEOUT_HEADROOM = 3.0
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What the run being prepared will send: full-size requests, how many at once, how long each may take."""
+
+    per_request: int = 10
+    max_tokens: int = 3072
+    concurrency: int = 16
+    timeout: float = 120.0
+    context: int | None = None  # known when --local started the server; else read from the server
 
 # Two example tasks per language, shown in the probe prompt the way a run shows seed tasks.
 EXAMPLES = {
@@ -52,13 +74,14 @@ class Report:
 
     checks: list[Check]
     seconds: float
+    flags: str = ""  # the run flags the measurements call for, e.g. "--concurrency 1 --timeout 240"
 
     @property
     def ok(self) -> bool:
         return not any(c.status == "fail" for c in self.checks)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "seconds": round(self.seconds, 2), "checks": [asdict(c) for c in self.checks]}
+        return {"ok": self.ok, "seconds": round(self.seconds, 2), "flags": self.flags, "checks": [asdict(c) for c in self.checks]}
 
 
 def shown_url(base_url: str | None) -> str | None:
@@ -91,9 +114,9 @@ def _masked(report: "Report", base_url: str | None) -> "Report":
     return report
 
 
-def _messages(lang: str, json_mode: bool) -> list[dict[str, str]]:
+def _messages(lang: str, json_mode: bool, tasks: int = PROBE_TASKS) -> list[dict[str, str]]:
     template = load_template(generation_template_name(lang))
-    return template.render(examples=EXAMPLES[lang], num_tasks=PROBE_TASKS, start_index=1, json_mode=json_mode)
+    return template.render(examples=EXAMPLES[lang], num_tasks=tasks, start_index=1, json_mode=json_mode)
 
 
 def _sample(text: str) -> str:
@@ -135,14 +158,16 @@ def _quirks(reply: Completion, teacher: Teacher) -> list[str]:
 
 
 async def diagnose(
-    settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str = "zh", key_env: str = "OPENAI_API_KEY"
+    settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str = "zh", key_env: str = "OPENAI_API_KEY",
+    shape: RunShape | None = None,
 ) -> Report:
-    """Probe a teacher: list models, one small generation, one JSON-mode request. Never raises for the teacher's faults."""
-    report = await _diagnose(settings, api_key, price, lang, key_env)
+    """Probe a teacher: list models, a full-size generation, parallelism, context, one JSON-mode request. Never raises for the teacher's faults."""
+    report = await _diagnose(settings, api_key, price, lang, key_env, shape or RunShape(timeout=settings.timeout))
     return _masked(report, settings.base_url)
 
 
-async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str, key_env: str) -> Report:
+async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str, key_env: str,
+                    shape: RunShape) -> Report:
     started = time.monotonic()
     url = shown_url(settings.base_url) or "https://api.openai.com/v1"
     kind = endpoint_kind(settings.base_url)
@@ -195,16 +220,24 @@ async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price
             checks.append(Check("model listed", "fail", f"{settings.model!r} is not among the {len(models)} models listed",
                                 f"pass --model with one of: {', '.join(close)}"))
 
-        # 2. chat works (and what the reply looks like), usage, latency, tokens/s
+        # 2. a full-size generation request, as a run sends it: parsed, usage, latency, tokens/s
         reply: Completion | None = None
+        prompt = _messages(lang, False, shape.per_request)
         try:
-            reply = await teacher.complete(_messages(lang, False), max_tokens=PROBE_MAX_TOKENS)
+            reply = await teacher.complete(prompt, max_tokens=shape.max_tokens)
         except (RequestFailed, TeacherError) as exc:
             checks.append(_failure("chat works", exc, settings))
+        context, slots, source = await _server_context(settings.base_url, api_key, shape)
         if reply is not None:
-            checks += _chat_checks(reply, teacher)
+            checks += _chat_checks(reply, teacher, shape)
+            timing = await _parallel_timing(teacher, prompt)
+            checks.append(_parallel_check(timing, slots, shape))
+            serial = timing is not None and _is_serial(timing)
+            checks.append(_latency_check(reply, serial, slots, shape))
+            checks.append(_context_check(reply, context, source, shape))
         else:
-            checks += [Check(n, "skip", "no reply to measure") for n in ("usage reported", "latency", "tokens/s")]
+            checks += [Check(n, "skip", "no reply to measure") for n in ("usage reported", "parallel", "latency", "context", "tokens/s")]
+            serial = False
 
         # 3. JSON mode: supported, rejected (runs fall back to text), or silently ignored
         if reply is None:
@@ -212,24 +245,140 @@ async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price
         else:
             checks.append(await _json_check(teacher, lang))
         checks.append(_price_check(settings.model, price, kind))
-        order = ["reachable", "model listed", "chat works", "quirks", "usage reported", "JSON mode", "latency", "tokens/s", "price known"]
+        flags = _flags(reply, serial, slots, context, shape) if reply is not None else ""
+        if flags:
+            checks.append(Check("flags", "ok", flags))
+        order = ["reachable", "model listed", "chat works", "quirks", "usage reported", "JSON mode", "parallel", "latency",
+                 "context", "tokens/s", "price known", "flags"]
         checks.sort(key=lambda c: order.index(c.name) if c.name in order else len(order))
-        return Report(checks, time.monotonic() - started)
+        return Report(checks, time.monotonic() - started, flags)
     finally:
         await teacher.aclose()
 
 
-def _chat_checks(reply: Completion, teacher: Teacher) -> list[Check]:
+def _get_json(url: str, api_key: str | None, timeout: float) -> dict | None:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = json.load(response)
+            return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+async def _server_context(base_url: str | None, api_key: str | None, shape: RunShape) -> tuple[int | None, int | None, str]:
+    """The context (tokens) and parallel slots where the server tells them: llama.cpp's GET /props, vLLM's max_model_len."""
+    if shape.context:
+        return shape.context, 1, "the --local server"
+    if not base_url:
+        return None, None, ""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    wait = min(shape.timeout, 10.0)
+    props = await asyncio.to_thread(_get_json, f"{root}/props", api_key, wait)
+    settings = (props or {}).get("default_generation_settings") or {}
+    if isinstance(settings.get("n_ctx"), int) and settings["n_ctx"] > 0:
+        slots = props.get("total_slots")
+        return settings["n_ctx"], slots if isinstance(slots, int) and slots > 0 else None, "llama.cpp /props"
+    models = await asyncio.to_thread(_get_json, f"{base_url.rstrip('/')}/models", api_key, wait)
+    for model in (models or {}).get("data") or []:
+        if isinstance(model, dict) and isinstance(model.get("max_model_len"), int):
+            return model["max_model_len"], None, "vLLM max_model_len"
+    return None, None, ""
+
+
+async def _parallel_timing(teacher: Teacher, prompt: list[dict[str, str]]) -> tuple[float, float] | None:
+    """Seconds for one short request alone, then for two sent at once; None if one failed."""
+    async def timed(n: int) -> float:
+        started = time.monotonic()
+        await asyncio.gather(*(teacher.complete(prompt, max_tokens=PARALLEL_PROBE_TOKENS) for _ in range(n)))
+        return time.monotonic() - started
+
+    try:
+        return await timed(1), await timed(2)
+    except (RequestFailed, TeacherError):
+        return None
+
+
+def _is_serial(timing: tuple[float, float]) -> bool:
+    one, two = timing
+    return one >= PARALLEL_MIN_SECONDS and two >= SERIAL_RATIO * one
+
+
+def _parallel_check(timing: tuple[float, float] | None, slots: int | None, shape: RunShape) -> Check:
+    if timing is None:
+        return Check("parallel", "skip", "a short request failed")
+    one, two = timing
+    seen = f"one request {one:.2f} s, two at once {two:.2f} s"
+    if one < PARALLEL_MIN_SECONDS:
+        return Check("parallel", "ok", f"{seen}: too quick to tell" + (f"; the server has {slots} slots" if slots else ""))
+    if _is_serial(timing):
+        status = "warn" if shape.concurrency > 1 else "ok"
+        return Check("parallel", status, f"{seen}: the server answers one request at a time",
+                     "use --concurrency 1 (more only queue in the server and count against --timeout), or start it with more slots" if status == "warn" else "")
+    return Check("parallel", "ok", f"{seen}: runs requests in parallel" + (f" ({slots} slots)" if slots else ""))
+
+
+def _effective_slots(serial: bool, slots: int | None, shape: RunShape) -> int:
+    """Requests the server works on at once during the run."""
+    if serial:
+        return 1
+    return min(shape.concurrency, slots) if slots else shape.concurrency
+
+
+def _latency_check(reply: Completion, serial: bool, slots: int | None, shape: RunShape) -> Check:
+    latency = max(reply.latency, 1e-6)
+    working = _effective_slots(serial, slots, shape)
+    # A request waits for those ahead of it in the server's queue before its own turn.
+    waits = math.ceil(shape.concurrency / working)
+    rate = working / latency
+    seen = (f"{latency:.2f} s for a full request ({shape.per_request} tasks, {reply.usage.completion_tokens:,} completion tokens); "
+            f"at --concurrency {shape.concurrency} ≈ {rate:.3g} requests/s")
+    if latency * waits > shape.timeout:
+        fix_concurrency = max(1, math.floor(shape.timeout / latency)) * working if latency < shape.timeout else working
+        return Check("latency", "warn", f"{seen}, and a request waits ≈ {waits} × {latency:.1f} s = {latency * waits:.0f} s, over --timeout {shape.timeout:g} s",
+                     f"lower --concurrency to {min(fix_concurrency, shape.concurrency)} or raise --timeout to {math.ceil(latency * waits * 1.5)}")
+    return Check("latency", "ok", seen)
+
+
+def _context_check(reply: Completion, context: int | None, source: str, shape: RunShape) -> Check:
+    cut = context_cut(reply.finish_reason, vars(reply.usage), shape.max_tokens)
+    if cut:
+        return Check("context", "fail", cut + (f" (context {context:,}, {source})" if context else ""), CONTEXT_FIX)
+    if context is None:
+        return Check("context", "ok", "not reported by the server")
+    needed = reply.usage.prompt_tokens + shape.max_tokens
+    if not reply.usage.estimated and needed > context:
+        return Check("context", "warn", f"{context:,} tokens ({source}): prompt {reply.usage.prompt_tokens:,} + --max-tokens "
+                     f"{shape.max_tokens:,} = {needed:,} does not fit, so long replies will be cut",
+                     f"--max-tokens {max(context - reply.usage.prompt_tokens - 64, 1)}, or {CONTEXT_FIX}")
+    return Check("context", "ok", f"{context:,} tokens ({source})")
+
+
+def _flags(reply: Completion, serial: bool, slots: int | None, context: int | None, shape: RunShape) -> str:
+    """The run flags the measurements call for."""
+    working = _effective_slots(serial, slots, shape)
+    concurrency = working if serial or slots else shape.concurrency
+    waits = math.ceil(concurrency / working)
+    timeout = max(shape.timeout, math.ceil(reply.latency * waits * TIMEOUT_HEADROOM))
+    flags = [f"--concurrency {concurrency}", f"--timeout {timeout:g}"]
+    if context and not reply.usage.estimated and reply.usage.prompt_tokens + shape.max_tokens > context:
+        flags.append(f"--max-tokens {max(context - reply.usage.prompt_tokens - 64, 1)}")
+    return " ".join(flags)
+
+
+def _chat_checks(reply: Completion, teacher: Teacher, shape: RunShape) -> list[Check]:
     checks = []
     items = parse_reply(reply.content, reply.finish_reason)
     usable = [i for i in items if i.problem is None]
+    cut = context_cut(reply.finish_reason, vars(reply.usage), shape.max_tokens)
     if not reply.content.strip() and reply.finish_reason == "length":
-        checks.append(Check("chat works", "fail", f"empty reply cut by the token limit ({PROBE_MAX_TOKENS} tokens)",
-                            "the model spends its budget before answering (reasoning?): raise --max-tokens"))
+        fix = CONTEXT_FIX if cut else "the model spends its budget before answering (reasoning?): raise --max-tokens"
+        checks.append(Check("chat works", "fail", cut or f"empty reply cut by the token limit ({shape.max_tokens} tokens)", fix))
     elif usable:
-        checks.append(Check("chat works", "ok", f"{len(usable)} of {PROBE_TASKS} asked tasks parsed (finish_reason {reply.finish_reason})"))
+        checks.append(Check("chat works", "ok", f"{len(usable)} of {shape.per_request} asked tasks parsed (finish_reason {reply.finish_reason})"))
     else:
-        checks.append(Check("chat works", "warn", f"answered, but no task parsed from {_sample(reply.content)}",
+        # "ready" means a run's request gave tasks; a reply nothing parses from would reject every record.
+        checks.append(Check("chat works", "fail", f"answered, but no task parsed from {_sample(reply.content)}",
                             "check the model follows instructions; try --json-mode or your own --template"))
     quirks = _quirks(reply, teacher)
     checks.append(Check("quirks", "ok", "; ".join(quirks) if quirks else "none seen"))
@@ -239,8 +388,6 @@ def _chat_checks(reply: Completion, teacher: Teacher) -> list[Check]:
     else:
         checks.append(Check("usage reported", "ok", f"{reply.usage.prompt_tokens} prompt + {reply.usage.completion_tokens} completion tokens"))
     latency = max(reply.latency, 1e-6)
-    per_second = 16 / latency
-    checks.append(Check("latency", "ok", f"{latency:.2f} s for {PROBE_TASKS} tasks; at --concurrency 16 ≈ {per_second:.1f} requests/s"))
     approx = "≈ " if reply.usage.estimated else ""
     checks.append(Check("tokens/s", "ok", f"{approx}{reply.usage.completion_tokens / latency:.0f} completion tokens/s for one request"))
     return checks
@@ -272,6 +419,12 @@ def _price_check(model: str, price: Price | None, kind: str) -> Check:
     return Check("price known", "ok", f"${price.input:g} in / ${price.output:g} out per 1M tokens ({price.source})")
 
 
-def run_doctor(settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str, key_env: str) -> Report:
+def run_doctor(settings: TeacherSettings, api_key: str | None, price: Price | None, lang: str, key_env: str,
+               shape: RunShape | None = None) -> Report:
     """Synchronous entry point for the CLI."""
-    return asyncio.run(diagnose(settings, api_key, price, lang, key_env))
+    return asyncio.run(diagnose(settings, api_key, price, lang, key_env, shape))
+
+
+def local_probe_prompts(lang: str, per_request: int) -> list[list[dict[str, str]]]:
+    """The prompts doctor sends, for sizing a --local server's context."""
+    return [_messages(lang, False, per_request), _messages(lang, True, PROBE_TASKS)]

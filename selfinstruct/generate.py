@@ -15,7 +15,7 @@ from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches, teacher_settings
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
-from selfinstruct.parsing import ParsedItem, parse_reply
+from selfinstruct.parsing import CONTEXT_FIX, ParsedItem, context_cut, parse_reply
 from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
 from selfinstruct.prompts import Template
 from selfinstruct.rules import RuleSettings, check
@@ -83,6 +83,7 @@ class Generation:
         self.reserve = 0
         self.sample_reply = ""
         self.sample_finish: str | None = None
+        self.sample_cut: str | None = None  # the sample reply was cut by the server's context, not --max-tokens
         # The server's refusal of response_format, once seen: the run then asks in the text template.
         self.json_fallback: str | None = None
 
@@ -181,6 +182,9 @@ class Generation:
         items = parse_reply(entry.get("content", ""), entry.get("finish_reason"), entry.get("json_mode", self.cfg.json_mode))
         share = max(1, len(items))
         kept, rejected, surplus = [], [], []
+        cut = context_cut(entry.get("finish_reason"), entry.get("usage"), self.cfg.max_tokens)
+        if cut:  # a bigger --max-tokens cannot help this one: name the context and its fix
+            items = [dataclasses.replace(i, detail=f"{cut} (hint: {CONTEXT_FIX})") if i.problem == "truncated" else i for i in items]
         for item in items:
             rid = f"{entry['request_id']}.{item.index}"
             if rid in skip:
@@ -236,6 +240,7 @@ class Generation:
                 self.sample_reply, self.sample_finish = entry.get("content", ""), entry.get("finish_reason")
         self.engine.outcome(self.tally.kept - kept_before)
 
+                self.sample_cut = context_cut(entry.get("finish_reason"), entry.get("usage"), self.cfg.max_tokens)
     # ---- jobs ---------------------------------------------------------------------------
 
     @property
@@ -323,6 +328,8 @@ class Generation:
     def progress(self) -> tuple[str, int, int]:
         return "kept", self.tally.kept, self.cfg.n
 
+        if self.sample_cut:
+            hint = f"{self.sample_cut}; {CONTEXT_FIX}, then re-run to resume"
     def counts(self) -> tuple[int, collections.Counter]:
         return self.tally.kept, self.tally.rejected
 

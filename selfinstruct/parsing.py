@@ -197,3 +197,24 @@ def parse_reply(content: str, finish_reason: str | None = None, json_mode: bool 
     if not items and finish_reason == "length":
         items.append(ParsedItem(0, "", "", "", content or "", "truncated", "empty reply cut by the token limit"))
     return items
+
+
+# What to do about a reply the server's context cut: the prompt and the reply must fit in it together.
+CONTEXT_FIX = ("fewer --num-examples or --per-request, or a bigger context (--ctx-size with --local; "
+               "llama.cpp's -c, vLLM's --max-model-len)")
+
+
+# No server runs a context smaller than this: a shorter prompt + reply stopped by "length" hit some other limit.
+SMALLEST_CONTEXT = 512
+
+
+def context_cut(finish_reason: str | None, usage: dict | None, max_tokens: int | None) -> str | None:
+    """Why a reply stopped, when it was the server's context and not --max-tokens: finish_reason length
+    with fewer completion tokens than were allowed (prompt + completion filled the context). Else None."""
+    if finish_reason != "length" or not usage or usage.get("estimated") or not max_tokens:
+        return None
+    prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+    if not prompt or completion >= max_tokens or prompt + completion < SMALLEST_CONTEXT:
+        return None
+    return (f"reply was cut by the server's context, not --max-tokens {max_tokens}: prompt {prompt:,} + reply "
+            f"{completion:,} = {prompt + completion:,} tokens filled it")

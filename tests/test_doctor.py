@@ -9,7 +9,7 @@ import time
 import pytest
 
 from fakes.openai_server import FakeTeacher
-from selfinstruct.doctor import diagnose
+from selfinstruct.doctor import RunShape, diagnose
 from selfinstruct.pricing import resolve_price
 from selfinstruct.teacher import TeacherSettings
 from test_generate import KEY, run_cli
@@ -28,11 +28,14 @@ def test_healthy_teacher_passes_every_check_in_a_few_requests():
         code, checks, seconds = doctor(fake.base_url)
         stats = fake.stats
     assert code == 0
-    assert list(checks) == ["reachable", "model listed", "chat works", "quirks", "usage reported", "JSON mode", "latency", "tokens/s", "price known"]
+    assert list(checks) == ["reachable", "model listed", "chat works", "quirks", "usage reported", "JSON mode", "parallel", "latency",
+                            "context", "tokens/s", "price known", "flags"]
     assert all(c["status"] == "ok" for c in checks.values()), checks
-    assert "2 of 2" in checks["chat works"]["detail"] and "none seen" in checks["quirks"]["detail"]
+    assert "10 of 10" in checks["chat works"]["detail"] and "none seen" in checks["quirks"]["detail"]
     assert checks["price known"]["detail"] == "local server: $0"
-    assert stats["requests_received"] == 2 and stats["other_requests"] == 1
+    # A full-size request, one short one alone and two at once, one JSON-mode request; /models, /props, /models.
+    assert stats["requests_received"] == 5 and stats["other_requests"] == 3
+    assert "in parallel" in checks["parallel"]["detail"] and checks["flags"]["detail"] == "--concurrency 16 --timeout 120"
     assert seconds < 10
 
 
@@ -58,7 +61,7 @@ def test_json_mode_accepted_but_ignored_is_a_warning_not_ok():
     row = checks["JSON mode"]
     assert row["status"] == "warn" and row["detail"].startswith("accepted but the reply is not JSON: ")
     assert "指令" in row["detail"] and row["fix"] == "leave --json-mode off"
-    assert stats["last_request"]["response_format"] == {"type": "json_object"} and stats["requests_received"] == 2
+    assert stats["last_request"]["response_format"] == {"type": "json_object"} and stats["requests_received"] == 5
     assert all(checks[n]["status"] == "ok" for n in checks if n != "JSON mode"), checks
 
 
@@ -91,7 +94,7 @@ def test_refused_key_is_a_failure_and_never_printed():
     "knobs, status, needle",
     [
         ({"empty_length": True}, "fail", "raise --max-tokens"),
-        ({"p_garbage": 1.0}, "warn", "--json-mode"),
+        ({"p_garbage": 1.0}, "fail", "--json-mode"),  # nothing parsed: not ready, whatever else works
         ({"p_429": 1.0, "retry_after": 0.05}, "fail", "--rpm"),
         ({"p_timeout": 1.0, "timeout_sleep": 5.0}, "fail", "raise --timeout"),
     ],
@@ -137,3 +140,50 @@ def test_a_closed_port_is_unreachable_whatever_the_url_holds():
     assert code == 1
     assert checks["reachable"]["status"] == "fail" and "HTTP None" not in checks["reachable"]["detail"]
     assert "PW" not in json.dumps(checks)
+
+
+def probe(fake: FakeTeacher, **shape) -> tuple[dict, object]:
+    """doctor in-process against a fake, for the run `shape` describes."""
+    settings = TeacherSettings(model="fake-teacher", base_url=fake.base_url, timeout=shape.get("timeout", 120.0), retries=1, concurrency=2)
+    report = asyncio.run(diagnose(settings, None, resolve_price("fake-teacher", "local"), "zh", shape=RunShape(**shape)))
+    return {c.name: c for c in report.checks}, report
+
+
+def test_a_one_at_a_time_server_is_seen_and_the_flags_say_concurrency_1():
+    # A llama.cpp server with one slot: 16 requests in flight would wait 16 × latency, past --timeout.
+    with FakeTeacher(latency=0.3, slots=1) as fake:
+        checks, report = probe(fake, concurrency=16, timeout=3.0)
+    assert checks["parallel"].status == "warn" and "one request at a time" in checks["parallel"].detail
+    assert "--concurrency 1" in checks["parallel"].fix
+    latency = checks["latency"]
+    assert latency.status == "warn" and "over --timeout 3 s" in latency.detail and "16 ×" in latency.detail
+    assert report.flags.startswith("--concurrency 1 --timeout ")
+    assert report.ok  # slow is worth knowing; a run with the flags works
+
+
+def test_a_parallel_server_is_not_called_serial():
+    with FakeTeacher(latency=0.3, slots=4) as fake:
+        checks, report = probe(fake, concurrency=4)
+    assert checks["parallel"].status == "ok" and "in parallel" in checks["parallel"].detail
+    assert checks["latency"].status == "ok" and report.flags == "--concurrency 4 --timeout 120"
+
+
+@pytest.mark.parametrize("where, source", [("props", "llama.cpp /props"), ("models", "vLLM max_model_len")])
+def test_the_context_is_read_where_the_server_tells_it(where, source):
+    # 2,048 tokens hold the probe's reply, not the prompt plus a full --max-tokens 3072.
+    with FakeTeacher(context=2048, report_context=where, slots=2 if where == "props" else None, latency=0.2) as fake:
+        checks, report = probe(fake, max_tokens=3072, concurrency=8)
+    context = checks["context"]
+    assert context.status == "warn" and context.detail.startswith(f"2,048 tokens ({source})"), context
+    assert "--max-tokens" in context.fix and "--max-tokens" in report.flags
+    if where == "props":  # total_slots: a run needs no more in flight than the server works on
+        assert "(2 slots)" in checks["parallel"].detail and report.flags.startswith("--concurrency 2 ")
+
+
+def test_a_reply_cut_by_the_context_is_named_with_its_fix_and_is_not_ready():
+    with FakeTeacher(context=600) as fake:
+        checks, report = probe(fake)
+    context = checks["context"]
+    assert context.status == "fail" and "server's context, not --max-tokens 3072" in context.detail, context
+    assert "--num-examples" in context.fix and "--ctx-size" in context.fix
+    assert not report.ok

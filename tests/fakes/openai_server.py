@@ -683,6 +683,14 @@ KNOBS: dict[str, Any] = {
     "api_key": None,  # require Authorization: Bearer <api_key>, else 401
     "models": None,  # list of known models; others get 404 model_not_found
     "forbidden": False,  # 403 for everything
+    # A llama.cpp server with -np N: at most this many chat requests are worked on at once, the others wait.
+    "slots": None,
+    # The server's context (n_ctx): prompt + reply tokens past it are cut (finish_reason "length", usage
+    # adding up to it), and a prompt that does not fit gets a 400.
+    "context": None,
+    # Where the server tells its context: "props" (llama.cpp's GET /props, with total_slots) or
+    # "models" (vLLM's max_model_len in GET /v1/models).
+    "report_context": None,
     # 400 and 5xx error bodies of chat requests quote the request's Authorization header in full, as
     # careless proxies and debug-mode servers do: whatever we log of an error must cut the key out.
     "echo_key": False,
@@ -787,6 +795,7 @@ class FakeTeacher:
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
         self._conns: set[asyncio.Task] = set()
+        self._slot_gate: tuple[int, asyncio.Semaphore] | None = None  # (slots, gate), made in the serving loop
         self.host = "127.0.0.1"
         self.port = 0
         self.batch_api = FakeBatchAPI(self)
@@ -1063,9 +1072,16 @@ class FakeTeacher:
                 "You are not allowed to sample from this model", "invalid_request_error", None, "model_access_denied"))
         if method == "GET" and k["body"] == "html":  # a web UI or login page answers every path
             return _Response(200, _LOGIN_PAGE, content_type="text/html; charset=utf-8")
+        if method == "GET" and path.endswith("/props") and k["report_context"] == "props":
+            settings = {"n_ctx": k["context"], "n_predict": -1, "temperature": 0.8}
+            return _Response(200, json.dumps({"default_generation_settings": settings, "total_slots": k["slots"] or 1,
+                                              "model_path": "fake-teacher.gguf"}).encode())
         if method == "GET" and path.endswith("/models"):
             names = k["models"] or ["fake-teacher"]
             data = {"object": "list", "data": [{"id": m, "object": "model", "created": 1700000000, "owned_by": "fake"} for m in names]}
+            if k["report_context"] == "models":
+                for model in data["data"]:
+                    model["max_model_len"] = k["context"]
             return _Response(200, json.dumps(data).encode())
         if method == "GET" and "/models/" in path:
             name = path.rsplit("/models/", 1)[1]
@@ -1137,6 +1153,11 @@ class FakeTeacher:
             self._stats["in_flight"] += 1
             self._stats["max_in_flight"] = max(self._stats["max_in_flight"], self._stats["in_flight"])
         try:
+            if k["slots"]:
+                if self._slot_gate is None or self._slot_gate[0] != int(k["slots"]):
+                    self._slot_gate = (int(k["slots"]), asyncio.Semaphore(int(k["slots"])))
+                async with self._slot_gate[1]:  # waiting here counts in the client's latency, as in a real queue
+                    return await self._chat_faults(req, n_req, reader, k)
             return await self._chat_faults(req, n_req, reader, k)
         finally:
             with self._lock:
@@ -1331,6 +1352,16 @@ class FakeTeacher:
             choices.append({"index": c, "message": {"role": "assistant", "content": content, "refusal": None},
                             "logprobs": None, "finish_reason": finish})
         prompt_tokens = sum(len(t) for t in message_text(messages)) // 2 + 10
+        if k["context"]:
+            room = int(k["context"]) - prompt_tokens
+            if room <= 0:
+                return _Response(400, _error_body(
+                    f"the request exceeds the available context size ({prompt_tokens} prompt tokens, context {k['context']}), "
+                    "try increasing it", "exceed_context_size_error"))
+            for ch in choices:  # the reply stops where the context is full: prompt + completion = context
+                if len(ch["message"]["content"]) // 2 + 1 > room:
+                    ch["message"]["content"] = ch["message"]["content"][: 2 * (room - 1)]
+                    ch["finish_reason"] = "length"
         completion_tokens = sum(len(ch["message"]["content"]) // 2 + 1 for ch in choices)
         completion: dict[str, Any] = {
             "id": f"chatcmpl-fake{n_req}", "object": "chat.completion", "created": int(time.time()),
@@ -1427,7 +1458,9 @@ def _parser():
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif name == "body":
             p.add_argument(flag, default=None, choices=BODIES)
-        elif name in ("seed", "max_requests", "reply_chars"):
+        elif name == "report_context":
+            p.add_argument(flag, default=None, choices=("props", "models"))
+        elif name in ("seed", "max_requests", "reply_chars", "slots", "context"):
             p.add_argument(flag, type=int, default=None)
         elif name == "models":
             p.add_argument(flag, default=None, help="comma-separated model names")
