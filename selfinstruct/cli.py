@@ -24,6 +24,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+_display_type = typer.core.TyperOption.display_type_rich
+
+
+def _no_type_on_switches(self, ctx):
+    """A switch takes no value: no `<bool>` beside it in --help (typer's rich help prints one, its plain help does not)."""
+    return None if self.is_flag else _display_type(self, ctx)
+
+
+typer.core.TyperOption.display_type_rich = _no_type_on_switches
+
 # Set by --debug: show the traceback instead of the one-line message.
 _debug = False
 
@@ -95,12 +105,19 @@ def main() -> None:
 
 # The Batch API flags, shared by every teacher command (generate, evolve, and the ones to come).
 BATCH = typer.Option(None, "--batch/--no-batch", help="Send requests through the OpenAI Batch API: about half the price, results within 24 h. Re-run to resume.")
-POLL_INTERVAL = typer.Option(None, "--poll-interval", help="Seconds between batch status checks at first; backs off to a minute (default 5).")
+POLL_INTERVAL = typer.Option(None, "--poll-interval", help="Seconds between batch status checks at first; backs off to a minute (default: 5).")
 BATCH_DISCOUNT = typer.Option(None, "--batch-discount", help="Share off the online price for batches (default: the price table's batch price, else 0.5).")
 CANCEL_BATCHES = typer.Option(None, "--cancel-batches", help="Cancel the run's running batches and exit; finished lines are kept for a resume.")
 # How many requests a teacher command keeps in flight, shared by every one of them.
-CONCURRENCY = typer.Option(None, "--concurrency", metavar="auto|N", help="Requests in flight: auto starts at 1 and grows while the teacher keeps up (cut on timeouts, 429s, 5xx), up to --max-concurrency; a number fixes it. Default: auto.")
-MAX_CONCURRENCY = typer.Option(None, "--max-concurrency", help="Ceiling of --concurrency auto. Default: 64.")
+CONCURRENCY = typer.Option(None, "--concurrency", metavar="auto|N", help="Requests in flight: auto starts at 1 and grows while the teacher keeps up (cut on timeouts, 429s, 5xx), up to --max-concurrency; a number fixes it (default: auto).")
+MAX_CONCURRENCY = typer.Option(None, "--max-concurrency", help="Ceiling of --concurrency auto (default: 64).")
+
+
+# The names --no-rule takes, written out (importing the rules here would slow every command's start);
+# tests/test_help.py checks them against selfinstruct.rules and selfinstruct.evolution.
+RULE_NAMES = ("empty, too-short, too-long, starts-with-punctuation, wrong-language, wrong-script, blacklist, needs-url, refusal, "
+              "placeholder, output-equals-input, output-language, output-too-short, code-translated, pii, near-duplicate")
+EVOL_CHECK_NAMES = "prompt-leak, no-gain, refusal-response, stopword-response"
 
 
 def _check_rule_names(names) -> None:
@@ -114,43 +131,43 @@ def _check_rule_names(names) -> None:
             raise ConfigError(f"--no-rule {name!r} is not a rule", f"choose from {', '.join(known)}")
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct generate --seeds seeds/zh.jsonl --n 100 --base-url http://localhost:8000/v1 --model Qwen2.5-7B-Instruct --out runs/zh")
 def generate(
-    seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed file: Self-Instruct/BELLE JSONL or Alpaca JSON/JSONL."),
-    n: Optional[int] = typer.Option(None, "--n", help="Records to keep (default 1000)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default outputs/<seeds>-<model>)."),
+    seeds: Optional[Path] = typer.Option(None, "--seeds", help="Seed file: Self-Instruct/BELLE JSONL or Alpaca JSON/JSONL (default: seeds/zh.jsonl)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Records to keep (default: 1000)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: outputs/<seeds>-<model>)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en (default: from the seeds)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default gpt-4o-mini)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default: gpt-4o-mini)."),
     base_url: Optional[list[str]] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1. Repeat it for replicas of one model (vLLM, llama.cpp): each request goes where there is most room, a failing one rests."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
-    template: Optional[str] = typer.Option(None, "--template", help="Jinja template path (default prompts/generate_<lang>.jinja)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY)."),
+    template: Optional[str] = typer.Option(None, "--template", help="Jinja template path (default: prompts/generate_<lang>.jinja)."),
     json_mode: Optional[bool] = typer.Option(None, "--json-mode/--no-json-mode", help="Ask for JSON replies (response_format)."),
-    num_examples: Optional[int] = typer.Option(None, "--num-examples", help="Seed tasks shown per request (default 3)."),
-    per_request: Optional[int] = typer.Option(None, "--per-request", help="New tasks asked per request (default 10)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 42)."),
+    num_examples: Optional[int] = typer.Option(None, "--num-examples", help="Seed tasks shown per request (default: 3)."),
+    per_request: Optional[int] = typer.Option(None, "--per-request", help="New tasks asked per request (default: 10)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default: 42)."),
     concurrency: Optional[str] = CONCURRENCY,
     max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
-    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Reply token limit (default 3072)."),
-    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an instruction is a near-duplicate (default 0.7)."),
-    dedup_field: Optional[str] = typer.Option(None, "--field", help="What the near-duplicate check compares: instruction+input (default: the same instruction on other material is another task) or instruction (as Alpaca)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default: 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default: 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default: 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default: 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Reply token limit (default: 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an instruction is a near-duplicate (default: 0.7)."),
+    dedup_field: Optional[str] = typer.Option(None, "--field", help="What the near-duplicate check compares: instruction+input (the same instruction on other material is another task) or instruction (as Alpaca) (default: instruction+input)."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
-    max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Hard cap on requests (default 10x what --n needs)."),
-    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a filter rule off (repeatable)."),
+    max_requests: Optional[int] = typer.Option(None, "--max-requests", help="Hard cap on requests (default: 10x what --n needs)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a filter rule off (repeatable): {RULE_NAMES}."),
     seeds_license: Optional[str] = typer.Option(None, "--seeds-license", help="Licence of the seed text, for the dataset card."),
-    evol_rounds: Optional[int] = typer.Option(None, "--evol-rounds", help="Evol-Instruct rounds after generation (default 0)."),
-    evol_ops: Optional[list[str]] = typer.Option(None, "--evol-ops", help="Evol ops to draw from, comma-separated or repeated (default all)."),
+    evol_rounds: Optional[int] = typer.Option(None, "--evol-rounds", help="Evol-Instruct rounds after generation (default: 0)."),
+    evol_ops: Optional[list[str]] = typer.Option(None, "--evol-ops", help="Evol ops to draw from, comma-separated or repeated (default: all)."),
     judge_equal: Optional[bool] = typer.Option(None, "--judge-equal/--no-judge-equal", help="Ask the teacher whether each evolution equals its parent."),
     judge: Optional[bool] = typer.Option(None, "--judge/--no-judge", help="Quality gate: a judge rates every kept record 1-5 on a published rubric (prompts/judge); below --min-score goes to rejected.jsonl."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5, default 4)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5; default: 4)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (default: the teacher)."),
     judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: --base-url)."),
     judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Environment variable holding the judge's key (default: --api-key-env)."),
@@ -196,15 +213,15 @@ def generate(
         raise typer.Exit(exit_code)
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct evolve runs/zh --out runs/zh-evol --rounds 2 --base-url http://localhost:8000/v1 --model Qwen2.5-7B-Instruct")
 def evolve(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds; each evolves the survivors of the last (default 1)."),
-    ops: Optional[list[str]] = typer.Option(None, "--ops", help="Ops to draw from, comma-separated or repeated (default all): add-constraints, deepen, concretize, increase-reasoning, complicate-input, mutate."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Rounds; each evolves the survivors of the last (default: 1)."),
+    ops: Optional[list[str]] = typer.Option(None, "--ops", help="Ops to draw from, comma-separated or repeated: add-constraints, deepen, concretize, increase-reasoning, complicate-input, mutate (default: all)."),
     judge_equal: Optional[bool] = typer.Option(None, "--judge-equal/--no-judge-equal", help="Also ask the teacher whether each evolution equals its parent; equal ones are eliminated."),
     judge: Optional[bool] = typer.Option(None, "--judge/--no-judge", help="Quality gate: a judge rates every kept record 1-5 on a published rubric (prompts/judge); below --min-score goes to rejected.jsonl."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5, default 4)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5; default: 4)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (default: the teacher)."),
     judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: --base-url)."),
     judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Environment variable holding the judge's key (default: --api-key-env)."),
@@ -214,26 +231,26 @@ def evolve(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evolve only the first N input records."),
     evolved_only: bool = typer.Option(False, "--evolved-only", help="Leave the input records out of records.jsonl (default: kept beside their evolutions)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default gpt-4o-mini)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default: gpt-4o-mini)."),
     base_url: Optional[list[str]] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1. Repeat it for replicas of one model (vLLM, llama.cpp): each request goes where there is most room, a failing one rests."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the op draws (default 42)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the op draws (default: 42)."),
     concurrency: Optional[str] = CONCURRENCY,
     max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
-    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer token limit (default 3072)."),
-    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an evolved instruction is a near-duplicate of another record (default 0.7)."),
-    dedup_field: Optional[str] = typer.Option(None, "--field", help="What the near-duplicate check compares: instruction+input (default) or instruction (as Alpaca)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default: 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default: 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default: 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default: 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer token limit (default: 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an evolved instruction is a near-duplicate of another record (default: 0.7)."),
+    dedup_field: Optional[str] = typer.Option(None, "--field", help="What the near-duplicate check compares: instruction+input or instruction (as Alpaca) (default: instruction+input)."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
-    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule or elimination check off (repeatable)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule or elimination check off (repeatable): {RULE_NAMES}, {EVOL_CHECK_NAMES}."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     batch: Optional[bool] = BATCH,
     poll_interval: Optional[float] = POLL_INTERVAL,
@@ -272,10 +289,10 @@ seeds_app = typer.Typer(help="Seed files: check and profile them.", no_args_is_h
 app.add_typer(seeds_app, name="seeds")
 
 
-@seeds_app.command("check")
+@seeds_app.command("check", epilog="Example: selfinstruct seeds check seeds/zh.jsonl")
 def seeds_check(
     files: list[Path] = typer.Argument(..., help="Seed files to check."),
-    similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 at which two instructions are near-copies."),
+    similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 at which two instructions are near-copies (default: 0.7).", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON."),
 ) -> None:
     """Validate seed files and print their profile; exit 1 if any has problems, 2 if one cannot be read."""
@@ -319,14 +336,14 @@ def _stderr(line: str) -> None:
     typer.echo(line, err=True)
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct export runs/zh --to datasets/zh --format sharegpt --test-size 0.05")
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory (the --out of generate or evolve) or a filter --out directory."),
     to: Path = typer.Option(..., "--to", help="Output directory: parquet under data/, a README.md dataset card."),
-    fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages."),
+    fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages (default: alpaca).", show_default=False),
     jsonl: bool = typer.Option(False, "--jsonl", help="Also write <split>.jsonl files."),
     test_size: Optional[float] = typer.Option(None, "--test-size", help="Hold out a test split: a fraction (0.05) or a row count (500)."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and the split."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and the split (default: 42).", show_default=False),
     slim: bool = typer.Option(False, "--slim", help="Drop the lineage columns (id, seed_ids, evol_ops, model)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt to start each sharegpt/messages conversation."),
     license: Optional[str] = typer.Option(None, "--license", help="Licence id for the card (default: the seeds' declared licence)."),
@@ -340,20 +357,20 @@ def export(
     typer.echo(f"exported {sum(result.rows.values()):,} rows ({splits}) as {fmt} to {result.path}")
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct push runs/zh --repo my-name/zh-instruct")
 def push(
     run_dir: Path = typer.Argument(..., help="A run directory (the --out of generate or evolve) or a filter --out directory."),
     repo: str = typer.Option(..., "--repo", help="Hub dataset repo, OWNER/NAME."),
     public: bool = typer.Option(False, "--public", help="Create the repo public (default: private)."),
-    fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages."),
+    fmt: str = typer.Option("alpaca", "--format", help="alpaca, sharegpt or messages (default: alpaca).", show_default=False),
     test_size: Optional[float] = typer.Option(None, "--test-size", help="Hold out a test split: a fraction (0.05) or a row count (500)."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and the split."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the shuffle and the split (default: 42).", show_default=False),
     slim: bool = typer.Option(False, "--slim", help="Drop the lineage columns (id, seed_ids, evol_ops, model)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt to start each sharegpt/messages conversation."),
     license: Optional[str] = typer.Option(None, "--license", help="Licence id for the card (default: the seeds' declared licence)."),
-    revision: Optional[str] = typer.Option(None, "--revision", "--branch", help="Branch to push to, created if missing (default main)."),
+    revision: Optional[str] = typer.Option(None, "--revision", "--branch", help="Branch to push to, created if missing (default: main)."),
     commit_message: Optional[str] = typer.Option(None, "--commit-message", help="Message of the data commit."),
-    retries: int = typer.Option(4, "--retries", help="Retries per Hub step on 429, 5xx and network errors."),
+    retries: int = typer.Option(4, "--retries", help="Retries per Hub step on 429, 5xx and network errors (default: 4).", show_default=False),
 ) -> None:
     """Push a run to a Hugging Face Hub dataset repo (private by default) with a dataset card. Token: HF_TOKEN or `hf auth login`."""
     from selfinstruct.hub import push_run
@@ -366,20 +383,20 @@ def push(
     typer.echo(f"pushed {sum(result.rows.values()):,} rows ({splits}) to {result.url} ({'private' if result.private else 'public'})")
 
 
-@app.command("filter")
+@app.command("filter", epilog="Example: selfinstruct filter belle.jsonl --out belle-clean --against seeds/zh.jsonl")
 def filter_command(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Output directory: kept.jsonl (or .parquet), rejected.jsonl, filter_report.json."),
-    field: str = typer.Option("instruction+input", "--field", help="What the duplicate rules compare: instruction+input (the same instruction on other material is another task), or instruction (as Alpaca)."),
-    similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 above which a record is a near-duplicate (as Alpaca); 1.0 means exact token matches only."),
-    dedup: str = typer.Option("exact", "--dedup", help="exact (the all-pairs answer) or minhash (approximate recall, for millions of records)."),
+    field: str = typer.Option("instruction+input", "--field", help="What the duplicate rules compare: instruction+input (the same instruction on other material is another task), or instruction (as Alpaca) (default: instruction+input).", show_default=False),
+    similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 above which a record is a near-duplicate (as Alpaca); 1.0 means exact token matches only (default: 0.7).", show_default=False),
+    dedup: str = typer.Option("exact", "--dedup", help="exact (the all-pairs answer) or minhash (approximate recall, for millions of records) (default: exact).", show_default=False),
     rules: Optional[str] = typer.Option(None, "--rules", help="Run only these rules, comma-separated, e.g. near-duplicate."),
-    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule off (repeatable): {RULE_NAMES}, contaminated, exact-duplicate, or a --rule-file rule's name."),
     rule_file: Optional[Path] = typer.Option(None, "--rule-file", help="TOML or YAML file of \\[\\[rule]] tables: regex, min/max length, lang on a field."),
     lang: Optional[str] = typer.Option(None, "--lang", help="Language the wrong-language rule expects: zh, zh-Hant, en... (default: from the data)."),
     against: Optional[list[Path]] = typer.Option(None, "--against", help="Drop records this similar to any record of FILE (seeds, a test set); repeatable."),
-    fmt: str = typer.Option("jsonl", "--format", help="kept as jsonl or parquet."),
-    pii: str = typer.Option("drop", "--pii", help="Records with e-mails, phone numbers, resident IDs, bank cards or IP addresses: drop them (rule pii), or redact them to [EMAIL], [PHONE]... and keep them."),
+    fmt: str = typer.Option("jsonl", "--format", help="kept as jsonl or parquet (default: jsonl).", show_default=False),
+    pii: str = typer.Option("drop", "--pii", help="Records with e-mails, phone numbers, resident IDs, bank cards or IP addresses: drop them (rule pii), or redact them to [EMAIL], [PHONE]... and keep them (default: drop).", show_default=False),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars or summary."),
 ) -> None:
     """Clean any dataset: the generate rules, contamination and exact ROUGE-L near-duplicate removal."""
@@ -400,16 +417,16 @@ def filter_command(
         console.print(summary_table(report, settings))
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct doctor --base-url http://localhost:8000/v1 --model Qwen2.5-7B-Instruct")
 def doctor(
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint (default: the OpenAI API)."),
-    model: str = typer.Option("gpt-4o-mini", "--model", help="Teacher model to check."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the key."),
-    lang: str = typer.Option("zh", "--lang", help="Language of the probe prompt: zh, zh-Hant or en."),
-    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request, as the run's --timeout."),
-    per_request: int = typer.Option(10, "--per-request", help="Tasks the full-size probe asks for, as the run's --per-request."),
-    max_tokens: int = typer.Option(3072, "--max-tokens", help="Reply token limit of the full-size probe, as the run's --max-tokens."),
-    concurrency: int = typer.Option(16, "--concurrency", help="Requests in flight the run would send (latency × queue is checked against --timeout)."),
+    model: str = typer.Option("gpt-4o-mini", "--model", help="Teacher model to check (default: gpt-4o-mini).", show_default=False),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY).", show_default=False),
+    lang: str = typer.Option("zh", "--lang", help="Language of the probe prompt: zh, zh-Hant or en (default: zh).", show_default=False),
+    timeout: float = typer.Option(120.0, "--timeout", help="Seconds per request, as the run's --timeout (default: 120.0).", show_default=False),
+    per_request: int = typer.Option(10, "--per-request", help="Tasks the full-size probe asks for, as the run's --per-request (default: 10).", show_default=False),
+    max_tokens: int = typer.Option(3072, "--max-tokens", help="Reply token limit of the full-size probe, as the run's --max-tokens (default: 3072).", show_default=False),
+    concurrency: int = typer.Option(16, "--concurrency", help="Requests in flight the run would send (latency × queue is checked against --timeout) (default: 16).", show_default=False),
     local: bool = typer.Option(False, "--local", help="Check the --local llama.cpp server (started for the check-up)."),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF model file for --local (implies --local)."),
     ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the probe prompt plus --max-tokens)."),
@@ -469,7 +486,7 @@ def doctor(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct report runs/zh")
 def report(
     run_dir: Path = typer.Argument(..., help="A run directory (the --out of generate or evolve) or a filter --out directory."),
     out: Optional[Path] = typer.Option(None, "--out", help="The HTML file to write (default: report.html inside RUN_DIR)."),
@@ -488,7 +505,7 @@ def report(
     typer.echo(f"wrote {path} ({stats['counts']['kept']:,} kept, {stats['counts']['rejected']:,} rejected; {time.monotonic() - started:.1f} s)")
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct respond alpaca.json --out runs/pairs --models gpt-4o-mini,gpt-4o --limit 200")
 def respond(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume."),
@@ -498,25 +515,25 @@ def respond(
     system_prompts: Optional[str] = typer.Option(None, "--system-prompts", help="Draw a system prompt per record: orca (shipped zh/en explanation set) or a file, one prompt a line."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Answer only the first N input records."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Teacher model when --models is not given (default gpt-4o-mini)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model when --models is not given (default: gpt-4o-mini)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the system-prompt draws (default 42)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the system-prompt draws (default: 42)."),
     concurrency: Optional[str] = CONCURRENCY,
     max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap (per model)."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap (per model)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
-    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer token limit (default 3072)."),
-    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an input instruction (+ input) is a near-copy of an earlier one and is not answered (default 0.7)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default: 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default: 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default: 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default: 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer token limit (default: 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an input instruction (+ input) is a near-copy of an earlier one and is not answered (default: 0.7)."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens of the first model (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens of the first model (overrides the table)."),
-    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable); near-duplicate answers every input record."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule off (repeatable): {RULE_NAMES}; near-duplicate answers every input record."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print the records to answer, projected requests, tokens and cost per stage; call nothing."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
@@ -542,32 +559,32 @@ def respond(
         raise typer.Exit(exit_code)
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct judge runs/zh --out runs/zh-judged --min-score 4")
 def judge(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Run directory to write: records.jsonl (with meta.judge), rejected.jsonl, manifest.json; re-run to resume."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest score kept (1-5, default 4)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest score kept (1-5; default: 4)."),
     moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Also send kept records to /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Judge only the first N input records."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: the rubric's language (default: from the input)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Judge model (default gpt-4o-mini)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Judge model (default: gpt-4o-mini)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY)."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Send the verdicts to this model instead of --model."),
-    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="... at this endpoint (default --base-url)."),
-    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="... with the key in this variable (default --api-key-env)."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="... at this endpoint (default: --base-url)."),
+    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="... with the key in this variable (default: --api-key-env)."),
     judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="... at this USD per 1M prompt tokens."),
     judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="... and this USD per 1M completion tokens."),
     concurrency: Optional[str] = CONCURRENCY,
     max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
-    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Verdict token limit (default and at most 1024)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default: 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default: 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default: 6)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Verdict token limit, at most 1024 (default: 1024)."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
@@ -589,32 +606,32 @@ def judge(
         raise typer.Exit(exit_code)
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct textbook --topics zh --n 50 --out runs/textbook")
 def textbook(
     topics: str = typer.Option(..., "--topics", help="Topics: a text file (one a line), JSONL of {\"topic\": ...}, or zh / en for the shipped lists."),
     n: int = typer.Option(..., "--n", help="Sections to write (units of topic × audience × style); each gives --exercises exercise records."),
     out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume (a larger --n extends it)."),
-    exercises: Optional[int] = typer.Option(None, "--exercises", help="Exercises with solutions asked per section (default 3)."),
+    exercises: Optional[int] = typer.Option(None, "--exercises", help="Exercises with solutions asked per section (default: 3)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the topics)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default gpt-4o-mini)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model (default: gpt-4o-mini)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the topic × audience × style draws (default 42)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the topic × audience × style draws (default: 42)."),
     concurrency: Optional[str] = CONCURRENCY,
     max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
-    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Reply token limit of a section and of its exercises (default 3072)."),
-    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which a section or an exercise is a near-duplicate of an earlier one (default 0.7)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default: 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default: 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default: 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default: 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Reply token limit of a section and of its exercises (default: 3072)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which a section or an exercise is a near-duplicate of an earlier one (default: 0.7)."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
-    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule off (repeatable): {RULE_NAMES}."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
@@ -632,32 +649,32 @@ def textbook(
         raise typer.Exit(exit_code)
 
 
-@app.command()
+@app.command(epilog="Example: selfinstruct chat --seeds seeds/zh.jsonl --out runs/chat --turns 3")
 def chat(
     inputs: Optional[list[Path]] = typer.Argument(None, help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories: each record's instruction (+ input) opens a conversation."),
     seeds: Optional[Path] = typer.Option(None, "--seeds", help="Open conversations with a seed file's tasks instead of INPUT."),
     out: Path = typer.Option(..., "--out", help="Run directory to write; re-run the same command to resume."),
-    turns: Optional[int] = typer.Option(None, "--turns", help="The most assistant turns a conversation has; the simulated user may close it earlier (default 3)."),
+    turns: Optional[int] = typer.Option(None, "--turns", help="The most assistant turns a conversation has; the simulated user may close it earlier (default: 3)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input records."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Teacher model, playing both user and assistant (default gpt-4o-mini)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher model, playing both user and assistant (default: gpt-4o-mini)."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
-    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default OPENAI_API_KEY)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY)."),
     concurrency: Optional[str] = CONCURRENCY,
     max_concurrency: Optional[int] = MAX_CONCURRENCY,
     rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
     tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default 120)."),
-    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default 10)."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default 6)."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0)."),
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Assistant reply token limit (default 3072; a user turn gets at most 512)."),
-    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which a first user turn is a near-copy of an earlier one and is not used (default 0.7)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default: 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default: 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default: 6)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default: 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: 1.0)."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Assistant reply token limit (default: 3072; a user turn gets at most 512)."),
+    similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which a first user turn is a near-copy of an earlier one and is not used (default: 0.7)."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
-    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help="Switch a rule off (repeatable)."),
+    no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule off (repeatable): {RULE_NAMES}."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
