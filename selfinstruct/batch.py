@@ -180,7 +180,7 @@ class BatchTransport:
         unsent = [rid for rid in self.queue if rid in self.waiting]
         if unsent:  # never uploaded, so never billed: the engine must not count them as possibly billed
             try:
-                self._note({"status": "batch-unsent", "request_ids": unsent})
+                self._note({"status": "batch-unsent", "unsent_ids": unsent})
             except Exception:  # the run is stopping anyway; they are then counted as possibly billed, the safe side
                 pass
         for waiting in self.waiting.values():

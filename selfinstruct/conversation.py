@@ -31,7 +31,8 @@ INSTRUCTION_SHAPE = ("too-short", "too-long", "starts-with-punctuation")
 ENDINGS = ("closed", "max-turns", "cut")
 
 _END = re.compile(r"\[\s*(?:END|结束|結束)\s*\]|【\s*(?:END|结束|結束)\s*】", re.IGNORECASE)
-_ROLE_PREFIX = re.compile(r"^\s*(?:[\[【(（]?\s*(?:user|用户|用戶|human)\s*[\]】)）]?\s*[:：]?)\s*", re.IGNORECASE)
+# "[User]", "【用户】" or "User:" at the start; a bare "User" may begin the message itself ("User research shows...").
+_ROLE_PREFIX = re.compile(r"^\s*(?:[\[【(（]\s*(?:user|用户|用戶|human)\s*[\]】)）]\s*[:：]?|(?:user|用户|用戶|human)\s*[:：])\s*", re.IGNORECASE)
 
 
 def parse_user_turn(content: str) -> tuple[str, bool]:

@@ -227,6 +227,8 @@ class Engine:
         self.notes: list[dict] = []
         # Requests a batch holds: submitted once, billed only when its output comes back, so never "possibly billed".
         self.held: set[str] = set()
+        # Requests a batch transport queued but never uploaded before a stop: never billed either.
+        self.unsent: set[str] = set()
         self.previous: dict | None = None
         self.created = _now()
         self.started = time.monotonic()
@@ -268,6 +270,7 @@ class Engine:
             elif status:
                 self.notes.append(entry)
                 self.held.update(entry.get("request_ids") or ())
+                self.unsent.update(entry.get("unsent_ids") or ())
         self.unanswered.extend(sent.values())
         return finished
 
@@ -285,6 +288,7 @@ class Engine:
         self.run.append(LEDGER, [line])
         self.notes.append(line)
         self.held.update(line.get("request_ids") or ())
+        self.unsent.update(line.get("unsent_ids") or ())
 
     def add_route(self, name: str, model: str, base_url: str | None, price: Price | None, make: Callable[[], Transport]) -> None:
         """Another teacher for some requests (ask(..., route=name)), charged at its own price."""
@@ -444,7 +448,7 @@ class Engine:
     def possibly_billed(self) -> dict:
         """Requests sent but never answered (killed or cancelled): estimated from their stage's answered ones."""
         prompt = completion = usd = 0.0
-        unanswered = [e for e in self.unanswered if e.get("request_id") not in self.held]
+        unanswered = [e for e in self.unanswered if e.get("request_id") not in self.held and e.get("request_id") not in self.unsent]
         for entry in unanswered:
             t = self.usage.get(str(entry.get("stage", "generate")))
             answered = t.requests - t.failed_requests if t else 0

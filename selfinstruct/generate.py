@@ -141,6 +141,8 @@ class Generation:
         self.redo = sorted(no for no in lost if f"r{no:06d}" not in self.engine.replies)
         if self.redo:
             self.next_request = max(self.next_request, self.redo[-1] + 1)
+        # Those a batch holds first (stable: in order): they are paid for, or will be, whatever --n says.
+        self.redo.sort(key=lambda no: f"r{no:06d}" not in self.engine.held)
         return replayed
 
     # ---- one reply ----------------------------------------------------------------------
@@ -262,6 +264,10 @@ class Generation:
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
         """The next request while --n, the request cap and the yield estimate say more is needed."""
+        if self.redo and f"r{self.redo[0]:06d}" in self.engine.held and running < self.window:
+            # A batch holds it (--batch, resumed): asked even past --n so its reply is ledgered and its cost counted.
+            request_no = self.redo.pop(0)
+            return lambda: self._request(request_no)
         if self.tally.kept >= self.cfg.n or running >= self.window:
             return None
         if self.requests.requests + running >= self.max_requests():

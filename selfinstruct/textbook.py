@@ -141,7 +141,7 @@ class Textbook:
         self.exercise_index = DedupIndex(cfg.similarity)
         self.tally = Tally()
         self.sections = collections.Counter()  # kept, and each rejection reason
-        self.seen: set[str] = set()  # exercise ids already written (kept or rejected)
+        self.seen: dict[str, str | None] = {}  # exercise ids already written: None kept, else the rejection reason
         self.done = 0
         self.sample_reply = ""
         self._queue = iter(())
@@ -155,12 +155,12 @@ class Textbook:
             if not sec.get("reason") and self.dedup:
                 self.section_index.add(sec["id"], dedup_text(sec["text"]))
         for rec in self.run.load(RECORDS):
-            self.seen.add(rec["id"])
+            self.seen[rec["id"]] = None
             self.tally.kept += 1
             if self.dedup:
                 self.exercise_index.add(rec["id"], dedup_text(rec["instruction"], rec["input"]))
         for rec in self.run.load(REJECTED):
-            self.seen.add(rec["id"])
+            self.seen[rec["id"]] = rec.get("reason", "unknown")
             self.tally.rejected[rec.get("reason", "unknown")] += 1
         todo = [unit_id(i) for i in range(self.cfg.n) if unit_id(i) not in finished]
         self.done = self.cfg.n - len(todo)
@@ -242,11 +242,13 @@ class Textbook:
             rec = self._record(section, entry, 1, "", "", "", "", 1)
             return self._write([], [rec | {"reason": "request-failed", "detail": f"the exercises request failed: {entry.get('error', '')}"}])
         items = parse_reply(entry.get("content", ""), entry.get("finish_reason"))[: self.cfg.exercises]
-        kept, rejected = [], []
+        kept, rejected, before = [], [], collections.Counter()
         for no, item in enumerate(items, 1):
             rec = self._record(section, entry, no, item.instruction, item.input, strip_think(item.output), item.raw, len(items))
             if rec["id"] in self.seen:
-                continue  # written before a stop, the unit's line was not: the replayed reply gives the same exercise
+                # Written before a stop that came before the unit's line: the replayed reply gives the same exercise.
+                before["rejected" if self.seen[rec["id"]] else "kept"] += 1
+                continue
             verdict = (item.problem, item.detail) if item.problem else check(rec["instruction"], rec["input"], rec["output"], self.rules)
             if verdict is None and self.dedup:
                 match = self.exercise_index.add_if_novel(rec["id"], dedup_text(rec["instruction"], rec["input"]))
@@ -256,7 +258,8 @@ class Textbook:
                 rejected.append(rec | {"reason": verdict[0], "detail": verdict[1]})
             else:
                 kept.append(rec)
-        return self._write(kept, rejected)
+        k, r = self._write(kept, rejected)
+        return k + before["kept"], r + before["rejected"]
 
     def _record(self, section: dict, entry: dict, no: int, instruction: str, input_text: str, output: str, raw: str, share: int) -> dict:
         usage = {k: int((entry.get("usage") or {}).get(k, 0) + (section["meta"]["usage"] or {}).get(k, 0)) // max(1, share)
@@ -274,7 +277,7 @@ class Textbook:
         if rejected:
             self.run.append(REJECTED, rejected)
         for rec in kept + rejected:
-            self.seen.add(rec["id"])
+            self.seen[rec["id"]] = rec.get("reason")
         self.tally.kept += len(kept)
         self.tally.rejected.update(r["reason"] for r in rejected)
         return len(kept), len(rejected)

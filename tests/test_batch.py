@@ -390,3 +390,29 @@ def test_a_stop_before_the_queue_is_sent_bills_nothing_and_resume_sends_it(tmp_p
         results = asyncio.run(ask(resumed, None))
         assert [r["status"] for r in results] == ["ok"] * 3 and sorted(fake.stats["batch_lines"]) == ["q0", "q1", "q2"]
     run.close()
+
+
+def test_lines_a_batch_answered_before_a_kill_are_ledgered_on_resume_even_past_n(tmp_path):
+    """Killed after the batch ended but before every reply was ledgered: resume collects the rest from the same
+    batch (nothing is sent again) even when the replies already ledgered reach --n, so every paid line is counted."""
+    out = tmp_path / "run"
+    with FakeTeacher(seed=13) as fake:
+        done = run_cli(*generate_args(fake, tmp_path, out, 40), timeout=120)
+        assert done.returncode == 0, done.stderr
+        ledger = read_jsonl(out / LEDGER)
+        ok = [e for e in ledger if e.get("status") == "ok"]
+        assert len(ok) >= 3
+        # The state a kill leaves: the batch ended, two replies ledgered, their records not yet written.
+        keep = [e for e in ledger if e.get("status") != "ok"] + ok[:2]
+        (out / LEDGER).write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in keep), encoding="utf-8")
+        for name in ("records.jsonl", "rejected.jsonl", "surplus.jsonl"):
+            (out / name).write_text("", encoding="utf-8")
+        resumed = run_cli(*generate_args(fake, tmp_path, out, 10), timeout=120)
+        stats = fake.stats
+    assert resumed.returncode == 0, resumed.stderr
+    after = read_jsonl(out / LEDGER)
+    assert sorted(e["request_id"] for e in finished(after)) == sorted(e["request_id"] for e in ok)
+    assert stats["files_uploaded"] == 1 and stats["batches_created"] == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["usage"]["prompt_tokens"] == stats["prompt_tokens_sent"]
+    assert manifest["usage"]["completion_tokens"] == stats["completion_tokens_sent"]

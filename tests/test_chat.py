@@ -61,6 +61,8 @@ def test_the_simulated_user_closes_with_end_and_loses_role_prefixes():
     assert parse_user_turn("[User] Could you give an example?") == ("Could you give an example?", False)
     assert parse_user_turn("“能再举个例子吗？”") == ("能再举个例子吗？", False)
     assert parse_user_turn("Why does the user count matter?") == ("Why does the user count matter?", False)
+    assert parse_user_turn("User research says otherwise: why?") == ("User research says otherwise: why?", False)
+    assert parse_user_turn("【用户】为什么？") == ("为什么？", False)
     assert parse_user_turn("  ") == ("", False)
     assert turn_request_id("alpaca.json:3", 2, "user") == "chat:alpaca.json:3:2:user"
 

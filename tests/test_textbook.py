@@ -144,13 +144,23 @@ def test_textbook_writes_sections_then_exercises_dedups_across_them_and_a_rerun_
         "near-duplicate": len(twins) - 1, "refusal": len(refused)}
     assert manifest["templates"]["section"]["name"] == "section_zh.jinja" and manifest["config"]["lang"] == "zh"
 
-    # A rerun with a larger --n pays only for the new units (nothing twice); other topics are refused before any request.
+    # A kill after a unit's exercises were written but before its sections.jsonl line: the rerun finishes that unit from
+    # the ledger without a request and without writing its exercises twice. A larger --n pays only for the new units;
+    # other topics are refused before any request.
+    lines = (out / "sections.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    at = max(i for i, line in enumerate(lines) if json.loads(line)["exercises"]["kept"])
+    last = json.loads(lines[at])
+    (out / "sections.jsonl").write_text("".join(lines[:at] + lines[at + 1:]), encoding="utf-8")
     with FakeTeacher(reply=TextbookReplies(), seed=5) as fake:
         more = run_cli(*args(fake)[:4], "14", *args(fake)[5:])
         assert more.returncode == 0, more.stderr
+        redone = next(s for s in read_jsonl(out / "sections.jsonl") if s["id"] == last["id"])
+        assert redone == last
+        all_ids = [r["id"] for r in read_jsonl(out / "records.jsonl") + read_jsonl(out / "rejected.jsonl")]
+        assert len(all_ids) == len(set(all_ids))
         new = {e["request_id"] for e in finished(read_jsonl(out / "requests.jsonl"))} - set(ids)
         assert fake.stats["requests_received"] == len(new) and {i.rsplit(":", 1)[1] for i in new} <= {unit_id(12), unit_id(13)}
-        assert len(new) >= 2 and sorted(s["id"] for s in read_jsonl(out / "sections.jsonl"))[-2:] == [unit_id(12), unit_id(13)]
+        assert len(new) >= 2 and sorted(s["id"] for s in read_jsonl(out / "sections.jsonl")) == [unit_id(i) for i in range(14)]
         cfg = resolve({"n": 14, "out": out, "model": "fake-teacher", "base_url": fake.base_url, "price_in": 0.5, "price_out": 1.5})
         with pytest.raises(OutputError, match="different --topics"):
             run_textbook(cfg, "zh", KEY, "selfinstruct textbook", Console(stderr=True))
