@@ -240,9 +240,9 @@ class Generation:
             self._process(entry)
             if self.tally.kept == kept_before:
                 self.sample_reply, self.sample_finish = entry.get("content", ""), entry.get("finish_reason")
+                self.sample_cut = context_cut(entry.get("finish_reason"), entry.get("usage"), self.cfg.max_tokens)
         self.engine.outcome(self.tally.kept - kept_before)
 
-                self.sample_cut = context_cut(entry.get("finish_reason"), entry.get("usage"), self.cfg.max_tokens)
     # ---- jobs ---------------------------------------------------------------------------
 
     @property
