@@ -143,7 +143,7 @@ BLACKLIST_PRODUCE_ZH = (
     r"(?<![动漫壁油国字书版图刻插绘计策规谋])(?:画|畫)(?:一|出|个|張|张|幅|下|成|条|只|些|两|三)",
     r"(?:绘制|繪製|描绘出)[^，。；？！\n]{0,8}?图",
     r"拍一|拍张|(?<!记)录制一|(?<!记)录一段|剪辑一|上传(?!的)|上傳(?!的)|截屏",
-    r"(?:生成|创建|创作|制作|设计|做|输出|渲染)(?:一|个|张|幅|段|份)*[^，。；？！\n]{0,10}?"
+    r"(?:生成|创建|创作|制作|设计|做|输出|渲染|配上|配一|附上|附一)(?:一|个|张|幅|段|份)*[^，。；？！\n]{0,10}?"
     r"(?<![体意])(?:图片|图像|照片|视频|动画|音频|录音|插图|插画|漫画|图稿|图纸|图标|动图|表情包|壁纸|三维模型|3D模型)",
 )
 BLACKLIST_PERCEIVE_ZH = (
@@ -505,9 +505,13 @@ def _blacklist(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     # A quoted sentence to rewrite is material, not the task; a named work (《星夜》这幅画) is known;
     # after a colon comes the material (把下面的句子改成主动语态：这幅画是由艺术家创作的).
     ins = re.split(r"[:：]\s*\S", _QUOTED_RE.sub('"', ins), maxsplit=1)[0]
-    m = None if _ABOUT_MAKING_RE.search(ins) else _PRODUCE_RE.search(ins)
-    if m:
-        return f"the task asks to make a medium: {m.group(0)!r}"
+    for m in _PRODUCE_RE.finditer(ins):
+        # Asking how one is made asks for text; judged in the clause that names the medium,
+        # so 解释光合作用，并配一张图片 still asks for a picture.
+        start = max(ins.rfind(p, 0, m.start()) for p in "，。；,;！？") + 1
+        ends = [e for e in (ins.find(p, m.end()) for p in "，。；,;！？") if e >= 0]
+        if not _ABOUT_MAKING_RE.search(ins[start : min(ends, default=len(ins))]):
+            return f"the task asks to make a medium: {m.group(0)!r}"
     m = None if _PERCEIVE_TOPIC_RE.search(ins) else _PERCEIVE_RE.search(ins)
     if m and not _NAMED_WORK_RE.search(inp) and (_MEDIUM_STAND_IN_RE.match(inp) or units(_URL_RE.sub(" ", inp)) < DESCRIBED_MEDIUM_UNITS):
         return f"the task asks to see or hear a medium it does not describe: {m.group(0)!r}"
