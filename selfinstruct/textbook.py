@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
-from selfinstruct.errors import ConfigError, InputError, OutputError
+from selfinstruct.errors import InputError, OutputError
 from selfinstruct.evolution import infer_lang, strip_think, template_suffix
 from selfinstruct.parsing import clean_reply, parse_reply
 from selfinstruct.pricing import Price, run_price
@@ -235,8 +235,7 @@ class Textbook:
         return None
 
     def _exercises(self, section: dict, entry: dict) -> tuple[int, int]:
-        """Parse, check and write a section's exercises; (kept, rejected) counts of this pass."""
-        uid = section["id"]
+        """Parse, check and write a section's exercises; (kept, rejected) counts, those written before a stop included."""
         section["meta"]["request_ids"][EXERCISES] = entry["request_id"]
         if entry["status"] != "ok":
             rec = self._record(section, entry, 1, "", "", "", "", 1)
