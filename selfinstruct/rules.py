@@ -152,7 +152,9 @@ BLACKLIST_PERCEIVE_ZH = (
     r"下图|上图|(?<![程表意拼地构])图中|图片中|图像中|照片中|视频中|录音中|音频中|附图",
 )
 BLACKLIST_PRODUCE_EN = (
-    r"\b(?:draw|paint|sketch|photograph|film|sing|upload)\b(?! (?:a )?(?:conclusion|parallel|comparison|inspiration|attention|on|from|upon))",
+    # As an imperative only: "two coats of paint" and "a film review" make nothing.
+    r"(?:^|[.!?:]\s+|\b(?:please|and|then|to|also)\s+)(?:draw|paint|sketch|photograph|film|sing|upload)\b"
+    r"(?! (?:a )?(?:conclusion|parallel|comparison|inspiration|attention|on|from|upon))",
     r"\b(?:create|generate|make|design|produce|render)\s+(?:a|an|the)?\s*(?:\w+\s+)?(?:image|picture|photo|video|drawing|illustration|animation)\b",
 )
 BLACKLIST_PERCEIVE_EN = (
