@@ -168,7 +168,9 @@ class Conversation:
         meta = {k: v for k, v in (rec.get("meta") or {}).items() if k not in ("raw", "usage", "request_id", "request_ids")}
         if rec.get("output", "").strip():
             meta["previous_output"] = rec["output"]
-        meta.pop("model", None)
+        previous_model = meta.pop("model", None)
+        if previous_model and "previous_output" in meta:
+            meta["previous_model"] = previous_model
         meta |= {"stage": "chat", "model": self.cfg.model, "lang": self.lang,
                  "templates": {ASSISTANT: self.assistant_template.name, USER: self.user_template.name},
                  "request_ids": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "estimated": False}}
