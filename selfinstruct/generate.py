@@ -182,11 +182,11 @@ class Generation:
     def _process(self, entry: dict, skip: set[str] | frozenset = frozenset()) -> int:
         """Parse, filter and deduplicate one logged reply; append what is new. Returns items written."""
         items = parse_reply(entry.get("content", ""), entry.get("finish_reason"), entry.get("json_mode", self.cfg.json_mode))
-        share = max(1, len(items))
-        kept, rejected, surplus = [], [], []
         cut = context_cut(entry.get("finish_reason"), entry.get("usage"), self.cfg.max_tokens)
         if cut:  # a bigger --max-tokens cannot help this one: name the context and its fix
             items = [dataclasses.replace(i, detail=f"{cut} (hint: {CONTEXT_FIX})") if i.problem == "truncated" else i for i in items]
+        share = max(1, len(items))
+        kept, rejected, surplus = [], [], []
         for item in items:
             rid = f"{entry['request_id']}.{item.index}"
             if rid in skip:
@@ -328,14 +328,14 @@ class Generation:
         if not sample and self.sample_finish == "length":
             # Typical of reasoning models: the whole token budget went to <think>.
             hint = "the teacher used all of --max-tokens before answering; raise --max-tokens, then re-run to resume"
+        if self.sample_cut:
+            hint = f"{self.sample_cut}; {CONTEXT_FIX}, then re-run to resume"
         return (f"only {useful} of the last {window} requests gave a usable record; stopping instead of spending on. "
                 f"A sample reply (finish_reason {self.sample_finish}): {sample!r} (hint: {hint})")
 
     def progress(self) -> tuple[str, int, int]:
         return "kept", self.tally.kept, self.cfg.n
 
-        if self.sample_cut:
-            hint = f"{self.sample_cut}; {CONTEXT_FIX}, then re-run to resume"
     def counts(self) -> tuple[int, collections.Counter]:
         return self.tally.kept, self.tally.rejected
 
