@@ -245,7 +245,8 @@ class BatchTransport:
                     for file_id in list(self.orphans):
                         if self._stopping:
                             break
-                        await self._create(file_id, self.orphans[file_id])
+                        # A kill between create and its note leaves a batch the ledger does not name: look first.
+                        await self._create(file_id, self.orphans[file_id], look_first=True)
                         changed = True
                     if self.queue and not self._stopping and (now - self._last_enqueue >= self.quiet_seconds or len(self.queue) >= self.max_lines):
                         await self._submit()
@@ -318,9 +319,11 @@ class BatchTransport:
             self.orphans[file_id] = ids
             await self._create(file_id, ids)
 
-    async def _create(self, file_id: str, ids: list[str]) -> None:
+    async def _create(self, file_id: str, ids: list[str], look_first: bool = False) -> None:
         try:
-            made = await self.client.create(file_id, {"selfinstruct": self.engine.run.path.name[:500]})
+            made = await self.client.find(file_id) if look_first else None
+            if made is None:
+                made = await self.client.create(file_id, {"selfinstruct": self.engine.run.path.name[:500]})
         except BatchCallFailed as failed:
             if failed.transient:
                 raise

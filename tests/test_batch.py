@@ -416,3 +416,24 @@ def test_lines_a_batch_answered_before_a_kill_are_ledgered_on_resume_even_past_n
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["usage"]["prompt_tokens"] == stats["prompt_tokens_sent"]
     assert manifest["usage"]["completion_tokens"] == stats["completion_tokens_sent"]
+
+
+def test_a_batch_created_just_before_a_kill_is_found_not_made_again(tmp_path):
+    """Killed after batches.create returned but before its id reached the ledger: resume finds the batch made from the file."""
+    with FakeTeacher(seed=14) as fake:
+        client = openai.OpenAI(base_url=fake.base_url, api_key="sk-x", max_retries=0)
+        ids = ["q000", "q001"]
+        lines = [{"custom_id": rid, "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "m", "messages": [{"role": "user", "content": f"写 2 个任务 {i}"}]}} for i, rid in enumerate(ids)]
+        file_id = client.files.create(file=("in.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode()),
+                                      purpose="batch").id
+        made = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        run = RunDir(tmp_path / "run")
+        run.prepare()
+        run.append(LEDGER, [{"status": "batch-file", "file_id": file_id, "request_ids": ids, "at": 1.0}])
+        run.close()
+        _, entries = ask_all(tmp_path, fake, 2)
+        stats = fake.stats
+    assert [e["status"] for e in entries] == ["ok"] * 2
+    assert stats["batches_created"] == 1 and stats["batch_lines"] == ids
+    assert [n["batch_id"] for n in notes(read_jsonl(tmp_path / "run" / LEDGER), "batch")] == [made.id]
