@@ -39,26 +39,37 @@ class DirectoryLock:
         """Take the lock or exit 2 at once naming its holder."""
         if fcntl is None:
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise OutputError(f"{self.directory}: cannot create the lock file {self.path.name} ({exc.strerror or exc})",
-                              "choose another directory or fix its permissions") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self._holder(fd)
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise OutputError(
+                    f"{self.directory}: in use by another selfinstruct process ({holder})",
+                    "wait for it to finish or stop it, or choose another directory; two writers would mix their records",
+                ) from None
+            # The holder before us unlinks the file as it releases: a lock on an unlinked file guards nothing.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise OutputError(
-                f"{self.directory}: in use by another selfinstruct process ({holder})",
-                "wait for it to finish or stop it, or choose another directory; two writers would mix their records",
-            ) from None
         # Who holds it, for the message a second process prints; the command is already masked by the caller.
         info = {"pid": os.getpid(), "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": self.command}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info, ensure_ascii=False) + "\n").encode("utf-8"), 0)
         self._fd = fd
+
+    def _open(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(f"{self.directory}: cannot create the lock file {self.path.name} ({exc.strerror or exc})",
+                              "choose another directory or fix its permissions") from None
 
     @staticmethod
     def _holder(fd: int) -> str:
@@ -72,9 +83,10 @@ class DirectoryLock:
         return f"{text}: {info['command']}" if info.get("command") else text
 
     def release(self) -> None:
-        # The file stays: unlinking it would let a third process lock a new file while a second holds the old one.
+        """Unlink the lock file, then let it go (acquire checks it still locks the file at its path, so this is safe)."""
         if self._fd is not None:
             try:
+                self.path.unlink(missing_ok=True)
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
                 os.close(self._fd)

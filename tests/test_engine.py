@@ -234,3 +234,16 @@ def test_seeds_inside_the_run_directory_are_refused(tmp_path):
     # Before: the run appended to the seed file it was reading.
     assert again.returncode == 2 and "is inside --out" in again.stderr, again.stderr
     assert {p.name: p.stat().st_size for p in out.iterdir()} == before
+
+
+def test_the_lock_file_goes_with_its_holder_and_a_stale_one_is_taken_over(tmp_path):
+    folder = tmp_path / "data"
+    with DirectoryLock(folder, "first", beside=True):
+        assert (tmp_path / f".data{LOCK_FILE}").exists()
+    # Released: nothing left beside the folder (filter --out must not leave files next to its output).
+    assert not list(tmp_path.iterdir())
+    # A holder killed with -9 leaves its file; the kernel dropped its lock, so the next one takes it.
+    (tmp_path / f".data{LOCK_FILE}").write_text('{"pid": 1, "started": "then", "command": "dead"}\n', encoding="utf-8")
+    with DirectoryLock(folder, "second", beside=True) as lock:
+        assert json.loads(lock.path.read_text(encoding="utf-8"))["command"] == "second"
+    assert not list(tmp_path.iterdir())
