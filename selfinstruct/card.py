@@ -27,13 +27,21 @@ FILTERS = {
     "too-long": "instruction over the maximum length",
     "starts-with-punctuation": "instruction starts with punctuation",
     "wrong-language": "instruction is not mainly in the run's language",
-    "blacklist": "instruction mentions a blacklisted word (images, files, …)",
+    "wrong-script": "written in the other Chinese script (Traditional in a Simplified set, or the reverse)",
+    "blacklist": "the task asks to make an image, video or file, or to see one it does not describe",
+    "needs-url": "the task works on a web page it would have to fetch, or asks to search the web",
     "refusal": "the answer is a refusal or a model's self-reference",
+    "placeholder": "the answer is a placeholder (<nooutput>, 无输出, [插入图片]) or an image link",
     "output-equals-input": "output repeats the input",
-    "near-duplicate": "too similar to a seed or an already kept instruction",
+    "output-language": "the answer is prose in another language than the task asks for",
+    "output-too-short": "a few words where the task asks for an essay, a story or a letter",
+    "code-translated": "code whose keywords or identifiers were translated into Chinese",
+    "pii": "holds personal data: e-mail, phone, resident ID, bank card or IP address",
+    "near-duplicate": "too similar to a seed or an already kept record",
     "exact-duplicate": "the same text as an earlier record after normalisation (Unicode form, case, spacing)",
     "contaminated": "too similar to a record of an --against file (seeds or a test set)",
     "request-failed": "the teacher request failed after retries",
+    "oversized": "the teacher's reply ran far past --max-tokens (kept only as its size and a short prefix)",
     "unparseable": "a reply item that could not be read as instruction, input and output",
     "truncated": "the last item of a reply cut by the token limit",
     "surplus": "valid, but beyond --n (the last wave of requests over-delivered)",
@@ -234,9 +242,11 @@ def _filters(m: dict) -> tuple[list[dict[str, str]], int, int]:
     for name in names:
         what = FILTERS.get(name, "")
         if name == "near-duplicate" and isinstance(filters.get("similarity"), (int, float)):
-            what = f"ROUGE-L F1 ≥ {filters['similarity']:g} with a seed or an already kept instruction"
+            field = filters.get("field") if filters.get("field") in ("instruction", "instruction+input") else "instruction"
+            what = f"ROUGE-L F1 above {filters['similarity']:g} on the {field} with a seed or an already kept record"
         rows.append({"name": name, "what": _cell(what), "count": _num(rejected.get(name, 0))})
-    return rows, int(sum(rejected.values())), int(rejected.get("request-failed", 0))
+    # Failed and oversized requests never produced a candidate record: listed, not counted as candidates.
+    return rows, int(sum(rejected.values())), int(rejected.get("request-failed", 0)) + int(rejected.get("oversized", 0))
 
 
 def _stages(m: dict) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -363,7 +373,9 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
     respond = _respond_line(_dict(m.get("respond")))
 
     sim = _dict(m.get("filters")).get("similarity", cfg.get("similarity"))
-    near = f"ROUGE-L F1 ≥ {sim:g} (CJK-aware tokens)" if isinstance(sim, (int, float)) else "not recorded"
+    field = _dict(m.get("filters")).get("field")
+    on = f" on {field}" if field in ("instruction", "instruction+input") else ""
+    near = f"ROUGE-L F1 above {sim:g}{on} (CJK-aware tokens)" if isinstance(sim, (int, float)) else "not recorded"
     filters, rejected_total, failed = _filters(m)
     kept = counts.get("kept", build.rows)
     candidates = (kept if isinstance(kept, int) else 0) + rejected_total - failed
