@@ -409,7 +409,7 @@ ADAPTIVE_START = 1
 # A round's median latency over the unloaded one: below HOLD there is room (grow), above CUT requests
 # queue in the server (cut to what it really works on at once, Little's law: limit / ratio).
 LATENCY_HOLD = 1.3
-LATENCY_CUT = 1.8
+LATENCY_CUT = 2.5
 # A timeout, 429, 5xx or dropped connection halves the limit (at most once per round of requests).
 DECREASE = 0.5
 # Error kinds that mean "too much at once" to the limiter.

@@ -28,23 +28,24 @@ def test_three_endpoints_of_different_speeds_one_dies_mid_run(tmp_path):
     out = tmp_path / "run"
     with FakeTeacher(latency=0.05, seed=11) as fast, FakeTeacher(latency=0.15, seed=12) as dying, \
             FakeTeacher(latency=0.4, seed=13) as slow:
-        proc = cli("generate", "--seeds", str(seeds), "--n", "300", "--per-request", "5", "--model", "fake-teacher",
+        proc = cli("generate", "--seeds", str(seeds), "--n", "400", "--per-request", "5", "--model", "fake-teacher",
                    "--base-url", fast.base_url, "--base-url", dying.base_url, "--base-url", slow.base_url,
                    "--out", str(out), "--timeout", "10", "--quiet")
         deadline = time.monotonic() + 120
-        while dying.stats["responses_ok"] < 8 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while dying.stats["responses_ok"] < 3 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run ended before the endpoint could die mid-run"
         dying.stop()  # mid-run: requests in flight there are dropped, the next ones refused
         died_after = dying.stats["requests_received"]
         stdout, stderr = proc.communicate(timeout=180)
         served = {"fast": fast.stats["responses_ok"], "slow": slow.stats["responses_ok"]}
     assert proc.returncode == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["counts"]["kept"] == 300 and manifest["counts"]["failed_requests"] == 0
+    assert manifest["counts"]["kept"] == 400 and manifest["counts"]["failed_requests"] == 0
     by_url = {e["base_url"]: e for e in manifest["endpoints"]}
     assert list(by_url) == [fast.base_url, dying.base_url, slow.base_url]
     dead = by_url[dying.base_url]
-    assert 8 <= dead["ok"] <= died_after and dead["pauses"] >= 1 and dead["state"] != "up"
+    assert 3 <= dead["ok"] <= died_after and dead["pauses"] >= 1 and dead["state"] != "up"
     assert dead["errors"].get("connection", 0) >= 1
     # Rested, then probed one request at a time: a few refused attempts, not one per request of the run.
     assert dead["failed_attempts"] <= 12, dead
