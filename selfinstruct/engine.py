@@ -110,6 +110,9 @@ class Stage(Protocol):
 
     def finish(self) -> None: ...
 
+    # Optional: `wanted() -> bool`, whether the stage still needs requests (a job waiting on the budget is then
+    # halted instead of stopping a run whose target the requests in flight already met).
+
     def low_yield(self, useful: int, window: int) -> str | None: ...
 
     def progress(self) -> tuple[str, int, int]: ...
@@ -244,6 +247,7 @@ class Engine:
         # Billed but unusable replies of requests still retrying: spent, not in the usage yet.
         self._billed = 0.0
         self._last_manifest = 0.0
+        self._running: Stage | None = None
 
     # ---- resume -------------------------------------------------------------------------
 
@@ -373,6 +377,9 @@ class Engine:
                 self._reserved += worst
                 return
             if self.in_flight == 0:
+                wanted = getattr(self._running, "wanted", None)
+                if wanted is not None and not wanted():
+                    raise Halted()  # the requests that landed meanwhile met the stage's target: no stop to report
                 raise RunStopped(
                     "budget",
                     f"stopped at ${self.usd:.4f}: one more request could pass --max-cost ${self.max_cost:g} "
@@ -504,6 +511,7 @@ class Engine:
         """Run a stage's jobs until it has no more, a stop is asked, or something fails; the manifest is saved on every exit."""
         if stage not in self.stages:
             self.stages.append(stage)
+        self._running = stage
         self.status, self.stop_reason = "running", None
         self.recent.clear()
         pending: set[asyncio.Task] = set()

@@ -307,6 +307,10 @@ class Generation:
         self._prompt(1, self.cfg.json_mode)
         self._prompt(1, False)
 
+    def wanted(self) -> bool:
+        """Whether more records are needed (a request waiting on the budget is dropped once --n is kept)."""
+        return self.tally.kept < self.cfg.n
+
     def finish(self) -> None:
         """After the last job: completed, or stopped by the request cap."""
         transport = self.engine.transport

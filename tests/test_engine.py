@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -247,3 +248,82 @@ def test_the_lock_file_goes_with_its_holder_and_a_stale_one_is_taken_over(tmp_pa
     with DirectoryLock(folder, "second", beside=True) as lock:
         assert json.loads(lock.path.read_text(encoding="utf-8"))["command"] == "second"
     assert not list(tmp_path.iterdir())
+
+
+class _OneReplyTeacher:
+    """A transport answering after a delay with a fixed usage (a fake, in process)."""
+
+    json_mode_error = None
+
+    def __init__(self, delay: float, prompt_tokens: int, completion_tokens: int) -> None:
+        self.delay, self.tokens, self.sent = delay, (prompt_tokens, completion_tokens), 0
+
+    async def complete(self, messages, json_mode=False, max_tokens=None, text_messages=None, may_retry_billed=None, request_id=None):
+        from selfinstruct.teacher import Completion, Usage
+
+        self.sent += 1
+        await asyncio.sleep(self.delay)
+        return Completion("ok", "stop", Usage(*self.tokens), None, 1, self.delay)
+
+    def stop_retrying(self) -> None:
+        pass
+
+
+class _TargetStage:
+    """Wants `target` answers; starts `jobs` requests at once."""
+
+    name = "t"
+    ledger_stages = ("t",)
+    window = 8
+
+    def __init__(self, engine, jobs: int, target: int) -> None:
+        self.engine, self.jobs, self.target, self.answers = engine, jobs, target, 0
+
+    def next_job(self, running):
+        if self.jobs == 0:
+            return None
+        self.jobs -= 1
+        no = self.jobs
+
+        async def job():
+            # The second request starts a moment later, so it waits on the budget while the first is in flight.
+            await asyncio.sleep(0.05 * (no == 0))
+            await self.engine.ask("t", f"t:{no}", [{"role": "user", "content": "x"}], max_tokens=1000)
+            self.answers += 1
+        return job
+
+    def wanted(self):
+        return self.answers < self.target
+
+    def finish(self):
+        pass
+
+    def low_yield(self, useful, window):
+        return None
+
+    def progress(self):
+        return "t", self.answers, self.target
+
+    def counts(self):
+        import collections
+
+        return self.answers, collections.Counter()
+
+    def describe(self, manifest):
+        pass
+
+
+def test_a_request_waiting_on_the_budget_is_dropped_when_the_target_is_met_meanwhile(tmp_path):
+    from selfinstruct.engine import Engine
+    from selfinstruct.pricing import Price
+    from selfinstruct.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.prepare()
+    # $1 per 1K completion tokens: each request's worst case is $1, the budget $1.5; the one that lands costs $0.6.
+    price = Price(0.0, 1000.0, "test")
+    engine = Engine(run, _OneReplyTeacher(0.3, 10, 600), model="m", base_url=None, price=price, command="test", max_cost=1.5)
+    stage = _TargetStage(engine, jobs=2, target=1)
+    # Before: the waiting request stopped the run as over budget though the target was met (exit 3 on a done run).
+    asyncio.run(engine.run_stage(stage))
+    assert engine.status == "completed" and stage.answers == 1 and engine.transport.sent == 1
