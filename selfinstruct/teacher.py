@@ -582,6 +582,11 @@ class Teacher:
         """The limit now, its peak and ceiling, and the timeouts and retries so far (progress line, manifest)."""
         return self._slots.summary()
 
+    def describe(self, manifest: dict) -> None:
+        """The manifest's `concurrency`: where each teacher's limit stands, its peak, timeouts and retries."""
+        url = _shown_url(self.settings.base_url) if self.settings.base_url else None
+        manifest.setdefault("concurrency", []).append({"model": self.settings.model, "base_url": url, **self._slots.summary()})
+
     async def _backoff_sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short when the run stops."""
         try:

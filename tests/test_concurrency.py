@@ -206,6 +206,9 @@ def test_generate_auto_against_a_one_slot_server_and_fixed_stays_fixed(tmp_path)
         assert ledger and not any("timeout" in e.get("errors", []) for e in ledger)
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
         assert manifest["config"]["adaptive_concurrency"] is True and manifest["config"]["concurrency"] == 64
+        [limit] = manifest["concurrency"]  # where the limit stood when the run ended, its peak, timeouts
+        assert limit["adaptive"] and 1 <= limit["concurrency"] <= limit["peak"] <= 2 and limit["timeouts"] == 0
+        assert limit["base_url"] == fake.base_url and limit["max"] == 64
     with FakeTeacher(latency=0.2, seed=4) as fake:
         result = run_cli("generate", "--seeds", str(seeds), "--n", "30", "--per-request", "5", "--base-url", fake.base_url,
                          "--model", "fake-teacher", "--out", str(tmp_path / "fixed"), "--concurrency", "3", "--quiet")
