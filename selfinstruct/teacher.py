@@ -881,6 +881,8 @@ class Endpoint:
         if kind == "http-429" or not (kind in ("timeout", "connection") or kind.startswith("http-5")):
             return  # a 429 asks for less, which its limit gives; a bad reply says nothing of the endpoint's health
         self.failing += 1
+        if time.monotonic() < self.resting_until:
+            return  # requests that were in flight when it failed: one failure, one rest
         if kind == "connection" or self.failing >= PAUSE_AFTER or self.probing:
             self.resting_until = time.monotonic() + self.rest
             self.rest = min(self.rest * 2, PAUSE_MAX)

@@ -12,7 +12,7 @@ from conftest import finished
 from fakes.openai_server import FakeTeacher
 from selfinstruct.config import resolve
 from selfinstruct.errors import ConfigError
-from selfinstruct.teacher import RequestFailed, Teacher, TeacherPool, TeacherSettings, online_transport
+from selfinstruct.teacher import PAUSE_FIRST, Endpoint, RequestFailed, Teacher, TeacherPool, TeacherSettings, online_transport
 from test_generate import cli, seeds_file
 
 MESSAGES = [{"role": "user", "content": "写 2 个任务"}]
@@ -136,3 +136,12 @@ def test_one_base_url_is_a_plain_teacher_and_several_need_one_model():
         resolve({"base_url": ["http://a:8000/v1", "http://u:p@b:8000/v1"]}, environ={})
     with pytest.raises(ConfigError, match="--batch goes to one endpoint"):
         resolve({"base_url": ["http://a:8000/v1", "http://b:8000/v1"], "batch": True}, environ={})
+
+
+def test_failures_of_requests_in_flight_together_rest_the_endpoint_once():
+    endpoint = Endpoint("http://127.0.0.1:9/v1", None)
+    for _ in range(4):  # four requests in flight when the server went away
+        endpoint.failed("connection")
+    assert endpoint.counts["pauses"] == 1 and endpoint.counts["failed_attempts"] == 4 and endpoint.rest == 2 * PAUSE_FIRST
+    endpoint.failed("http-429")  # asks for less, which the limit gives: no rest
+    assert endpoint.counts["pauses"] == 1 and endpoint.errors == {"connection": 4, "http-429": 1}
