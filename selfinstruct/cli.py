@@ -534,8 +534,20 @@ def respond(
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens of the first model (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens of the first model (overrides the table)."),
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule off (repeatable): {RULE_NAMES}; near-duplicate answers every input record."),
+    judge: Optional[bool] = typer.Option(None, "--judge/--no-judge", help="Quality gate: a judge rates every kept answer 1-5 on a published rubric (prompts/judge); below --min-score goes to rejected.jsonl."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5; default: 4)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (default: the first model)."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: --base-url)."),
+    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Environment variable holding the judge's key (default: --api-key-env)."),
+    judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="Judge's USD per 1M prompt tokens (overrides the table)."),
+    judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="Judge's USD per 1M completion tokens (overrides the table)."),
+    moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Send kept records to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Print the records to answer, projected requests, tokens and cost per stage; call nothing."),
+    batch: Optional[bool] = BATCH,
+    poll_interval: Optional[float] = POLL_INTERVAL,
+    batch_discount: Optional[float] = BATCH_DISCOUNT,
+    cancel_batches: Optional[bool] = CANCEL_BATCHES,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Answer any instruction dataset with a teacher (GPT-4-LLM); --models A,B for judged preference pairs; --system-prompts orca for explanation answers. Re-run to resume."""
@@ -554,7 +566,8 @@ def respond(
         raise ConfigError("--model is not one of --models", "leave --model out: the first of --models is the run's teacher")
     cfg = dataclasses.replace(cfg, out=out)
     keys = {name: os.environ.get(name) or None for name in key_variables(cfg)}
-    exit_code = run_respond(cfg, inputs, limit, keys, command_line(), Console(stderr=True), typer.echo)
+    exit_code = run_respond(cfg, inputs, limit, keys, command_line(), Console(stderr=True), typer.echo,
+                            judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -587,6 +600,10 @@ def judge(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Verdict token limit, at most 1024 (default: 1024)."),
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    batch: Optional[bool] = BATCH,
+    poll_interval: Optional[float] = POLL_INTERVAL,
+    batch_discount: Optional[float] = BATCH_DISCOUNT,
+    cancel_batches: Optional[bool] = CANCEL_BATCHES,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Rate any instruction dataset 1-5 with a judge on a published rubric (and moderate it): kept records carry meta.judge. Re-run to resume."""
@@ -632,6 +649,14 @@ def textbook(
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule off (repeatable): {RULE_NAMES}."),
+    judge: Optional[bool] = typer.Option(None, "--judge/--no-judge", help="Quality gate: a judge rates every kept exercise 1-5 on a published rubric (prompts/judge/judge_*); below --min-score goes to rejected.jsonl."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5; default: 4)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (default: the teacher)."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: --base-url)."),
+    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Environment variable holding the judge's key (default: --api-key-env)."),
+    judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="Judge's USD per 1M prompt tokens (overrides the table)."),
+    judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="Judge's USD per 1M completion tokens (overrides the table)."),
+    moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Send kept exercises to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
@@ -644,7 +669,8 @@ def textbook(
 
     cfg = resolve(flags, config)
     _check_rule_names(cfg.no_rule)
-    exit_code = run_textbook(cfg, topics, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True))
+    exit_code = run_textbook(cfg, topics, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
+                             judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -675,6 +701,14 @@ def chat(
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
     no_rule: Optional[list[str]] = typer.Option(None, "--no-rule", help=f"Switch a rule off (repeatable): {RULE_NAMES}."),
+    judge: Optional[bool] = typer.Option(None, "--judge/--no-judge", help="Quality gate: a judge rates every kept conversation 1-5 on a published rubric (prompts/judge/conversation_*: every turn); below --min-score goes to rejected.jsonl."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Lowest judge score kept (1-5; default: 4)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Judge model (default: the teacher)."),
+    judge_base_url: Optional[str] = typer.Option(None, "--judge-base-url", help="Judge endpoint (default: --base-url)."),
+    judge_api_key_env: Optional[str] = typer.Option(None, "--judge-api-key-env", help="Environment variable holding the judge's key (default: --api-key-env)."),
+    judge_price_in: Optional[float] = typer.Option(None, "--judge-price-in", help="Judge's USD per 1M prompt tokens (overrides the table)."),
+    judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="Judge's USD per 1M completion tokens (overrides the table)."),
+    moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Send kept conversations to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
@@ -689,6 +723,7 @@ def chat(
     _check_rule_names(cfg.no_rule)
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be at least 1", "leave it out to use every record")
-    exit_code = run_chat(cfg, inputs or [], seeds, limit, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True))
+    exit_code = run_chat(cfg, inputs or [], seeds, limit, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
+                         judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
+from selfinstruct.batch import BATCH_WINDOW
 from selfinstruct.config import GenerateConfig
 from selfinstruct.engine import Engine, Tally, public_url
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
@@ -27,6 +28,8 @@ from selfinstruct.rundir import RECORDS, REJECTED, RunDir, dump_line
 from selfinstruct.teacher import ModerationUnavailable, RequestFailed, Teacher, TeacherSettings
 
 STAGE = "judge"
+# The online route moderation takes in a --batch run (the judge's own route then batches).
+MODERATION_ROUTE = "moderation"
 # Rejection reasons the gate writes.
 REASONS = ("low-score", "judge-failed", "moderation")
 SCORES = (1, 2, 3, 4, 5)
@@ -152,28 +155,31 @@ class JudgeSettings:
                 "min_score": self.min_score, "judge": self.judge, "moderate": self.moderate}
 
 
-def rubric_name(lang: str) -> str:
-    return f"judge/judge_{'zh' if lang.startswith('zh') else 'en'}.jinja"
+def rubric_name(lang: str, conversation: bool = False) -> str:
+    """The rubric template: judge_* rates an instruction record, conversation_* every turn of a `messages` record (chat)."""
+    return f"judge/{'conversation' if conversation else 'judge'}_{'zh' if lang.startswith('zh') else 'en'}.jinja"
 
 
-def judge_settings(cfg: GenerateConfig, lang: str, console=None) -> JudgeSettings:
+def judge_settings(cfg: GenerateConfig, lang: str, console=None, conversation: bool = False) -> JudgeSettings:
     """The judge of a run: --judge-model / --judge-base-url / --judge-price-* when given, else the run's own teacher and price.
 
-    Always the online price: the judge sends online requests even in a --batch run (a batch judge is a hook, not built).
+    With --batch the verdicts go through the Batch API too, so the judge's price is its batch price.
     """
+    from selfinstruct.batch import run_price_for
+
     own = cfg.judge_model is None and cfg.judge_base_url is None
     model = cfg.judge_model or cfg.model
     base_url = cfg.judge_base_url if cfg.judge_base_url is not None else cfg.base_url
     price_in = cfg.judge_price_in if cfg.judge_price_in is not None or not own else cfg.price_in
     price_out = cfg.judge_price_out if cfg.judge_price_out is not None or not own else cfg.price_out
-    price = resolve_price(model, endpoint_kind(base_url), price_in, price_out)
+    price = run_price_for(cfg, resolve_price(model, endpoint_kind(base_url), price_in, price_out))
     if price is None and cfg.max_cost is not None:
         raise ConfigError(f"--max-cost needs the judge's price, and {model!r} is not in the price table",
                           "pass --judge-price-in and --judge-price-out (USD per 1M tokens)")
     if price is None and console is not None and not own:
         console.print(f"[yellow]warning:[/] no price known for the judge {model!r}; its cost will be reported as unknown "
                       "(pass --judge-price-in/--judge-price-out)")
-    template = load_template(rubric_name(lang)) if cfg.judge else None
+    template = load_template(rubric_name(lang, conversation)) if cfg.judge else None
     return JudgeSettings(model=model, base_url=base_url, api_key_env=cfg.judge_api_key_env or cfg.api_key_env, price=price,
                          min_score=cfg.min_score, judge=cfg.judge, moderate=cfg.moderate, lang=lang, template=template)
 
@@ -200,7 +206,9 @@ def check_judgeable(previous: dict | None, settings: JudgeSettings) -> None:
 
 
 def text_of(record: dict) -> str:
-    """What moderation screens: instruction, input and output."""
+    """What moderation screens: every turn of a conversation, else instruction, input and output."""
+    if isinstance(record.get("messages"), list):
+        return "\n\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict) and m.get("content"))
     return "\n\n".join(t for t in (record.get("instruction", ""), record.get("input", ""), record.get("output", "")) if t)
 
 
@@ -221,7 +229,8 @@ class Judging:
         self.engine = engine
         self.run = engine.run
         self.cfg = cfg
-        self.window = cfg.concurrency
+        # A batch judge hands out every verdict at once: they go as one batch, not --concurrency at a time.
+        self.window = BATCH_WINDOW if cfg.batch else cfg.concurrency
         self.in_place = in_place
         self.records = list(records) if records is not None else None
         self.source = source or {}
@@ -287,6 +296,7 @@ class Judging:
 
     async def _gate(self, record: dict) -> None:
         meta = dict(record.get("meta") or {}) if isinstance(record.get("meta"), dict) else {}
+        meta.pop("judge_request_ids", None)  # an earlier gate's (a grown textbook run is gated again): the verdicts replay
         record = {**record, "meta": meta}
         verdict = None
         if self.settings.judge:
@@ -311,8 +321,10 @@ class Judging:
         transport = self.engine.routes["judge"].transport
         previous = None
         for attempt in (1, 2):
+            # A conversation rubric reads `messages`; the instruction rubric leaves it unused.
             messages = self.settings.template.render(instruction=record.get("instruction", ""), input=record.get("input", ""),
-                                                     output=record.get("output", ""), lang=self.settings.lang, previous=previous)
+                                                     output=record.get("output", ""), messages=record.get("messages") or [],
+                                                     lang=self.settings.lang, previous=previous)
             if transport is not None and transport.json_mode_error:
                 self.json_fallback = transport.json_mode_error
             # JSON mode where the server has it; the same messages as plain text where it refuses response_format.
@@ -337,7 +349,8 @@ class Judging:
     async def _moderate(self, record: dict, verdict: Verdict | None) -> tuple[str, str] | None:
         """Why moderation rejects a kept record, or None: the endpoint's flags, else the judge's safety verdict."""
         if self.moderation == "endpoint":
-            transport = self.engine.routes["judge"].transport
+            # The Batch API has no moderation: a batch judge screens through the online route add_judge_route made for it.
+            transport = self.engine.routes.get(MODERATION_ROUTE, self.engine.routes["judge"]).transport
             try:
                 flagged, categories = await transport.moderate(text_of(record))
             except ModerationUnavailable as exc:
@@ -417,8 +430,7 @@ class Judging:
                 "completed": self.completed, "judged": sum(self.histogram.values()), "kept": self.tally.kept,
                 "rejected": dict(sorted(self.tally.rejected.items())),
                 "histogram": {str(s): self.histogram.get(s, 0) for s in SCORES},
-                # Verdicts always go online for now; see the hook in gate_run.
-                "batch": False}
+                "batch": bool(self.cfg.batch)}
 
     def describe(self, m: dict) -> None:
         if self.own_manifest:
@@ -500,30 +512,32 @@ def project_gate(cfg: GenerateConfig, lang: str, records: int, samples: Sequence
 
 
 def add_judge_route(engine: Engine, settings: JudgeSettings, cfg: GenerateConfig, api_key: str | None) -> None:
-    """The judge's teacher on the engine: its own model, endpoint, price and decoding (the run's teacher when not named)."""
+    """The judge's teacher on the engine: its own model, endpoint, price and decoding (the run's teacher when not named); with --batch, batched."""
+    from selfinstruct.batch import transport_factory
+
     teacher = settings.teacher(cfg)
-    engine.add_route("judge", settings.model, settings.base_url, settings.price, lambda: Teacher(teacher, api_key))
+    engine.add_route("judge", settings.model, settings.base_url, settings.price, transport_factory(cfg, teacher, api_key, engine, route="judge"))
+    if cfg.batch and settings.moderate:
+        # /v1/moderations has no batch form: moderation stays online, on the judge's endpoint (it bills no tokens).
+        engine.add_route(MODERATION_ROUTE, settings.model, settings.base_url, settings.price, lambda: Teacher(teacher, api_key))
 
 
-def gate_run(engine: Engine, cfg: GenerateConfig, lang: str, api_key: str | None, console) -> int:
-    """After generate / evolve on the same engine: judge and moderate the run's records.jsonl in place. Returns the exit code."""
+def gate_run(engine: Engine, cfg: GenerateConfig, lang: str, api_key: str | None, console, conversation: bool = False) -> int:
+    """After a stage on the same engine: judge and moderate the run's records.jsonl in place (conversation: on the conversation rubric). Returns the exit code."""
+    from selfinstruct.batch import transport_factory
     from selfinstruct.engine import teacher_settings
     from selfinstruct.progress import run_displayed
 
-    settings = judge_settings(cfg, lang, console)
+    settings = judge_settings(cfg, lang, console, conversation)
     check_judgeable(engine.previous, settings)
     check_key(settings, api_key)
-    if cfg.batch and not cfg.quiet:
-        # The hook for a batch judge: verdicts are independent requests, so the judge route's make would be
-        # batch.transport_factory(cfg, settings.teacher(cfg), api_key, engine, route="judge"), the stage's window
-        # batch.BATCH_WINDOW and its price the batch price; moderation would keep an online Teacher. Not built yet.
-        console.print("note: the judge sends its requests online (no --batch judge yet)", highlight=False, markup=False)
     add_judge_route(engine, settings, cfg, api_key)
     gate = Judging(settings, engine, cfg, in_place=True)
     gate.load()
     try:
-        # The engine opens a transport for its own teacher too; the gate sends only on the "judge" route.
-        exit_code = run_displayed(engine, gate, lambda: Teacher(teacher_settings(cfg), api_key), console, cfg.quiet)
+        # The engine opens a transport for its own teacher too; the gate sends only on the "judge" route. The teacher's is
+        # the run's own kind (with --batch a batch transport that sends nothing), so the manifest keeps the teacher's batches.
+        exit_code = run_displayed(engine, gate, transport_factory(cfg, teacher_settings(cfg), api_key, engine), console, cfg.quiet)
     finally:
         engine.run.close()
     print_gate_summary(engine, gate, console, cfg.quiet or False, exit_code)
@@ -568,6 +582,7 @@ def print_gate_summary(engine: Engine, gate: Judging, console, quiet: bool, exit
 def run_judge(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, api_key: str | None, judge_api_key: str | None,
               command: str, console) -> int:
     """The judge command after its flags: any dataset → a gated run directory (resumed). Returns the exit code."""
+    from selfinstruct.batch import cancel_batches, check_batches, interrupted_note, run_price_for, transport_factory
     from selfinstruct.dirlock import DirectoryLock
     from selfinstruct.engine import check_orphaned, make_engine
     from selfinstruct.evolution import infer_lang, read_base, records_sha256
@@ -583,10 +598,14 @@ def run_judge(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, ap
     lang = cfg.lang or infer_lang(r["instruction"] for r in records)
     cfg = dataclasses.replace(cfg, lang=lang, judge=True)
     source = {"paths": [Path(p).name for p in inputs], "records": len(records), "limit": limit, "sha256": records_sha256(records)}
-    price = run_price(cfg, console)
+    price = run_price_for(cfg, run_price(cfg, console))
     settings = judge_settings(cfg, lang, console)
     check_key(settings, judge_api_key)
     run = RunDir(out)
+    if cfg.cancel_batches:
+        # The verdicts' batches live at the judge's endpoint.
+        return cancel_batches(run, dataclasses.replace(cfg, model=settings.model, base_url=settings.base_url), judge_api_key,
+                              lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
@@ -598,15 +617,18 @@ def run_judge(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, ap
         add_judge_route(engine, settings, cfg, judge_api_key)
         gate = Judging(settings, engine, cfg, records, source=source, own_manifest=True)
         engine.load()
+        check_batches(engine, cfg)
         gate.load()
         if gate.done and not cfg.quiet:
             console.print(f"resuming {run.path}: {gate.done:,} of {gate.total:,} records judged")
         try:
-            exit_code = run_displayed(engine, gate, lambda: Teacher(settings.teacher(cfg), api_key), console, cfg.quiet)
+            exit_code = run_displayed(engine, gate, transport_factory(cfg, settings.teacher(cfg), api_key, engine), console, cfg.quiet)
         finally:
             run.close()
         print_gate_summary(engine, gate, console, cfg.quiet, exit_code)
         if exit_code in (130, 143):
             console.print(f"interrupted; everything finished is saved. Resume with: {command}", soft_wrap=True, highlight=False,
                           markup=False)
+            if cfg.batch:
+                console.print(interrupted_note(command), soft_wrap=True, highlight=False, markup=False)
         return exit_code

@@ -253,6 +253,8 @@ class Response:
         for rec in self.run.load(RECORDS):
             self._finish(rec, None)
         for rec in self.run.load(REJECTED):
+            if (rec.get("meta") or {}).get("stage") == "judge":
+                continue  # the quality gate's (--judge) rejection of an answer still in records.jsonl: the gate counts it
             self._finish(rec, rec.get("reason", "unknown"))
         refused = self._refused()
         fresh = [self._rejected(rec, *refused[rec["id"]]) for rec in self.base if rec["id"] in refused and rec["id"] not in self.finished]
@@ -287,7 +289,11 @@ class Response:
 
     @property
     def window(self) -> int:
-        """Records in flight: as many as the teacher takes requests at once (its adaptive capacity when it has one)."""
+        """Records in flight: as many as the teacher takes requests at once (its adaptive capacity when it has one); with --batch, all."""
+        if self.cfg.batch:
+            from selfinstruct.batch import BATCH_WINDOW
+
+            return BATCH_WINDOW
         return getattr(self.engine.transport, "capacity", None) or self.cfg.concurrency
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
@@ -496,6 +502,8 @@ class Response:
 def check_respondable(run: RunDir, cfg: GenerateConfig, lang: str, source: dict, templates: Sequence[Template],
                       system_prompts: SystemPrompts | None, specs: Mapping[str, ModelSpec], price: Price | None) -> None:
     """Refuse to resume a respond run with other input, models, judge, prices, system prompts, seed, language or templates."""
+    from selfinstruct.batch import run_price_for
+
     previous = run.load_manifest()
     if not previous:
         return
@@ -518,9 +526,10 @@ def check_respondable(run: RunDir, cfg: GenerateConfig, lang: str, source: dict,
     teachers = previous.get("teachers") or {}
     for route_name, route in teachers.items():
         spec = specs.get(route.get("model"))
-        if spec is None or route_name == "teacher":
+        # The quality gate's routes (--judge, --moderate) are checked by the gate itself.
+        if spec is None or route_name in ("teacher", "judge", "moderation"):
             continue
-        p = spec_price(spec)
+        p = run_price_for(cfg, spec_price(spec))
         if route.get("price_in_per_1m") is not None and (p is None or (p.input, p.output) != (route["price_in_per_1m"], route["price_out_per_1m"])):
             mismatches.append(f"price of {spec.name}")
     old_templates = previous.get("templates") or {}
@@ -533,12 +542,14 @@ def check_respondable(run: RunDir, cfg: GenerateConfig, lang: str, source: dict,
 
 
 def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, keys: Mapping[str, str | None], command: str,
-                console, echo: Callable[[str], None] | None = None) -> int:
-    """The respond command after its flags: any dataset → a run directory of answered (or preference-paired) records. Returns the exit code."""
+                console, echo: Callable[[str], None] | None = None, judge_api_key: str | None = None) -> int:
+    """The respond command after its flags: any dataset → a run directory of answered (or preference-paired) records, then --judge /
+    --moderate. Returns the exit code."""
+    from selfinstruct.batch import cancel_batches, check_batches, interrupted_note, run_price_for, transport_factory
     from selfinstruct.config import require_key
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
+    from selfinstruct.judging import finish_gated, gate_run, gated_before
     from selfinstruct.progress import run_displayed
-    from selfinstruct.teacher import Teacher
 
     out = cfg.out
     if any(Path(p).resolve() == out.resolve() for p in inputs):
@@ -560,7 +571,7 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
     source = {"paths": [Path(p).name for p in inputs], "records": len(base), "limit": limit, "sha256": records_sha256(base)}
     prices = {}
     for name, spec in specs.items():
-        prices[name] = spec_price(spec)
+        prices[name] = run_price_for(cfg, spec_price(spec))
         if prices[name] is None:
             if cfg.max_cost is not None:
                 raise ConfigError(f"--max-cost needs a price, and {name!r} is not in the price table",
@@ -571,14 +582,25 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
         refused = refused_before_paying(base, rules, cfg.similarity if "near-duplicate" not in cfg.no_rule else None)
         for line in projection_lines(project_respond(cfg, lang, base, refused, system_prompts, prices), cfg.max_cost):
             (echo or console.print)(line)
+        if cfg.judge or cfg.moderate:
+            from selfinstruct.judging import project_gate
+
+            # Every answered record is judged: the inputs less those refused before paying.
+            echo_line = echo or console.print
+            echo_line(project_gate(cfg, lang, len(base) - len(refused), [(r["instruction"], r.get("input", ""), r.get("output", ""))
+                                                                         for r in base[:20]]))
         return 0
     for spec in specs.values():
         require_key(dataclasses.replace(cfg, base_url=spec.base_url, api_key_env=spec.api_key_env or cfg.api_key_env),
                     keys.get(spec.api_key_env or cfg.api_key_env))
     run = RunDir(out)
+    if cfg.cancel_batches:
+        return cancel_batches(run, cfg, keys.get(cfg.api_key_env), echo or console.print)
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        if gated_before(run, cfg):  # the quality gate already rewrote records.jsonl: answering again would refill it
+            return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, prices[models[0]], command)
         settings = teacher_settings(cfg)
         routes = {models[0]: "teacher"}
@@ -590,22 +612,28 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
             routes[name] = route
             key = keys.get(spec.api_key_env or cfg.api_key_env)
             route_settings = dataclasses.replace(settings, model=name, base_url=spec.base_url)
-            engine.add_route(route, name, spec.base_url, prices[name], lambda s=route_settings, k=key: Teacher(s, k))
+            engine.add_route(route, name, spec.base_url, prices[name], transport_factory(cfg, route_settings, key, engine, route=route))
         stage = Response(cfg, engine, lang, base, routes=routes, system_prompts=system_prompts, source=source, seeds=input_seeds(inputs))
         check_respondable(run, cfg, lang, source, (stage.template, stage.judge_template), system_prompts, specs, prices[models[0]])
         engine.load()
+        check_batches(engine, cfg)
         stage.load()
         if engine.tally.requests and not cfg.quiet:
             console.print(f"resuming {run.path}: {stage.tally.kept:,} kept, {sum(stage.tally.rejected.values()):,} rejected")
         key = keys.get(cfg.api_key_env)
         try:
-            exit_code = run_displayed(engine, stage, lambda: Teacher(settings, key), console, cfg.quiet)
+            exit_code = run_displayed(engine, stage, transport_factory(cfg, settings, key, engine), console, cfg.quiet)
         finally:
             run.close()
         print_summary(engine, stage, console)
         if exit_code in (130, 143):
             console.print(f"interrupted; everything finished is saved. Resume with: {command}", soft_wrap=True, highlight=False, markup=False)
-        return exit_code
+            if cfg.batch:
+                console.print(interrupted_note(command), soft_wrap=True, highlight=False, markup=False)
+        if exit_code or not (cfg.judge or cfg.moderate):
+            return exit_code
+        # The gate rewrites records.jsonl in place: only answers the judge scored >= --min-score stay.
+        return gate_run(engine, cfg, lang, key if judge_api_key is None else judge_api_key, console)
 
 
 # Planning priors for --dry-run, not measurements: an answer as long as the input's old output (this many tokens where there is

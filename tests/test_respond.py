@@ -430,3 +430,54 @@ def test_dry_run_projects_requests_and_cost_per_stage_after_the_free_checks_and_
     assert "respond (2 models): 20 requests" in lines[1] and "pair-judge (alpha, both orders of every pair): 20 requests" in lines[2]
     assert lines[3].startswith("  in all ≈ $") and lines[4].startswith("note: that is over --max-cost")
     assert not (tmp_path / "run").exists()
+
+
+class AnswerAndJudge:
+    """Answers from RespondReplies, verdicts on the judge rubric from fakes.judge_replies (a JS<N> word in an instruction scores it N)."""
+
+    def __init__(self) -> None:
+        from fakes.judge_replies import JudgeReplies
+
+        self.answer, self.judge = RespondReplies(), JudgeReplies()
+
+    def __call__(self, body: dict, rng) -> str:
+        users = [m["content"] for m in body["messages"] if m["role"] == "user"]
+        if users and ("### 回答" in users[0] or "### Response" in users[0]):
+            return self.judge(body, rng)
+        return self.answer(body, rng)
+
+
+def test_respond_judge_keeps_answers_scoring_min_score_or_more_and_a_rerun_pays_nothing(tmp_path):
+    # Scores 2, 3 and 5 in turn; --min-score 3 keeps the 3s and the 5s.
+    data = zh_dataset(tmp_path / "alpaca.json", n=12, triggers={i: f"JS{(2, 3, 5)[i % 3]}" for i in range(12)})
+    replies = AnswerAndJudge()
+    out = tmp_path / "run"
+    with FakeTeacher(reply=replies, seed=3) as fake:
+        args = ("respond", str(data), "--out", str(out), "--base-url", fake.base_url, "--model", "fake-teacher", "--price-in", "0.5",
+                "--price-out", "1.5", "--concurrency", "4", "--max-tokens", "300", "--judge", "--min-score", "3",
+                "--judge-model", "judge-m", "--judge-price-in", "10", "--judge-price-out", "20")
+        result = run_cli(*args, "--quiet")
+        assert result.returncode == 0, result.stderr
+        sent = fake.stats["requests_received"]
+        records, rejected, ledger, manifest = load(out)
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert "nothing to do" in again.stderr and fake.stats["requests_received"] == sent  # a rerun pays nothing
+    assert load(out)[:2] == (records, rejected)
+    assert sent == 24 and replies.judge.judge_requests == 12  # 14 inputs less the two refused before paying, answered then judged
+    gated = [r for r in rejected if r["meta"]["stage"] == "judge"]
+    assert len(records) == 8 and len(gated) == 4
+    assert all(r["meta"]["judge"]["score"] in (3, 5) and r["meta"]["model"] == "fake-teacher" for r in records)
+    assert all(r["reason"] == "low-score" and r["meta"]["judge"]["score"] == 2 and r["meta"]["gated_stage"] == "respond" for r in gated)
+    assert all("JS2" in r["instruction"] for r in gated) and not any("JS2" in r["instruction"] for r in records)
+    assert manifest["counts"]["kept"] == 8 and manifest["counts"]["rejected"]["low-score"] == 4
+    assert manifest["judge"]["completed"] and manifest["judge"]["min_score"] == 3 and manifest["judge"]["histogram"]["2"] == 4
+    judge_lines = [e for e in ledger if e["stage"] == "judge"]
+    assert len(judge_lines) == 12 and manifest["stages"]["judge"]["usd"] == pytest.approx(
+        (sum(e["usage"]["prompt_tokens"] for e in judge_lines) * 10 + sum(e["usage"]["completion_tokens"] for e in judge_lines) * 20) / 1e6,
+        abs=1e-9)
+    # Without the gate, a re-run would refill records.jsonl with unjudged answers: refused.
+    with FakeTeacher(reply=AnswerAndJudge()) as fake:
+        ungated = run_cli("respond", str(data), "--out", str(out), "--base-url", fake.base_url, "--model", "fake-teacher",
+                          "--price-in", "0.5", "--price-out", "1.5", "--quiet")
+        assert ungated.returncode == 2 and "--judge" in ungated.stderr and fake.stats["requests_received"] == 0
