@@ -22,6 +22,7 @@ from selfinstruct.rundir import RECORDS, REJECTED, RunDir
 from selfinstruct.similarity import DedupIndex, dedup_text
 
 ASSISTANT = "chat-assistant"
+JUDGE_STAGE = "judge"  # the stage the quality gate writes on the records it rejects (judging.STAGE)
 USER = "chat-user"
 # A follow-up is a sentence or two: no need to reserve a full reply for it.
 USER_MAX_TOKENS = 512
@@ -101,7 +102,11 @@ class Conversation:
         for rec in self.run.load(RECORDS):
             self._finish(rec, None)
         for rec in self.run.load(REJECTED):
-            self._finish(rec, rec.get("reason", "unknown"))
+            if rec["id"] in self.finished:
+                continue  # a gate killed before its rewrite: the conversation is in both files
+            # What the gate (--judge) took out was kept here first: counted kept, as the gate counts it off (Judging.counts).
+            gated = (rec.get("meta") or {}).get("stage") == JUDGE_STAGE
+            self._finish(rec, None if gated else rec.get("reason", "unknown"))
         refused = self._refused()
         fresh = [self._record(rec) | {"reason": refused[rec["id"]][0], "detail": refused[rec["id"]][1]}
                  for rec in self.base if rec["id"] in refused and rec["id"] not in self.finished]
@@ -308,10 +313,11 @@ def check_chat_resumable(run: RunDir, cfg: GenerateConfig, lang: str, source: di
 
 
 def run_chat(cfg: GenerateConfig, inputs: Sequence[Path], seeds: Path | None, limit: int | None, api_key: str | None, command: str,
-             console) -> int:
-    """The chat command after its flags: a dataset or seed file → a run directory of multi-turn conversations. Returns the exit code."""
+             console, judge_api_key: str | None = None) -> int:
+    """The chat command after its flags: a dataset or seed file → a run directory of multi-turn conversations, then --judge. Returns the exit code."""
     from selfinstruct.config import require_key
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
+    from selfinstruct.judging import finish_gated, gate_run, gated_before
     from selfinstruct.progress import run_displayed
     from selfinstruct.teacher import Teacher
 
@@ -334,6 +340,8 @@ def run_chat(cfg: GenerateConfig, inputs: Sequence[Path], seeds: Path | None, li
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        if gated_before(run, cfg):  # the gate already rewrote records.jsonl: every conversation is made and judged
+            return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, price, command)
         stage = Conversation(cfg, engine, lang, base, source=source, seeds=None if seeds else input_seeds(inputs))
         check_chat_resumable(run, cfg, lang, source, stage, price)
@@ -348,7 +356,10 @@ def run_chat(cfg: GenerateConfig, inputs: Sequence[Path], seeds: Path | None, li
         print_summary(engine, stage, console)
         if exit_code in (130, 143):
             console.print(f"interrupted; everything finished is saved. Resume with: {command}", soft_wrap=True, highlight=False, markup=False)
-        return exit_code
+        if exit_code or not (cfg.judge or cfg.moderate):
+            return exit_code
+        # The judge reads the whole conversation (prompts/judge/conversation_*), not only its first exchange.
+        return gate_run(engine, cfg, lang, api_key if judge_api_key is None else judge_api_key, console, conversation=True)
 
 
 def print_summary(engine: Engine, stage: Conversation, console) -> None:

@@ -23,6 +23,8 @@ from selfinstruct.rules import RuleSettings, check
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir
 from selfinstruct.similarity import DedupIndex, dedup_text
 
+JUDGE_STAGE = "judge"  # the stage the quality gate writes on the records it rejects (judging.STAGE)
+
 SECTION = "section"
 EXERCISES = "exercises"
 # Every unit's outcome (its section text, kept or rejected with the reason): the unit is finished once its line is here.
@@ -154,12 +156,18 @@ class Textbook:
             self.sections[sec.get("reason") or "kept"] += 1
             if not sec.get("reason") and self.dedup:
                 self.section_index.add(sec["id"], dedup_text(sec["text"]))
-        for rec in self.run.load(RECORDS):
+        # What the gate (--judge) took out was kept here first: counted kept, as the gate counts it off (Judging.counts).
+        gated = [rec for rec in self.run.load(REJECTED) if (rec.get("meta") or {}).get("stage") == JUDGE_STAGE]
+        for rec in self.run.load(RECORDS) + gated:
+            if rec["id"] in self.seen:
+                continue  # a gate killed before its rewrite: the record is in both files
             self.seen[rec["id"]] = None
             self.tally.kept += 1
             if self.dedup:
                 self.exercise_index.add(rec["id"], dedup_text(rec["instruction"], rec["input"]))
         for rec in self.run.load(REJECTED):
+            if rec["id"] in self.seen:
+                continue
             self.seen[rec["id"]] = rec.get("reason", "unknown")
             self.tally.rejected[rec.get("reason", "unknown")] += 1
         todo = [unit_id(i) for i in range(self.cfg.n) if unit_id(i) not in finished]
@@ -341,10 +349,17 @@ def check_textbook_resumable(run: RunDir, cfg: GenerateConfig, lang: str, stage:
         raise OutputError(f"{run.path}: holds a textbook run made with a different {', '.join(mismatches)}", f"{hint}, or choose a new --out")
 
 
-def run_textbook(cfg: GenerateConfig, topics_arg: str, api_key: str | None, command: str, console) -> int:
-    """The textbook command after its flags: topics → sections.jsonl and exercise records in a run directory. Returns the exit code."""
+def units_written(run: RunDir) -> int:
+    """How many units have their sections.jsonl line."""
+    return len({sec["id"] for sec in run.load(SECTIONS)})
+
+
+def run_textbook(cfg: GenerateConfig, topics_arg: str, api_key: str | None, command: str, console,
+                 judge_api_key: str | None = None) -> int:
+    """The textbook command after its flags: topics → sections.jsonl and exercise records in a run directory, then --judge. Returns the exit code."""
     from selfinstruct.config import require_key
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
+    from selfinstruct.judging import finish_gated, gate_run, gated_before
     from selfinstruct.progress import run_displayed
     from selfinstruct.teacher import Teacher
 
@@ -357,6 +372,10 @@ def run_textbook(cfg: GenerateConfig, topics_arg: str, api_key: str | None, comm
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        # Units are numbered and what the gate rejected stays in rejected.jsonl, so a gated run can grow (a larger --n):
+        # the new units' exercises are judged and the old verdicts replay from the ledger. Otherwise nothing is left to do.
+        if gated_before(run, cfg) and units_written(run) >= cfg.n:
+            return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, price, command)
         stage = Textbook(cfg, engine, lang, topics)
         check_textbook_resumable(run, cfg, lang, stage, price)
@@ -371,7 +390,10 @@ def run_textbook(cfg: GenerateConfig, topics_arg: str, api_key: str | None, comm
         print_summary(engine, stage, console)
         if exit_code in (130, 143):
             console.print(f"interrupted; everything finished is saved. Resume with: {command}", soft_wrap=True, highlight=False, markup=False)
-        return exit_code
+        if exit_code or not (cfg.judge or cfg.moderate):
+            return exit_code
+        # The exercises are ordinary instruction records: the gate rates them on the shipped rubric, in place.
+        return gate_run(engine, cfg, lang, api_key if judge_api_key is None else judge_api_key, console)
 
 
 def print_summary(engine: Engine, stage: Textbook, console) -> None:

@@ -167,3 +167,93 @@ def test_chat_in_english_from_a_seed_file(tmp_path):
     assert all(r["messages"][2]["content"] and not r["messages"][2]["content"].startswith("User") for r in records)
     both = run_cli("chat", "seeds/en.jsonl", "--seeds", "seeds/en.jsonl", "--out", str(tmp_path / "x"))
     assert both.returncode == 2 and "one of them" in both.stderr
+
+
+class RecordingJudge:
+    """The fake judge's verdicts, keeping every rubric prompt it was sent."""
+
+    def __init__(self) -> None:
+        from fakes.judge_replies import JudgeReplies
+
+        self.judge, self.prompts = JudgeReplies(), []
+
+    def __call__(self, body, rng):
+        self.prompts.append(body["messages"])
+        return self.judge(body, rng)
+
+
+def test_chat_judge_reads_the_whole_conversation_gates_it_and_a_rerun_pays_nothing(tmp_path):
+    from fakes.judge_replies import Judged
+
+    data = zh_dataset(tmp_path / "alpaca.json", {5: "QBYE"})
+    out = tmp_path / "judged"
+    args = ("chat", str(data), "--out", str(out), "--turns", "3", "--model", "fake-teacher", "--price-in", "0.5", "--price-out", "1.5",
+            "--concurrency", "2", "--judge", "--min-score", "3")
+    judge = RecordingJudge()
+    with FakeTeacher(reply=Judged(ChatReplies(), judge), seed=2) as fake:
+        done = run_cli(*args, "--base-url", fake.base_url, "--quiet")
+        assert done.returncode == 0, done.stderr
+        sent = fake.stats["requests_received"]
+        kept = read_jsonl(out / "records.jsonl")
+        rejected = read_jsonl(out / "rejected.jsonl")
+        gated = [r for r in rejected if r["meta"]["stage"] == "judge"]
+        # The hash scores of the fake judge put some conversations on each side of 3; refused first turns are never judged.
+        assert kept and gated and len(kept) + len(gated) == 10  # 12 inputs: a near-copy and a blacklisted one refused
+        assert all(r["meta"]["judge"]["score"] >= 3 and r["meta"]["stage"] == "chat" for r in kept)
+        assert all(r["reason"] == "low-score" and r["meta"]["judge"]["score"] < 3 and "< --min-score 3" in r["detail"]
+                   and r["meta"]["gated_stage"] == "chat" and r["messages"] for r in gated)
+        # Every judged conversation went to the conversation rubric whole: each turn, labelled with its number and role.
+        assert len(judge.prompts) == 10 == judge.judge.conversations
+        prompts = {p[1]["content"]: p for p in judge.prompts}
+        for rec in kept + gated:
+            text = next(t for t in prompts if f"### 第 1 轮 · 用户\n{rec['messages'][0]['content']}\n###" in t)
+            for i, turn in enumerate(rec["messages"]):
+                label = f"### 第 {i // 2 + 1} 轮 · {'用户' if turn['role'] == 'user' else '助手'}\n{turn['content']}\n"
+                assert label in text, label
+        assert any(r["meta"]["turns"] == 3 for r in kept + gated)
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        assert m["counts"]["kept"] == len(kept) and m["counts"]["rejected"]["low-score"] == len(gated)
+        assert m["judge"]["template"]["name"] == "conversation_zh.jinja" and m["judge"]["judged"] == 10 and m["judge"]["completed"]
+        assert m["templates"]["judge-rubric"]["name"] == "conversation_zh.jinja" and m["stages"]["judge"]["requests"] == 10
+
+        # The same command again pays nothing and changes nothing; without --judge it is refused.
+        again = run_cli(*args, "--base-url", fake.base_url)
+        assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
+        ungated = run_cli(*args[:-3], "--base-url", fake.base_url, "--quiet")
+        assert ungated.returncode == 2 and "re-run with --judge" in ungated.stderr
+        assert fake.stats["requests_received"] == sent and read_jsonl(out / "records.jsonl") == kept
+
+
+def test_chat_judge_killed_in_the_gate_resumes_without_paying_twice(tmp_path):
+    from fakes.judge_replies import Judged
+
+    data = zh_dataset(tmp_path / "alpaca.json", {})
+    out = tmp_path / "judged"
+    args = ("chat", str(data), "--out", str(out), "--turns", "2", "--model", "fake-teacher", "--price-in", "0", "--price-out", "0",
+            "--concurrency", "1", "--judge", "--min-score", "3", "--quiet")
+    with FakeTeacher(reply=Judged(ChatReplies()), seed=2) as fake:
+        first = run_cli(*args, "--base-url", fake.base_url)
+        assert first.returncode == 0, first.stderr
+        whole = fake.stats["requests_received"]
+        kept = read_jsonl(out / "records.jsonl")
+    # As if killed in the gate: records.jsonl not yet rewritten, some rejections already written, no completed gate.
+    every = {r["id"]: r for r in read_jsonl(out / "rejected.jsonl") if r["meta"]["stage"] == "judge"}
+    first_gated = sorted(every)[0]
+    rejected = [r for r in read_jsonl(out / "rejected.jsonl") if r["meta"]["stage"] != "judge" or r["id"] == first_gated]
+    (out / "rejected.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejected), encoding="utf-8")
+    unjudged = lambda r: {**r, "meta": {k: v for k, v in r["meta"].items() if k not in ("judge", "judge_request_ids", "gated_stage")}
+                                        | {"stage": "chat"}}
+    records = sorted([unjudged(r) for r in kept + list(every.values())], key=lambda r: r["id"])
+    (out / "records.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k not in ("reason", "detail")},
+                                                          ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    manifest["judge"]["completed"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with FakeTeacher(reply=Judged(ChatReplies()), seed=2) as fake:
+        again = run_cli(*args, "--base-url", fake.base_url)
+        assert again.returncode == 0, again.stderr
+        assert fake.stats["requests_received"] == 0 < whole
+    assert sorted(read_jsonl(out / "records.jsonl"), key=lambda r: r["id"]) == sorted(kept, key=lambda r: r["id"])
+    assert sorted(r["id"] for r in read_jsonl(out / "rejected.jsonl") if r["meta"]["stage"] == "judge") == sorted(every)
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert m["counts"]["kept"] == len(kept) and m["counts"]["rejected"]["low-score"] == len(every) and m["judge"]["completed"]

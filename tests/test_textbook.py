@@ -182,3 +182,56 @@ def test_textbook_in_english_from_the_shipped_topics(tmp_path):
     assert manifest["textbook"]["topics"]["name"] == "topics_en.txt"
     assert len(records) == 4 and {r["meta"]["section_id"] for r in records} == {unit_id(i) for i in range(3)}
     assert all(r["meta"]["audience"] in load_shipped("audiences", "en").items for r in records)
+
+
+def test_textbook_judge_gates_the_exercises_and_a_rerun_or_a_larger_n_pays_only_for_what_is_new(tmp_path):
+    from fakes.judge_replies import Judged
+
+    out = tmp_path / "judged"
+    args = lambda fake, n, *more: ("textbook", "--topics", "zh", "--n", str(n), "--out", str(out), "--base-url", fake.base_url,
+                                   "--model", "fake-teacher", "--price-in", "0.5", "--price-out", "1.5", "--concurrency", "2", "--quiet",
+                                   *more)
+    gate = ("--judge", "--min-score", "3", "--judge-model", "judge-m", "--judge-price-in", "10", "--judge-price-out", "20")
+    replies = Judged(TextbookReplies())
+    with FakeTeacher(reply=replies, seed=3) as fake:
+        done = run_cli(*args(fake, 4, *gate))
+        assert done.returncode == 0, done.stderr
+        sent = fake.stats["requests_received"]
+        kept = read_jsonl(out / "records.jsonl")
+        gated = [r for r in read_jsonl(out / "rejected.jsonl") if r["meta"]["stage"] == "judge"]
+        # The hash scores of the fake judge put some exercises on each side of 3.
+        assert kept and gated
+        assert all(r["meta"]["judge"]["score"] >= 3 and r["meta"]["judge"]["model"] == "judge-m" for r in kept)
+        assert all(r["meta"]["judge_request_ids"] == [f"rate:1:{r['id']}"] and r["meta"]["stage"] == "textbook" for r in kept)
+        assert all(r["reason"] == "low-score" and r["meta"]["judge"]["score"] < 3 and "< --min-score 3" in r["detail"]
+                   and r["meta"]["gated_stage"] == "textbook" for r in gated)
+        ledger = finished(read_jsonl(out / "requests.jsonl"))
+        verdicts = sorted(e["request_id"] for e in ledger if e["stage"] == "judge")
+        assert verdicts == sorted(f"rate:1:{r['id']}" for r in kept + gated) and replies.judge.judge_requests == len(verdicts)
+        m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        assert m["counts"]["kept"] == len(kept) and m["counts"]["rejected"]["low-score"] == len(gated)
+        assert m["judge"]["completed"] and m["judge"]["judged"] == len(verdicts) and m["judge"]["template"]["name"] == "judge_zh.jinja"
+        assert m["stages"]["judge"]["usd"] == pytest.approx(sum(e["usage"]["prompt_tokens"] * 10 + e["usage"]["completion_tokens"] * 20
+                                                                for e in ledger if e["stage"] == "judge") / 1e6, abs=1e-6)
+        assert m["textbook"]["sections"]["done"] == 4
+
+        # The same command again: nothing to write, nothing to judge, nothing paid. Without --judge: refused.
+        again = run_cli(*(a for a in args(fake, 4, *gate) if a != "--quiet"))  # not quiet, to read what it says
+        assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
+        ungated = run_cli(*args(fake, 4))
+        assert ungated.returncode == 2 and "re-run with --judge" in ungated.stderr
+        assert fake.stats["requests_received"] == sent and read_jsonl(out / "records.jsonl") == kept
+
+        # A larger --n: the new unit's section, its exercises and their verdicts are paid; the old verdicts replay.
+        grown = run_cli(*args(fake, 5, *gate))
+        assert grown.returncode == 0, grown.stderr
+        new = [e for e in finished(read_jsonl(out / "requests.jsonl")) if e["request_id"] not in {x["request_id"] for x in ledger}]
+        assert fake.stats["requests_received"] - sent == len(new) >= 3
+        assert all(e["request_id"].split(":", 2)[-1].startswith(unit_id(4)) for e in new)
+    records, rejected = read_jsonl(out / "records.jsonl"), read_jsonl(out / "rejected.jsonl")
+    assert [r for r in records if not r["id"].startswith(unit_id(4))] == kept
+    assert all(r["meta"]["judge_request_ids"] == [f"rate:1:{r['id']}"] for r in records)
+    m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    low = [r for r in rejected if r["meta"]["stage"] == "judge"]
+    assert m["counts"]["kept"] == len(records) and m["counts"]["rejected"]["low-score"] == len(low)
+    assert len(records) + len(low) == m["judge"]["judged"] and m["textbook"]["sections"]["done"] == 5

@@ -18,6 +18,10 @@ Trigger words in the record's instruction pick the verdict's form:
     JUNSAFE      JSON with score 4 and "safe": false
     JRANGE       JSON with score 9 (out of range), then prose                   -> judge-failed
 
+A conversation rubric (prompts/judge/conversation_*) is read the same way, its first user turn
+standing for the instruction. `Judged(teacher)` answers rubric prompts here and the rest with another
+scripted teacher (TextbookReplies, ChatReplies).
+
 With none of these the score is JS<N> if the text holds one, else 1-5 from a hash of the
 instruction (`score_of`); `labels` lets a calibration sample script each record's score by id.
 """
@@ -34,6 +38,8 @@ from fakes.openai_server import detect_request, make_item, render_items
 
 _SECTIONS = re.compile(r"### (?:指令|Instruction)\n(.*?)\n### (?:输入|Input)\n(.*?)\n### (?:回答|Response)\n(.*?)\n\n(?:只用 JSON|Reply in JSON)",
                        re.DOTALL)
+# The conversation rubric (prompts/judge/conversation_*): its first user turn stands for the instruction.
+_CONVERSATION = re.compile(r"### (?:第 1 轮 · 用户|Turn 1 · User)\n(.*?)\n### (?:第 1 轮 · 助手|Turn 1 · Assistant)\n", re.DOTALL)
 _FORCED = re.compile(r"JS([1-5])")
 
 
@@ -49,6 +55,15 @@ def _users(messages: Any) -> list[str]:
     return [str(m.get("content", "")) for m in messages if isinstance(m, dict) and m.get("role") == "user"]
 
 
+def rubric_instruction(messages: Any) -> str | None:
+    """The instruction a rubric prompt rates (a conversation's first user turn), or None when it is no rubric prompt."""
+    users = _users(messages or [])
+    if not users:
+        return None
+    match = _SECTIONS.search(users[0]) or _CONVERSATION.search(users[0])
+    return match.group(1) if match else None
+
+
 class JudgeReplies:
     """The reply knob's callable: verdicts for rubric prompts, numbered tasks for generation prompts."""
 
@@ -56,16 +71,17 @@ class JudgeReplies:
         # instruction text -> score, for samples whose scores a test scripts (calibration).
         self.scores = scores or {}
         self.judge_requests = 0
+        self.conversations = 0  # requests on the conversation rubric
 
     def __call__(self, body: dict, rng: random.Random) -> str:
         messages = body.get("messages") or []
         users = _users(messages)
-        match = _SECTIONS.search(users[0]) if users else None
-        if match is None:
+        instruction = rubric_instruction(messages)
+        if instruction is None:
             lang, count, hant = detect_request(messages)
             return render_items([make_item(rng, lang) for _ in range(count)], lang, False, hant)
         self.judge_requests += 1
-        instruction = match.group(1)
+        self.conversations += bool(_CONVERSATION.search(users[0]))
         retry = len(users) > 1
         score = self.scores.get(instruction, score_of(instruction))
         reason = f"fake verdict {score} for {instruction[:20]}"
@@ -89,3 +105,15 @@ class JudgeReplies:
         if "JTHINK" in instruction:
             return f"<think>At first I thought score: 1, but no.</think>\n{as_json}"
         return as_json
+
+
+class Judged:
+    """Verdicts for rubric prompts, and another scripted teacher's replies (e.g. TextbookReplies, ChatReplies) for the rest."""
+
+    def __init__(self, teacher, judge: JudgeReplies | None = None) -> None:
+        self.teacher, self.judge = teacher, judge or JudgeReplies()
+
+    def __call__(self, body: dict, rng: random.Random) -> str:
+        if rubric_instruction(body.get("messages")) is not None:
+            return self.judge(body, rng)
+        return self.teacher(body, rng)
