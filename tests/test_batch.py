@@ -437,3 +437,91 @@ def test_a_batch_created_just_before_a_kill_is_found_not_made_again(tmp_path):
     assert [e["status"] for e in entries] == ["ok"] * 2
     assert stats["batches_created"] == 1 and stats["batch_lines"] == ids
     assert [n["batch_id"] for n in notes(read_jsonl(tmp_path / "run" / LEDGER), "batch")] == [made.id]
+
+
+# ---- judge, respond and the quality gate --batch ------------------------------------------
+
+
+def at_batch_price(manifest: dict, ledger: list[dict], stage: str, online: tuple[float, float]) -> None:
+    """The stage's dollars are its ledgered tokens at half the online price."""
+    lines = [e for e in ledger if e.get("stage") == stage]
+    tokens = sum(e["usage"]["prompt_tokens"] for e in lines), sum(e["usage"]["completion_tokens"] for e in lines)
+    assert manifest["stages"][stage]["usd"] == pytest.approx((tokens[0] * online[0] + tokens[1] * online[1]) / 2e6, abs=1e-6)
+    assert manifest["stages"][stage]["usd"] > 0
+
+
+def test_judge_batch_sends_every_verdict_once_in_a_batch_at_the_batch_price(tmp_path):
+    from fakes.judge_replies import JudgeReplies
+    from test_judge import write_records
+
+    inputs = write_records(tmp_path / "in.jsonl", ["JS5", "JS4", "JS2", "JS1", "JS3", "JS5", "JBAD1 JS4", "JS2"])
+    out = tmp_path / "judged"
+    with FakeTeacher(reply=JudgeReplies()) as fake:
+        args = ("judge", str(inputs), "--out", str(out), "--base-url", fake.base_url, "--model", "fake-judge", "--batch", *PRICE, *FAST)
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        stats = fake.stats
+        again = run_cli(*args)
+        assert again.returncode == 0, again.stderr
+        assert fake.stats["requests_received"] == stats["requests_received"]  # a finished run asks nothing more
+    ledger = read_jsonl(out / LEDGER)
+    done = finished(ledger)
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept, rejected = read_jsonl(out / "records.jsonl"), read_jsonl(out / "rejected.jsonl")
+    assert sorted(r["meta"]["judge"]["score"] for r in kept) == [4, 4, 5, 5]
+    assert sorted(r["meta"]["judge"]["score"] for r in rejected) == [1, 2, 2, 3] and {r["reason"] for r in rejected} == {"low-score"}
+    # Each verdict (and the one retry of an unreadable one, in the next batch) was one batch line, sent once.
+    assert sorted(stats["batch_lines"]) == sorted(e["request_id"] for e in done) and len(done) == 9
+    assert stats["batches_created"] == 2 and len(manifest["batch"]["batches"]) == 2
+    assert all(b["status"] == "completed" and b["route"] == "judge" for b in manifest["batch"]["batches"])
+    assert manifest["judge"]["batch"] is True and (manifest["judge"]["price_in_per_1m"], manifest["judge"]["price_out_per_1m"]) == (0.5, 1.0)
+    at_batch_price(manifest, done, "judge", (1, 2))
+
+
+def test_respond_batch_answers_every_record_in_one_batch_at_the_batch_price(tmp_path):
+    from test_respond import RespondReplies, zh_dataset
+
+    data = zh_dataset(tmp_path / "alpaca.json", n=10)
+    out = tmp_path / "run"
+    with FakeTeacher(reply=RespondReplies()) as fake:
+        result = run_cli("respond", str(data), "--out", str(out), "--base-url", fake.base_url, "--model", "m", "--batch", *PRICE, *FAST)
+        stats = fake.stats
+    assert result.returncode == 0, result.stderr
+    done = finished(read_jsonl(out / LEDGER))
+    manifest = json.loads((out / "manifest.json").read_text())
+    records = read_jsonl(out / "records.jsonl")
+    # 12 inputs less the near-copy and the blacklisted one, refused before paying: one batch of 10 lines, each sent once.
+    assert len(records) == 10 and all(r["output"].startswith("m的回答") for r in records)
+    assert sorted(stats["batch_lines"]) == sorted(e["request_id"] for e in done) and len(done) == 10
+    assert stats["batches_created"] == 1 and manifest["batch"]["batches"][0]["requests"] == 10
+    assert (manifest["cost"]["price_in_per_1m"], manifest["cost"]["price_out_per_1m"]) == (0.5, 1.0)
+    at_batch_price(manifest, done, "respond", (1, 2))
+
+
+def test_generate_batch_judge_batches_the_gate_too_and_keeps_every_batch_in_the_manifest(tmp_path):
+    from fakes.judge_replies import JudgeReplies
+
+    out = tmp_path / "run"
+    with FakeTeacher(reply=JudgeReplies()) as fake:
+        args = generate_args(fake, tmp_path, out, 20, "--judge", "--min-score", "3")
+        result = run_cli(*args, timeout=120)
+        assert result.returncode == 0, result.stderr
+        stats = fake.stats
+        again = run_cli(*args)
+        assert again.returncode == 0 and fake.stats["requests_received"] == stats["requests_received"]
+    ledger = read_jsonl(out / LEDGER)
+    done = finished(ledger)
+    manifest = json.loads((out / "manifest.json").read_text())
+    verdicts = [e for e in done if e["stage"] == "judge"]
+    assert len(verdicts) == 20 and manifest["judge"]["completed"] and manifest["judge"]["batch"] is True
+    # Tasks and verdicts alike were batch lines, each sent once; no request went online.
+    assert sorted(stats["batch_lines"]) == sorted(e["request_id"] for e in done)
+    assert stats["requests_received"] == len(stats["batch_lines"])
+    # The gate's manifest saves kept generate's batches beside its own.
+    batches = manifest["batch"]["batches"]
+    assert len(batches) == len(notes(ledger, "batch")) == stats["batches_created"]
+    assert {b.get("route", "teacher") for b in batches} == {"teacher", "judge"}
+    kept = read_jsonl(out / "records.jsonl")
+    assert kept and all(r["meta"]["judge"]["score"] >= 3 for r in kept)
+    at_batch_price(manifest, done, "generate", (1, 2))
+    at_batch_price(manifest, done, "judge", (1, 2))
