@@ -21,10 +21,11 @@ from selfinstruct.teacher import Completion, JsonModeUnsupported, RequestFailed,
 # Tasks asked for by the JSON-mode probe: enough to see the reply parse, few enough to answer in seconds.
 PROBE_TASKS = 2
 PROBE_MAX_TOKENS = 1024
-# The parallelism probe: short replies, one alone then two at once. Two at once taking this many times
-# as long as one means the server answers one request at a time.
+# The parallelism probe: short replies, one alone then two at once. A parallel server turns out nearly
+# twice the tokens per second for two; one that answers a request at a time, the same. Below this gain
+# it is serial (tokens, not seconds: a reply that stops early would pass for parallelism).
 PARALLEL_PROBE_TOKENS = 32
-SERIAL_RATIO = 1.6
+SERIAL_GAIN = 1.4
 # Below this a request is too quick to tell a queue from noise.
 PARALLEL_MIN_SECONDS = 0.05
 # The --timeout doctor suggests leaves this much room over the full-size request's latency (replies vary in length).
@@ -232,7 +233,7 @@ async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price
             checks += _chat_checks(reply, teacher, shape)
             timing = await _parallel_timing(teacher, prompt)
             checks.append(_parallel_check(timing, slots, shape))
-            serial = timing is not None and _is_serial(timing)
+            serial = slots == 1 or (timing is not None and _is_serial(timing))
             checks.append(_latency_check(reply, serial, slots, shape))
             checks.append(_context_check(reply, context, source, shape))
         else:
@@ -243,7 +244,7 @@ async def _diagnose(settings: TeacherSettings, api_key: str | None, price: Price
         if reply is None:
             checks.append(Check("JSON mode", "skip", "chat does not work"))
         else:
-            checks.append(await _json_check(teacher, lang))
+            checks.append(await _json_check(teacher, lang, shape.max_tokens))
         checks.append(_price_check(settings.model, price, kind))
         flags = _flags(reply, serial, slots, context, shape) if reply is not None else ""
         if flags:
@@ -286,32 +287,32 @@ async def _server_context(base_url: str | None, api_key: str | None, shape: RunS
     return None, None, ""
 
 
-async def _parallel_timing(teacher: Teacher, prompt: list[dict[str, str]]) -> tuple[float, float] | None:
-    """Seconds for one short request alone, then for two sent at once; None if one failed."""
-    async def timed(n: int) -> float:
+async def _parallel_timing(teacher: Teacher, prompt: list[dict[str, str]]) -> tuple[float, int, float, int] | None:
+    """Seconds and completion tokens of one short request alone, then of two sent at once; None if one failed."""
+    async def timed(n: int) -> tuple[float, int]:
         started = time.monotonic()
-        await asyncio.gather(*(teacher.complete(prompt, max_tokens=PARALLEL_PROBE_TOKENS) for _ in range(n)))
-        return time.monotonic() - started
+        replies = await asyncio.gather(*(teacher.complete(prompt, max_tokens=PARALLEL_PROBE_TOKENS) for _ in range(n)))
+        return time.monotonic() - started, sum(max(r.usage.completion_tokens, 1) for r in replies)
 
     try:
-        return await timed(1), await timed(2)
+        return (*await timed(1), *await timed(2))
     except (RequestFailed, TeacherError):
         return None
 
 
-def _is_serial(timing: tuple[float, float]) -> bool:
-    one, two = timing
-    return one >= PARALLEL_MIN_SECONDS and two >= SERIAL_RATIO * one
+def _is_serial(timing: tuple[float, int, float, int]) -> bool:
+    one, one_tokens, two, two_tokens = timing
+    return one >= PARALLEL_MIN_SECONDS and (two_tokens / max(two, 1e-6)) < SERIAL_GAIN * (one_tokens / one)
 
 
-def _parallel_check(timing: tuple[float, float] | None, slots: int | None, shape: RunShape) -> Check:
+def _parallel_check(timing: tuple[float, int, float, int] | None, slots: int | None, shape: RunShape) -> Check:
     if timing is None:
         return Check("parallel", "skip", "a short request failed")
-    one, two = timing
-    seen = f"one request {one:.2f} s, two at once {two:.2f} s"
-    if one < PARALLEL_MIN_SECONDS:
+    one, one_tokens, two, two_tokens = timing
+    seen = f"one request {one:.2f} s ({one_tokens} tokens), two at once {two:.2f} s ({two_tokens} tokens)"
+    if one < PARALLEL_MIN_SECONDS and slots != 1:
         return Check("parallel", "ok", f"{seen}: too quick to tell" + (f"; the server has {slots} slots" if slots else ""))
-    if _is_serial(timing):
+    if slots == 1 or _is_serial(timing):
         status = "warn" if shape.concurrency > 1 else "ok"
         return Check("parallel", status, f"{seen}: the server answers one request at a time",
                      "use --concurrency 1 (more only queue in the server and count against --timeout), or start it with more slots" if status == "warn" else "")
@@ -393,9 +394,9 @@ def _chat_checks(reply: Completion, teacher: Teacher, shape: RunShape) -> list[C
     return checks
 
 
-async def _json_check(teacher: Teacher, lang: str) -> Check:
+async def _json_check(teacher: Teacher, lang: str, max_tokens: int = PROBE_MAX_TOKENS) -> Check:
     try:
-        reply = await teacher.complete(_messages(lang, True), json_mode=True, max_tokens=PROBE_MAX_TOKENS)
+        reply = await teacher.complete(_messages(lang, True), json_mode=True, max_tokens=min(PROBE_MAX_TOKENS, max_tokens))
     except JsonModeUnsupported as exc:
         return Check("JSON mode", "warn", f"not supported ({exc.message})",
                      "leave --json-mode off; a run with --json-mode falls back to the text template by itself")
