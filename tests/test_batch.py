@@ -525,3 +525,31 @@ def test_generate_batch_judge_batches_the_gate_too_and_keeps_every_batch_in_the_
     assert kept and all(r["meta"]["judge"]["score"] >= 3 for r in kept)
     at_batch_price(manifest, done, "generate", (1, 2))
     at_batch_price(manifest, done, "judge", (1, 2))
+
+
+def test_respond_batch_pairs_and_judge_batch_every_route(tmp_path):
+    from test_respond import AnswerAndJudge, zh_dataset
+
+    # JS2 / JS5 in turn: the gate (--judge --min-score 3) keeps every other pair.
+    data = zh_dataset(tmp_path / "alpaca.json", n=6, triggers={i: f"JS{(2, 5)[i % 2]}" for i in range(6)})
+    out = tmp_path / "run"
+    with FakeTeacher(reply=AnswerAndJudge()) as fake:
+        args = ("respond", str(data), "--out", str(out), "--base-url", fake.base_url, "--models", "alpha,beta", "--judge", "--min-score", "3",
+                "--batch", *PRICE, "--model-spec", "beta:1:2", *FAST)
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        stats = fake.stats
+        again = run_cli(*args)
+        assert again.returncode == 0 and fake.stats["requests_received"] == stats["requests_received"]
+    done = finished(read_jsonl(out / LEDGER))
+    manifest = json.loads((out / "manifest.json").read_text())
+    # 6 answers by each model, 12 pair verdicts (both orders), 6 gate verdicts: all batch lines, each sent once.
+    assert len(done) == 30 and sorted(stats["batch_lines"]) == sorted(e["request_id"] for e in done)
+    assert stats["requests_received"] == 30
+    assert {b.get("route", "teacher") for b in manifest["batch"]["batches"]} == {"teacher", "beta", "judge"}
+    assert {k: (v["price_in_per_1m"], v["price_out_per_1m"]) for k, v in manifest["teachers"].items()} == {
+        "teacher": (0.5, 1.0), "beta": (0.5, 1.0), "judge": (0.5, 1.0)}
+    records = read_jsonl(out / "records.jsonl")
+    assert len(records) == 3 and all(r["meta"]["judge"]["score"] == 5 for r in records)
+    for stage in ("respond", "pair-judge", "judge"):
+        at_batch_price(manifest, done, stage, (1, 2))
