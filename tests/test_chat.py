@@ -257,3 +257,19 @@ def test_chat_judge_killed_in_the_gate_resumes_without_paying_twice(tmp_path):
     assert sorted(r["id"] for r in read_jsonl(out / "rejected.jsonl") if r["meta"]["stage"] == "judge") == sorted(every)
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert m["counts"]["kept"] == len(kept) and m["counts"]["rejected"]["low-score"] == len(every) and m["judge"]["completed"]
+
+
+def test_chat_moderate_screens_every_turn_not_only_the_first_exchange(tmp_path):
+    data = zh_dataset(tmp_path / "alpaca.json", {2: "QMOD2"})
+    out = tmp_path / "moderated"
+    with FakeTeacher(reply=ChatReplies(), moderation="FLAGME") as fake:
+        done = run_cli("chat", str(data), "--out", str(out), "--turns", "2", "--base-url", fake.base_url, "--model", "fake-teacher",
+                       "--price-in", "0", "--price-out", "0", "--limit", "4", "--moderate", "--quiet")
+        assert done.returncode == 0, done.stderr
+        assert fake.stats["moderation_requests"] == 4
+    kept, rejected = read_jsonl(out / "records.jsonl"), read_jsonl(out / "rejected.jsonl")
+    flagged = next(r for r in rejected if r["id"] == "alpaca.json:3")
+    # FLAGME is in the second answer only: instruction, input and output (the first exchange) are clean.
+    assert "FLAGME" not in flagged["output"] and "FLAGME" in flagged["messages"][3]["content"]
+    assert flagged["reason"] == "moderation" and flagged["meta"]["moderation"]["flagged"] and flagged["meta"]["gated_stage"] == "chat"
+    assert len(kept) == 3 and all(r["meta"]["moderation"]["flagged"] is False for r in kept)

@@ -13,6 +13,7 @@ chat (in the first user turn):
     QNOPE   the assistant refuses on turn 1                                  -> conversation rejected (refusal)
     QLATE     the assistant refuses on turn 2                                  -> kept, cut before turn 2
     QBYE      the simulated user closes after the first answer ([END])         -> kept with one turn, ended closed
+    QMOD2     the assistant's turn-2 answer holds FLAGME                       -> with moderation="FLAGME": only a later turn is flagged
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class ChatReplies:
             return "抱歉，我无法回答这个问题。" if lang == "zh" else "Sorry, I can't help with that."
         rng = _rng("\n".join(m["content"] for m in messages))
         lead = f"第{turn}轮回答：" if lang == "zh" else f"Answer {turn}: "
-        return lead + make_text(rng, lang, 60, 200)
+        flag = " FLAGME" if "QMOD2" in users[0] and turn == 2 else ""
+        return lead + make_text(rng, lang, 60, 200) + flag
 
     @staticmethod
     def follow_up(prompt: str, lang: str) -> str:
