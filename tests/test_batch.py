@@ -553,3 +553,20 @@ def test_respond_batch_pairs_and_judge_batch_every_route(tmp_path):
     assert len(records) == 3 and all(r["meta"]["judge"]["score"] == 5 for r in records)
     for stage in ("respond", "pair-judge", "judge"):
         at_batch_price(manifest, done, stage, (1, 2))
+
+
+def test_judge_batch_moderate_batches_verdicts_and_moderates_online(tmp_path):
+    from fakes.judge_replies import JudgeReplies
+    from test_judge import write_records
+
+    inputs = write_records(tmp_path / "in.jsonl", ["JS5", "JS4 暴力", "JS5", "JS1"])
+    out = tmp_path / "judged"
+    with FakeTeacher(reply=JudgeReplies(), moderation="暴力") as fake:
+        result = run_cli("judge", str(inputs), "--out", str(out), "--base-url", fake.base_url, "--model", "j", "--moderate", "--batch",
+                         *PRICE, *FAST)
+        stats = fake.stats
+    assert result.returncode == 0, result.stderr
+    # The Batch API has no moderation: the verdicts went as one batch, the three kept by the judge were screened online.
+    assert sorted(stats["batch_lines"]) == [f"rate:1:k{i}" for i in range(4)] and stats["moderation_requests"] == 3
+    rejected = {r["id"]: r["reason"] for r in read_jsonl(out / "rejected.jsonl")}
+    assert rejected == {"k1": "moderation", "k3": "low-score"} and len(read_jsonl(out / "records.jsonl")) == 2
