@@ -317,7 +317,7 @@ def run_chat(cfg: GenerateConfig, inputs: Sequence[Path], seeds: Path | None, li
     """The chat command after its flags: a dataset or seed file → a run directory of multi-turn conversations, then --judge. Returns the exit code."""
     from selfinstruct.config import require_key
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
-    from selfinstruct.judging import finish_gated, gate_run, gated_before
+    from selfinstruct.judging import check_judgeable, check_key, finish_gated, gate_run, gated_before, judge_key, judge_settings
     from selfinstruct.progress import run_displayed
     from selfinstruct.teacher import Teacher
 
@@ -340,6 +340,11 @@ def run_chat(cfg: GenerateConfig, inputs: Sequence[Path], seeds: Path | None, li
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        if cfg.judge or cfg.moderate:
+            # The judge's key, price and (on a resume) sameness are checked before the conversations are paid for, not after.
+            settings = judge_settings(cfg, lang, conversation=True)
+            check_key(settings, judge_key(cfg, api_key, judge_api_key))
+            check_judgeable(run.load_manifest(), settings)
         if gated_before(run, cfg):  # the gate already rewrote records.jsonl: every conversation is made and judged
             return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, price, command)
@@ -359,7 +364,7 @@ def run_chat(cfg: GenerateConfig, inputs: Sequence[Path], seeds: Path | None, li
         if exit_code or not (cfg.judge or cfg.moderate):
             return exit_code
         # The judge reads the whole conversation (prompts/judge/conversation_*), not only its first exchange.
-        return gate_run(engine, cfg, lang, api_key if judge_api_key is None else judge_api_key, console, conversation=True)
+        return gate_run(engine, cfg, lang, judge_key(cfg, api_key, judge_api_key), console, conversation=True)
 
 
 def print_summary(engine: Engine, stage: Conversation, console) -> None:

@@ -556,6 +556,13 @@ def finish_gated(run: RunDir, cfg: GenerateConfig, license: str | None, console)
     return 0
 
 
+def judge_key(cfg: GenerateConfig, api_key: str | None, judge_api_key: str | None) -> str | None:
+    """The judge's key: from --judge-api-key-env when named (never the teacher's instead: it may be another provider), else the teacher's."""
+    if cfg.judge_api_key_env:
+        return judge_api_key
+    return api_key if judge_api_key is None else judge_api_key
+
+
 def check_key(settings: JudgeSettings, api_key: str | None) -> None:
     """The judge needs a key unless it is a local server and no variable was named."""
     if not api_key and (endpoint_kind(settings.base_url) != "local" or settings.api_key_env != "OPENAI_API_KEY"):

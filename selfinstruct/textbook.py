@@ -359,7 +359,7 @@ def run_textbook(cfg: GenerateConfig, topics_arg: str, api_key: str | None, comm
     """The textbook command after its flags: topics → sections.jsonl and exercise records in a run directory, then --judge. Returns the exit code."""
     from selfinstruct.config import require_key
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
-    from selfinstruct.judging import finish_gated, gate_run, gated_before
+    from selfinstruct.judging import check_judgeable, check_key, finish_gated, gate_run, gated_before, judge_key, judge_settings
     from selfinstruct.progress import run_displayed
     from selfinstruct.teacher import Teacher
 
@@ -372,6 +372,11 @@ def run_textbook(cfg: GenerateConfig, topics_arg: str, api_key: str | None, comm
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        if cfg.judge or cfg.moderate:
+            # The judge's key, price and (on a resume) sameness are checked before the sections are paid for, not after.
+            settings = judge_settings(cfg, lang)
+            check_key(settings, judge_key(cfg, api_key, judge_api_key))
+            check_judgeable(run.load_manifest(), settings)
         # Units are numbered and what the gate rejected stays in rejected.jsonl, so a gated run can grow (a larger --n):
         # the new units' exercises are judged and the old verdicts replay from the ledger. Otherwise nothing is left to do.
         if gated_before(run, cfg) and units_written(run) >= cfg.n:
@@ -393,7 +398,7 @@ def run_textbook(cfg: GenerateConfig, topics_arg: str, api_key: str | None, comm
         if exit_code or not (cfg.judge or cfg.moderate):
             return exit_code
         # The exercises are ordinary instruction records: the gate rates them on the shipped rubric, in place.
-        return gate_run(engine, cfg, lang, api_key if judge_api_key is None else judge_api_key, console)
+        return gate_run(engine, cfg, lang, judge_key(cfg, api_key, judge_api_key), console)
 
 
 def print_summary(engine: Engine, stage: Textbook, console) -> None:

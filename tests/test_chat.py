@@ -221,6 +221,9 @@ def test_chat_judge_reads_the_whole_conversation_gates_it_and_a_rerun_pays_nothi
         assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
         ungated = run_cli(*args[:-3], "--base-url", fake.base_url, "--quiet")
         assert ungated.returncode == 2 and "re-run with --judge" in ungated.stderr
+        # A judge without a key is refused before a conversation is paid for.
+        keyless = run_cli(*args, "--base-url", fake.base_url, "--out", str(tmp_path / "keyless"), "--judge-api-key-env", "NO_SUCH_KEY")
+        assert keyless.returncode == 2 and "NO_SUCH_KEY" in keyless.stderr, keyless.stderr
         assert fake.stats["requests_received"] == sent and read_jsonl(out / "records.jsonl") == kept
 
 

@@ -220,6 +220,9 @@ def test_textbook_judge_gates_the_exercises_and_a_rerun_or_a_larger_n_pays_only_
         assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
         ungated = run_cli(*args(fake, 4))
         assert ungated.returncode == 2 and "re-run with --judge" in ungated.stderr
+        # Another judge on a larger --n is refused before the new unit is paid for, not after.
+        other = run_cli(*args(fake, 5, *gate[:2], "4", *gate[3:]))
+        assert other.returncode == 2 and "--min-score (was 3.0)" in other.stderr, other.stderr
         assert fake.stats["requests_received"] == sent and read_jsonl(out / "records.jsonl") == kept
 
         # A larger --n: the new unit's section, its exercises and their verdicts are paid; the old verdicts replay.
