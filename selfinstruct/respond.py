@@ -548,7 +548,7 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
     from selfinstruct.batch import cancel_batches, check_batches, interrupted_note, run_price_for, transport_factory
     from selfinstruct.config import require_key
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
-    from selfinstruct.judging import finish_gated, gate_run, gated_before
+    from selfinstruct.judging import check_judgeable, check_key, finish_gated, gate_run, gated_before, judge_key, judge_settings
     from selfinstruct.progress import run_displayed
 
     out = cfg.out
@@ -599,6 +599,12 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
     run.prepare()
     with DirectoryLock(run.path, command):
         check_orphaned(run)
+        gate_key = judge_key(cfg, keys.get(cfg.api_key_env), judge_api_key)
+        if cfg.judge or cfg.moderate:
+            # The judge's key, price and (on a resume) sameness are checked before the answers are paid for, not after.
+            gate_settings = judge_settings(cfg, lang)
+            check_key(gate_settings, gate_key)
+            check_judgeable(run.load_manifest(), gate_settings)
         if gated_before(run, cfg):  # the quality gate already rewrote records.jsonl: answering again would refill it
             return finish_gated(run, cfg, None, console)
         engine = make_engine(run, cfg, prices[models[0]], command)
@@ -633,7 +639,7 @@ def run_respond(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, 
         if exit_code or not (cfg.judge or cfg.moderate):
             return exit_code
         # The gate rewrites records.jsonl in place: only answers the judge scored >= --min-score stay.
-        return gate_run(engine, cfg, lang, key if judge_api_key is None else judge_api_key, console)
+        return gate_run(engine, cfg, lang, gate_key, console)
 
 
 # Planning priors for --dry-run, not measurements: an answer as long as the input's old output (this many tokens where there is

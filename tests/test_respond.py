@@ -481,3 +481,13 @@ def test_respond_judge_keeps_answers_scoring_min_score_or_more_and_a_rerun_pays_
         ungated = run_cli("respond", str(data), "--out", str(out), "--base-url", fake.base_url, "--model", "fake-teacher",
                           "--price-in", "0.5", "--price-out", "1.5", "--quiet")
         assert ungated.returncode == 2 and "--judge" in ungated.stderr and fake.stats["requests_received"] == 0
+
+
+def test_respond_judge_without_the_judges_key_is_refused_before_any_answer_is_paid(tmp_path):
+    data = zh_dataset(tmp_path / "alpaca.json", n=4)
+    with FakeTeacher(reply=AnswerAndJudge()) as fake:
+        result = run_cli("respond", str(data), "--out", str(tmp_path / "run"), "--base-url", fake.base_url, "--model", "fake-teacher",
+                         "--judge", "--judge-api-key-env", "SELFINSTRUCT_TEST_UNSET_JUDGE_KEY", "--quiet")
+        assert fake.stats["requests_received"] == 0
+    assert result.returncode == 2 and "SELFINSTRUCT_TEST_UNSET_JUDGE_KEY" in result.stderr and "Traceback" not in result.stderr
+    assert KEY not in result.stderr
