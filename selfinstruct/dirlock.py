@@ -86,7 +86,10 @@ class DirectoryLock:
         """Unlink the lock file, then let it go (acquire checks it still locks the file at its path, so this is safe)."""
         if self._fd is not None:
             try:
-                self.path.unlink(missing_ok=True)
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:
+                    pass  # the directory lost its write permission: the file stays, and the next run takes it over
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
                 os.close(self._fd)

@@ -106,7 +106,7 @@ class Stage(Protocol):
     ledger_stages: tuple[str, ...]  # the `stage` values of its ledger lines
     window: int  # jobs in flight at once
 
-    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None: ...
+    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None: ...  # running: jobs not finished yet
 
     def finish(self) -> None: ...
 
@@ -248,6 +248,9 @@ class Engine:
         self._billed = 0.0
         self._last_manifest = 0.0
         self._running: Stage | None = None
+        # Jobs whose request came back and that now handle its reply: out of the window, so it refills first.
+        self._handling: set[asyncio.Task] = set()
+        self._wake: asyncio.Event | None = None
 
     # ---- resume -------------------------------------------------------------------------
 
@@ -328,6 +331,8 @@ class Engine:
         entry = self.replies.get(request_id)
         if entry is not None:
             return entry
+        job = asyncio.current_task()
+        self._handling.discard(job)
         target = self.routes[route]
         worst = self.worst_case_usd(messages, max_tokens, route) if self.max_cost is not None else 0.0
         await self._reserve(worst)
@@ -366,7 +371,15 @@ class Engine:
             self.in_flight -= 1
             self._reserved = max(0.0, self._reserved - worst) if self.in_flight else 0.0
             self._billed = max(0.0, self._billed - billed) if self.in_flight else 0.0
-        return self._log(base, dispatch, result)
+        entry = self._log(base, dispatch, result)
+        # Refill before this reply is handled: the loop dispatches the next requests, and they leave, while this one is
+        # parsed and deduplicated (two turns of the loop: one to refill, one for the new requests to go out).
+        self._handling.add(job)
+        if self._wake is not None:
+            self._wake.set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return entry
 
     async def _reserve(self, worst: float) -> None:
         """Wait until the budget holds one more request at its worst; stop the run when nothing in flight can free it."""
@@ -515,21 +528,31 @@ class Engine:
         self.status, self.stop_reason = "running", None
         self.recent.clear()
         pending: set[asyncio.Task] = set()
+        wake = self._wake = asyncio.Event()
+        self._handling.clear()
         self.save_manifest(force=True)
         try:
             while True:
                 self._check_health(stage)
-                while not self.stopping and len(pending) < stage.window:
-                    job = stage.next_job(len(pending))
+                # A job handling a reply that came back is not in flight: the window counts only the others.
+                while not self.stopping and len(pending) - len(self._handling) < stage.window:
+                    job = stage.next_job(len(pending))  # every unfinished job: the stage's own estimates count them all
                     if job is None:
                         break
-                    pending.add(asyncio.ensure_future(self._guard(job)))
+                    task = asyncio.ensure_future(self._guard(job))
+                    task.add_done_callback(self._job_done)
+                    pending.add(task)
                 if not pending:
                     break
                 if self.stopping:
                     await self._drain(pending)
                     break
-                done, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                if not wake.is_set():
+                    await self._sleep_until(wake, 0.25)
+                wake.clear()
+                done = {task for task in pending if task.done()}
+                pending -= done
+                self._handling -= done  # their done callbacks may not have run yet
                 self._raise_first(done)
                 self.save_manifest()
                 if self.on_progress:
@@ -553,6 +576,24 @@ class Engine:
             raise
         finally:
             self.save_manifest(force=True)
+
+    def _job_done(self, task: asyncio.Task) -> None:
+        self._handling.discard(task)
+        if self._wake is not None:
+            self._wake.set()
+
+    @staticmethod
+    async def _sleep_until(event: asyncio.Event, seconds: float) -> None:
+        """Wait for an event at most `seconds` (asyncio.timeout where Python has it: wait_for costs a task)."""
+        deadline = getattr(asyncio, "timeout", None)
+        try:
+            if deadline is not None:
+                async with deadline(seconds):
+                    await event.wait()
+            else:  # pragma: no cover - Python 3.10
+                await asyncio.wait_for(event.wait(), seconds)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
 
     @staticmethod
     async def _guard(job: Callable[[], Awaitable[None]]) -> None:

@@ -77,6 +77,8 @@ class Generation:
         # Records kept and rejected by reason (the engine counts requests and tokens).
         self.tally = Tally()
         self.next_request = 1
+        # Replies handled (their records written), for the yield estimate.
+        self.answered = 0
         # Requests sent but never answered by an earlier attempt: asked again first, with the same prompt.
         self.redo: list[int] = []
         # Valid records beyond --n, held in surplus.jsonl for a later, larger --n.
@@ -137,6 +139,7 @@ class Generation:
                 continue
             # A reply logged before a kill but not fully written: finish it from the ledger.
             replayed += self._process(entry, skip=done)
+            self.answered += 1
         lost = {int(e["request_no"]) for e in self.engine.unanswered if e.get("stage") == "generate" and "request_no" in e}
         self.redo = sorted(no for no in lost if f"r{no:06d}" not in self.engine.replies)
         if self.redo:
@@ -237,6 +240,7 @@ class Generation:
         if entry.get("status") != "ok":
             self._write([], [self._failed_record(entry)])
         else:
+            self.answered += 1
             self._process(entry)
             if self.tally.kept == kept_before:
                 self.sample_reply, self.sample_finish = entry.get("content", ""), entry.get("finish_reason")
@@ -250,8 +254,8 @@ class Generation:
         return self.engine.usage.get("generate") or Tally()
 
     def yield_estimate(self) -> float:
-        t = self.requests
-        ok = t.requests - t.failed_requests
+        # Over handled replies only: a reply counted as a request but not parsed yet has kept nothing so far.
+        ok = self.answered
         if ok < 5:
             return self.cfg.per_request * DISPATCH_PRIOR
         return max(self.tally.kept / ok, 0.05)
@@ -264,11 +268,13 @@ class Generation:
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
         """The next request while --n, the request cap and the yield estimate say more is needed."""
-        if self.redo and f"r{self.redo[0]:06d}" in self.engine.held and running < self.window:
+        # `running` counts every unfinished job, replies still being handled too (their records are not kept yet);
+        # the engine keeps the requests in flight under the window.
+        if self.redo and f"r{self.redo[0]:06d}" in self.engine.held:
             # A batch holds it (--batch, resumed): asked even past --n so its reply is ledgered and its cost counted.
             request_no = self.redo.pop(0)
             return lambda: self._request(request_no)
-        if self.tally.kept >= self.cfg.n or running >= self.window:
+        if self.tally.kept >= self.cfg.n:
             return None
         if self.requests.requests + running >= self.max_requests():
             return None

@@ -8,6 +8,7 @@ after generate / evolve (`--judge`, `--moderate`), where it gates the run's own 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import json
@@ -245,6 +246,8 @@ class Judging:
         # endpoint: /v1/moderations; judge-safety: the endpoint has none, so the judge's "safe" decides; None: off.
         self.moderation: str | None = "endpoint" if settings.moderate else None
         self._moderation_note = False
+        self._moderation_probe = asyncio.Lock()
+        self._moderation_seen = False
         self.json_fallback: str | None = None
         self.sample_reply = ""
         self._queue = iter(())
@@ -348,6 +351,17 @@ class Judging:
 
     async def _moderate(self, record: dict, verdict: Verdict | None) -> tuple[str, str] | None:
         """Why moderation rejects a kept record, or None: the endpoint's flags, else the judge's safety verdict."""
+        if self.moderation == "endpoint" and not self._moderation_seen:
+            # One request finds out whether the endpoint has moderation; the others wait for its answer.
+            async with self._moderation_probe:
+                if not self._moderation_seen:
+                    try:
+                        return await self._screen(record, verdict)
+                    finally:
+                        self._moderation_seen = True
+        return await self._screen(record, verdict)
+
+    async def _screen(self, record: dict, verdict: Verdict | None) -> tuple[str, str] | None:
         if self.moderation == "endpoint":
             # The Batch API has no moderation: a batch judge screens through the online route add_judge_route made for it.
             transport = self.engine.routes.get(MODERATION_ROUTE, self.engine.routes["judge"]).transport
