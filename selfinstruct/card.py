@@ -291,7 +291,7 @@ def _recipe_line(m: dict) -> str:
     """What a textbook or chat run made: its units and how they came out, so a reader knows the rows' shape."""
     t, c = _dict(m.get("textbook")), _dict(m.get("chat"))
     if t:
-        topics, sections, exercises = _dict(t.get("topics")), _dict(t.get("sections")), _dict(t.get("exercises"))
+        topics, sections = _dict(t.get("topics")), _dict(t.get("sections"))
         rejected = ", ".join(f"{k} {_num(v)}" for k, v in _dict(sections.get("rejected")).items()) or "none"
         return _cell(f"phi-style textbook: {_num(t.get('units'))} sections, each a topic from `{topics.get('name')}` "
                      f"({_num(topics.get('count'))} topics) × one of {_num(_dict(t.get('audiences')).get('count'))} audiences × "

@@ -12,7 +12,8 @@ from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
 from selfinstruct.errors import ConfigError, OutputError
-from selfinstruct.evolution import check_instruction, infer_lang, input_seeds, read_base, records_sha256, strip_think, template_suffix
+from selfinstruct.evolution import check_instruction, strip_think, template_suffix
+from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256
 from selfinstruct.parsing import clean_reply
 from selfinstruct.pricing import Price, run_price
 from selfinstruct.prompts import Template, load_template

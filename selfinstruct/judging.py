@@ -606,7 +606,7 @@ def run_judge(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, ap
     from selfinstruct.batch import cancel_batches, check_batches, interrupted_note, run_price_for, transport_factory
     from selfinstruct.dirlock import DirectoryLock
     from selfinstruct.engine import check_orphaned, make_engine
-    from selfinstruct.evolution import infer_lang, read_base, records_sha256
+    from selfinstruct.inputs import infer_lang, read_base, records_sha256
     from selfinstruct.pricing import run_price
     from selfinstruct.progress import run_displayed
 

@@ -17,7 +17,8 @@ from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
 from selfinstruct.errors import ConfigError, InputError, OutputError
-from selfinstruct.evolution import check_instruction, infer_lang, input_seeds, read_base, records_sha256, strip_think, template_suffix
+from selfinstruct.evolution import check_instruction, strip_think, template_suffix
+from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256
 from selfinstruct.pricing import Price, endpoint_kind, estimate_prompt_tokens, estimate_tokens, resolve_price
 from selfinstruct.prompts import Template, load_template, prompts_dir
 from selfinstruct.rows import prompt_text

@@ -15,7 +15,8 @@ from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
 from selfinstruct.errors import InputError, OutputError
-from selfinstruct.evolution import infer_lang, strip_think, template_suffix
+from selfinstruct.evolution import strip_think, template_suffix
+from selfinstruct.inputs import infer_lang
 from selfinstruct.parsing import clean_reply, parse_reply
 from selfinstruct.pricing import Price, run_price
 from selfinstruct.prompts import Template, load_template, prompts_dir
