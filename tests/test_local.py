@@ -221,3 +221,28 @@ def test_an_out_that_is_a_file_is_a_user_error_not_a_crash(tmp_path):
         return
     assert done.returncode == 2 and "Traceback" not in done.stderr and "unexpected" not in done.stderr, done.stderr
     assert "cannot write the local server's log" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["respond", "judge", "chat", "textbook"])
+def test_every_teacher_command_takes_local(tmp_path, command):
+    # llama_cpp made unimportable: --local must reach the server start on every teacher command, not only generate.
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Blue."}) + "\n", encoding="utf-8")
+    args = {"respond": [str(data)], "judge": [str(data)], "chat": [str(data)], "textbook": ["--topics", "en", "--n", "1"]}[command]
+    argv = ["selfinstruct", command, *args, "--local", "--out", str(tmp_path / "run")]
+    code = f"import sys; sys.modules['llama_cpp'] = None; from selfinstruct.cli import main; sys.argv = {argv!r}; main()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 2 and 'pip install ".[local]"' in done.stderr, done.stderr
+
+
+@needs_local
+def test_respond_local_answers_with_the_real_model(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Name three primary colours.", "input": "", "output": ""}) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    done = run_cli("respond", str(data), "--local", "--max-tokens", "64", "--out", str(out), "--quiet", env={"OPENAI_API_KEY": ""},
+                   timeout=600)
+    assert done.returncode == 0, done.stderr
+    answered = [e for e in finished(read_jsonl(out / "requests.jsonl")) if e["status"] == "ok"]
+    assert len(answered) == 1 and answered[0]["content"].strip() and not answered[0]["usage"]["estimated"]
+    assert gone(server_pid(out / "local-server.log"), within=0.5)
