@@ -28,7 +28,7 @@ def test_three_endpoints_of_different_speeds_one_dies_mid_run(tmp_path):
     out = tmp_path / "run"
     with FakeTeacher(latency=0.05, seed=11) as fast, FakeTeacher(latency=0.15, seed=12) as dying, \
             FakeTeacher(latency=0.4, seed=13) as slow:
-        proc = cli("generate", "--seeds", str(seeds), "--n", "400", "--per-request", "5", "--model", "fake-teacher",
+        proc = cli("generate", "--seeds", str(seeds), "--n", "800", "--per-request", "5", "--model", "fake-teacher",
                    "--base-url", fast.base_url, "--base-url", dying.base_url, "--base-url", slow.base_url,
                    "--out", str(out), "--timeout", "10", "--quiet")
         deadline = time.monotonic() + 120
@@ -41,7 +41,7 @@ def test_three_endpoints_of_different_speeds_one_dies_mid_run(tmp_path):
         served = {"fast": fast.stats["responses_ok"], "slow": slow.stats["responses_ok"]}
     assert proc.returncode == 0, stderr
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    assert manifest["counts"]["kept"] == 400 and manifest["counts"]["failed_requests"] == 0
+    assert manifest["counts"]["kept"] == 800 and manifest["counts"]["failed_requests"] == 0
     by_url = {e["base_url"]: e for e in manifest["endpoints"]}
     assert list(by_url) == [fast.base_url, dying.base_url, slow.base_url]
     dead = by_url[dying.base_url]
