@@ -10,7 +10,7 @@ from typing import Awaitable, Callable, Sequence
 
 from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
 from selfinstruct.errors import ConfigError, OutputError
 from selfinstruct.evolution import check_instruction, strip_think, template_suffix
 from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256
@@ -158,7 +158,7 @@ class Conversation:
         pass
 
     def low_yield(self, useful: int, window: int) -> str | None:
-        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        sample = one_line(self.sample_reply)
         return (f"only {useful} of the last {window} conversations kept a turn; stopping instead of spending on. "
                 f"A sample reply: {sample!r} (hint: check the model and rejected.jsonl, then re-run to resume)")
 

@@ -153,6 +153,11 @@ def teacher_mismatches(previous: dict, model: str, price: Price | None) -> tuple
     return mismatches, flags
 
 
+def one_line(text: str | None, limit: int = 300) -> str:
+    """A teacher's reply as a stop message quotes it: on one line (⏎ for newlines), cut to `limit` characters."""
+    return (text or "").strip().replace("\n", "⏎")[:limit]
+
+
 def teacher_settings(cfg) -> TeacherSettings:
     """How a run drives its teacher, from its frozen config."""
     return TeacherSettings(

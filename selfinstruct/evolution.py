@@ -13,7 +13,7 @@ from typing import Awaitable, Callable, Iterable, Iterator, Sequence
 
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
 from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256  # noqa: F401 - the recipes import them from here too
 from selfinstruct.errors import ConfigError, OutputError
 from selfinstruct.parsing import clean_reply, normalise_input, placeholder_problem, strip_markers
@@ -425,7 +425,7 @@ class Evolution:
         self.rounds_completed = max(self.rounds_completed, self.round)
 
     def low_yield(self, useful: int, window: int) -> str | None:
-        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        sample = one_line(self.sample_reply)
         return (f"only {useful} of the last {window} evolutions survived; stopping instead of spending on. "
                 f"A sample rewrite: {sample!r} (hint: check the model and rejected.jsonl, then re-run to resume)")
 

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 from selfinstruct.batch import BATCH_WINDOW
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches, teacher_settings
+from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches, teacher_settings
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.parsing import CONTEXT_FIX, ParsedItem, context_cut, parse_reply
 from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
@@ -333,7 +333,7 @@ class Generation:
     def low_yield(self, useful: int, window: int) -> str | None:
         if self.tally.kept >= self.cfg.n:
             return None
-        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        sample = one_line(self.sample_reply)
         hint = "check the model, --template and --json-mode, then re-run to resume"
         if not sample and self.sample_finish == "length":
             # Typical of reasoning models: the whole token budget went to <think>.

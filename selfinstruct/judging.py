@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Sequence
 
 from selfinstruct.batch import BATCH_WINDOW
 from selfinstruct.config import GenerateConfig
-from selfinstruct.engine import Engine, Tally, public_url
+from selfinstruct.engine import Engine, Tally, one_line, public_url
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.pricing import Price, endpoint_kind, resolve_price
 from selfinstruct.prompts import Template, load_template
@@ -426,7 +426,7 @@ class Judging:
         self.completed = True
 
     def low_yield(self, useful: int, window: int) -> str | None:
-        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        sample = one_line(self.sample_reply)
         return (f"only {useful} of the last {window} judge replies held a readable score; stopping instead of spending on. "
                 f"A sample reply: {sample!r} (hint: check --judge-model and its endpoint, then re-run to resume)")
 

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
 from selfinstruct.errors import ConfigError, InputError, OutputError
 from selfinstruct.evolution import check_instruction, strip_think, template_suffix
 from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256
@@ -307,7 +307,7 @@ class Response:
         pass
 
     def low_yield(self, useful: int, window: int) -> str | None:
-        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        sample = one_line(self.sample_reply)
         return (f"only {useful} of the last {window} records got a usable answer; stopping instead of spending on. "
                 f"A sample reply: {sample!r} (hint: check the model and rejected.jsonl, then re-run to resume)")
 

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 
 from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
 from selfinstruct.errors import InputError, OutputError
 from selfinstruct.evolution import strip_think, template_suffix
 from selfinstruct.inputs import infer_lang
@@ -190,7 +190,7 @@ class Textbook:
         pass
 
     def low_yield(self, useful: int, window: int) -> str | None:
-        sample = (self.sample_reply or "").strip().replace("\n", "⏎")[:300]
+        sample = one_line(self.sample_reply)
         return (f"only {useful} of the last {window} sections gave a usable exercise; stopping instead of spending on. "
                 f"A sample reply: {sample!r} (hint: check the model, sections.jsonl and rejected.jsonl, then re-run to resume)")
 
