@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import re
 
@@ -235,6 +236,19 @@ _HAN_IDENT_RE = re.compile(
     re.M,
 )
 CODE_LINES_MIN = 2  # lines that read as code before a text is judged as code
+# More lines of code in an answer, case kept (a line of prose may open with "If" and end with ":"):
+# a Python block header, a call on a line of its own (print("It is hot.")), an assignment.
+_CODE_ANSWER_LINE_RE = re.compile(
+    r"^\s*(?:if|elif|else|for|while|with|try|except|finally|def|class)\b[^\n]*:\s*$"
+    r"|^\s*[A-Za-z_][\w.]*\([^\n]*\)\s*;?\s*$"
+    r"|^\s*[A-Za-z_][\w.]*(?:\[[^\]\n]*\])?\s*[-+*/%]?=(?!=)\s*\S"
+)
+_LOWER_WORD_RE = re.compile(r"(?<![A-Za-z\u00c0-\u024f'])[a-z][a-z\u00df-\u00ff]+")
+
+
+def prose_letters(text: str) -> int:
+    """Letters in lower-case Latin words (code, URLs and identifiers aside): prose, not names or titles."""
+    return sum(len(w) for w in _LOWER_WORD_RE.findall(_NO_VOTE_RE.sub(" ", text)))
 
 # Tasks that ask for an answer in another language, about code, or about Latin-script material:
 # their answers may be Latin without being in the wrong language.
@@ -262,9 +276,15 @@ FUNCTION_WORDS_MIN = 4
 # Long-form asks: an answer of a few words cannot be one.
 _LONG_FORM_RE = re.compile(
     r"(?<![重改编抄描填])(?:写|撰写|创作|起草|讲)(?:一篇|一封|一首|一个|一段|一份|一则|篇|封|首)[^，。？！\n]{0,10}?"
-    r"(?:文章|故事|论文|博客|博文|短文|散文|作文|演讲稿|演讲|剧本|新闻稿|报告|信(?![息用号])|诗(?![人句])|歌词|评论|简介)"
-    r"(?!标题|主题|题目|名|地址|的标题)"
+    r"(?:文章|故事|论文|博客|博文|短文|散文|作文|演讲稿|演讲|剧本|新闻稿|报告|信(?![息用号])|诗(?![人句])|歌词|歌曲|电子邮件|邮件|对话|评论|简介)"
+    # The form must head what is asked: 写一个主人公在故事中必须回答的问题 asks for a question, and
+    # 写一篇文章的摘要 for a summary (an example of one, 的例子, is still one).
+    r"(?!标题|主题|题目|名|地址|中|里|内|之|的(?!例子|示例|范例|样本|样例))"
 )
+# 选择一个主题来写一篇文章 asks for the topic: the writing is what it is for. But 用“太阳”来创作一首诗 and
+# 通过随机选择三个单词来创作一首诗 name the means of the writing, which is still asked for.
+_PURPOSE_RE = re.compile(r"(?:来|以便?|用来|用于|去|好)\s*$")
+_MEANS_RE = re.compile(r"^\s*(?:请|你能|能否|可以)?\s*(?:用|使用|利用|运用|根据|依据|按照|结合|通过|基于|围绕|参考|模仿|仿照|借助|以)")
 # A task that sets the length itself (五字诗, 一句话的故事, 不超过20个字) may ask for a short answer.
 _SET_LENGTH_RE = re.compile(r"[0-9一二三四五六七八九十两几]+\s*(?:个)?(?:字|单词|词|句|行)|一句话|短|简短|标题|主题行")
 LONG_FORM_MIN_UNITS = 12
@@ -563,20 +583,115 @@ def _placeholder(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     return None
 
 
-# Checking for errors, or putting in order, a text that is already right: the unchanged text is the answer.
+# Checking for errors in a text that is already right: the unchanged text is the answer.
 _CORRECTION_RE = re.compile(
-    r"错误|错字|更正|纠正|修正|修复|校对|(?:语法|拼写|使其|是否)(?:上)?正确|检查|排序|顺序|排列|排名|匹配|"
-    r"\bcorrect|\berror|\bproofread|\bfix|\bsort|\border\b|\barrange|\brank|\bmatch|\borgani[sz]e|\balphabet",
+    r"错误|错字|不正确|更正(?!式)|纠正|修正|修复|校对|(?:语法|拼写|使其|是否)(?:上)?正确|检查|"
+    r"(?<!保持)正确的(?:语法|拼写|句法|标点)|(?:改进|改善|提高|更好的|更准确的|符合)其?(?:语法|拼写)|"
+    r"\bcorrect|\berror|\bproofread|\bfix|\bcheck",
     re.IGNORECASE,
 )
+# Putting items in order, or matching them, when they already are: but not reordering a sentence's words.
+_ORDERING_RE = re.compile(
+    r"排序|顺序|排列|排名|匹配|\bsort|\border\b|\barrange|\brank|\bmatch|\borgani[sz]e|\balphabet", re.IGNORECASE
+)
+_SENTENCE_RE = re.compile(r"句子|这句话|此句|该句|语句|句中|\bsentence", re.IGNORECASE)
+_SENTENCE_END_RE = re.compile(r"[。！？!?\n]|\.\s")
+
+
+def _one_sentence(text: str) -> bool:
+    """A single sentence: no line break and no sentence end before the last character."""
+    return not _SENTENCE_END_RE.search(text.strip()[:-1])
+# A change only if one is needed (必要时插入逗号, 确保它遵循..., 如果语气不一致，请重写): none may be.
+_CONDITIONAL_RE = re.compile(
+    r"确保|必要时|必要的话|如有必要|如果必要|如果需要|如有需要|视需要|必要的(?:更改|修改|改动|编辑)|"
+    # 如果语气不一致，请重写: but not 假如没有电，世界会怎样, a question about a condition.
+    r"(?:如果|若|假如|如有)[^，。；,;\n]{0,20}[，,]?\s*(?:请|就|则)?\s*(?:重写|改写|修改|更正|纠正|编辑|修正|进行|做出|添加|删除|插入|替换)|"
+    r"\bif (?:necessary|needed|any)\b|\bwhere (?:necessary|needed)\b|\bas needed\b|\bensure\b|\bmake sure\b",
+    re.IGNORECASE,
+)
+# A new or different text asked for: a correction word (生成一个新的、语法正确的句子) does not excuse the same one.
+_NEW_TEXT_RE = re.compile(r"(?<![最更全创])新的|新句子|一个新|另一个|另一种|不同的|\bnew\b|\banother\b|\bdifferent\b", re.IGNORECASE)
+# Asked to give the text back as it is (粘贴, 转录, 朗读), with no change asked beside.
+_VERBATIM_RE = re.compile(
+    r"粘贴|复制|抄写|照抄|誊写|转录|原样|原封不动|逐字|朗读|大声读|(?<![不勿免])重复(?:一遍|一次|一下|以下|下面|给定|该|此|这|输入|它)|"
+    r"\b(?:copy|paste|transcribe|verbatim|word for word)\b|\brepeat\b|\bread\b[^.!?\n]{0,20}\baloud\b",
+    re.IGNORECASE,
+)
+_CHANGE_RE = re.compile(
+    r"改|换|替|转换|转为|转成|变成|变为|时态|语态|同义|反义|删除|添加|插入|但|"
+    r"\bbut\b|\bchang|\brewrit|\breplac|\bconvert|\btense\b|\bvoice\b|\bwithout\b",
+    re.IGNORECASE,
+)
+# Tasks on a text's form: an answer that differs only in punctuation, case or spacing made the change asked.
+_FORM_RE = re.compile(
+    r"标点|逗号|句号|句点|分号|冒号|引号|问号|感叹号|叹号|括号|破折号|连字符|省略号|大写|小写|空格|空白|格式|换行|首字母|驼峰|缩进|对齐|全角|半角|"
+    r"punctuat|comma|period|full stop|colon|quot|capital|upper|lower|\bcase\b|spac|format|indent|align",
+    re.IGNORECASE,
+)
+# What a near copy may change: whitespace, case, width, and quotes or sentence punctuation at either
+# end (a translation dropped or added a 。). Not a minus sign or a bracket: -32 → 32 and
+# print("Hi" → print("Hi") are answers.
+_EDGE_RE = re.compile(r"^[\s\"'“”‘’「」『』《》]+|[\s\"'“”‘’「」『』《》.,;:!?。，、；：！？…]+$")
+_UNCLOSED_QUOTE_RE = re.compile(r"[“\"「『]([^”\"」』]+)$")
+SAME_TEXT_RATIO = 0.5  # the instruction's own sentence and the input are versions of one text
+
+
+def copy_key(text: str) -> str:
+    """What a copy keeps: same_text_key without quotes and sentence punctuation at the ends."""
+    return _EDGE_RE.sub("", same_text_key(text))
+
+
+def _own_material(ins: str) -> list[str]:
+    """Texts the instruction carries itself: quoted, after a colon, or on a line of its own."""
+    found = [m.group(0) for m in _QUOTED_RE.finditer(ins)]
+    found += [m.group(1) for m in _UNCLOSED_QUOTE_RE.finditer(ins)]
+    for sep in ("：", ":", "\n"):
+        head, _, tail = ins.partition(sep)
+        if tail.strip():
+            found.append(tail)
+    return [k for k in map(copy_key, found) if len(k) >= 2]
+
+
+def _names_another_version(ins: str, inp: str) -> bool:
+    """The instruction quotes its own sentence, and the input is a different version of it (already edited)."""
+    own = _own_material(ins)
+    key = copy_key(inp)
+    if not own or key in own:
+        return False
+    # A quoted word (替换“伟大”一词) is not a version of the input: only a text of comparable length is.
+    return any(
+        len(m) * 2 >= len(key) and difflib.SequenceMatcher(None, m, key, autojunk=False).ratio() >= SAME_TEXT_RATIO
+        for m in own
+    )
 
 
 def _output_equals_input(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
-    # Case and spacing are kept: capitalising or respacing a text is a task whose answer differs only so.
-    if not inp.strip() or _CORRECTION_RE.search(ins):
-        return None  # 纠正错误 of a sentence with none: the unchanged sentence is the answer
-    same = unicodedata.normalize("NFKC", inp).strip() == unicodedata.normalize("NFKC", out).strip()
-    return "output repeats the input" if same else None
+    if not inp.strip():
+        return None
+    exact = inp.strip() == out.strip()
+    # The task's own words decide: a quoted word (使用及物动词“确保”重写句子) is material.
+    task = _QUOTED_RE.sub('"', ins)
+    if not exact:
+        if len(out) > 2 * len(inp) + 10 or len(inp) > 2 * len(out) + 10:
+            return None  # most answers: far longer or shorter than the input, no key needed
+        # A near copy: the same words but for spacing, case, width or end punctuation. On a text;
+        # on numbers and formulas (103 → 1.03, 3 + 4 → 3 4 +) such a change is the answer, and so
+        # is a new layout (the same sentences split into two paragraphs).
+        key = copy_key(inp)
+        if not key or key != copy_key(out) or script_of(key) == "none" or _FORM_RE.search(task):
+            return None
+        if sum(1 for line in inp.splitlines() if line.strip()) != sum(1 for line in out.splitlines() if line.strip()):
+            return None
+    if _CONDITIONAL_RE.search(task) or (_VERBATIM_RE.search(task) and not _CHANGE_RE.search(task)):
+        return None  # 必要时插入逗号, 将以下文本粘贴到新文档中: the unchanged text may be the answer
+    if not _NEW_TEXT_RE.search(task):
+        if _CORRECTION_RE.search(task):
+            return None  # 纠正错误 of a sentence with none: the unchanged sentence is the answer
+        if _ORDERING_RE.search(task) and not (_SENTENCE_RE.search(task) and _one_sentence(inp)):
+            return None  # a list already in order; reordering one sentence's words asks for a new sentence
+    if _names_another_version(ins, inp):
+        return None  # 编辑以下句子：A, with the edited A as input: the output answers the instruction
+    return "output repeats the input" if exact else "output repeats the input but for spacing, case or end punctuation"
 
 
 def _output_language(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
@@ -593,17 +708,29 @@ def _output_language(ins: str, inp: str, out: str, s: RuleSettings) -> str | Non
     if got in ("none", want):
         return None
     if got == "latin" and want != "latin":
-        if sum(1 for line in out.splitlines() if _CODE_LINE_RE.search(line)) >= CODE_LINES_MIN or re.search(r"<[a-z!]+[^>]*>|def |\(\)", out):
+        if sum(1 for line in out.splitlines() if _CODE_LINE_RE.search(line) or _CODE_ANSWER_LINE_RE.search(line)) >= CODE_LINES_MIN or re.search(r"<[a-z!]+[^>]*>|def |\(\)", out):
             return None  # code with English comments and strings
-        han, _, _, letters = script_counts(out)
-        if letters < han * LETTERS_PER_HAN * 2:
-            return None  # Chinese prose around English names
+        # Names and titles are capitalised (The Old Anchor, Walking on Sunshine): English prose is
+        # its lower-case words, weighed against the Chinese around them.
+        han = len(HAN_RE.findall(out))
+        if prose_letters(out) <= han * LETTERS_PER_HAN * 2:
+            return None  # Chinese prose around English names, or a list of names
     return f"output is mainly {got}, the run is {s.lang}"
+
+
+def _asks_for(ins: str, m: re.Match) -> bool:
+    """Whether the long form matched is what the task asks for, not the purpose of something else asked."""
+    clause = re.split(r"[，。；！？,;!?\n]", ins[: m.start()])[-1]
+    if not _PURPOSE_RE.search(clause):
+        return True
+    rest = _PURPOSE_RE.sub("", clause)
+    # 生成三个主题的列表，以撰写一篇论文: the purpose of the clause before.
+    return bool(rest.strip()) and bool(_MEANS_RE.match(rest))
 
 
 def _output_too_short(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
     m = _LONG_FORM_RE.search(ins)
-    if m and units(out) < LONG_FORM_MIN_UNITS and not _SET_LENGTH_RE.search(ins):
+    if m and units(out) < LONG_FORM_MIN_UNITS and not _SET_LENGTH_RE.search(ins) and _asks_for(ins, m):
         return f"the task asks for {m.group(0)!r}; the output has {units(out)} words and characters"
     return None
 

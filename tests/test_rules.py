@@ -30,7 +30,7 @@ CASES = [
     ("needs-url", ("总结这篇文章。", "https://www.example.org/news/1234", "文章讲了天气。"), ("Summarize this article.", "https://news.example.org/a/1", "It is about rain.")),
     ("refusal", ("介绍一下你自己吧", "", "作为一个AI语言模型，我无法回答。"), ("Tell me a secret please", "", "As an AI language model, I cannot.")),
     ("placeholder", ("为咖啡店设计一个标志。", "", "<nooutput>"), ("Create a logo for the shop.", "", "![logo](https://i.example.org/logo.png)")),
-    ("output-equals-input", ("把下面的句子改成被动语态", "猫抓住了老鼠", "猫抓住了老鼠"), ("Repeat the following sentence", "Hello world", "Hello world")),
+    ("output-equals-input", ("把下面的句子改成被动语态", "猫抓住了老鼠", "猫抓住了老鼠"), ("Rewrite the sentence in the passive voice", "The cat caught the mouse.", "The cat caught the mouse.")),
     ("output-language", ("解释一下光合作用的过程。", "", "Photosynthesis is the process by which plants turn light into the sugar they can use."), None),
     ("output-too-short", ("写一篇关于环保的文章。", "", "环保很重要。"), None),
     ("code-translated", ("用Java写一个求和程序。", "", "int a = 1;\n整数 b = 2;\nSystem.out.println(a + b);"), None),
@@ -79,11 +79,75 @@ def test_same_text_key_collapses_whitespace_but_keeps_word_boundaries():
 
 def test_output_equals_input_needs_the_same_words():
     assert reason(("Split the word into two words", "therapist", "the rapist"), EN) is None
-    assert reason(("Repeat the sentence", "Ｈｅｌｌｏ　ｗｏｒｌｄ", "Hello world"), EN) == "output-equals-input"
+    assert reason(("Rewrite the sentence in the past tense", "Ｈｅｌｌｏ　ｗｏｒｌｄ", "Hello world"), EN) == "output-equals-input"
     # Capitalising or respacing a text is a task whose right answer differs only so.
     assert reason(("Capitalise the sentence", "hello world", "Hello world"), EN) is None
     # Checking a sentence that has no error: the unchanged sentence is the answer.
     assert reason(("纠正下面句子中的错误。", "我昨天去了商店。", "我昨天去了商店。"), ZH) is None
+
+
+def test_output_equals_input_near_copy_of_a_rewrite():
+    # A rewrite answered by the input with a 。 added, or only its case changed, changed nothing asked.
+    assert reason(("把下面的句子改成过去时。", "我每天都去跑步", "我每天都去跑步。"), ZH) == "output-equals-input"
+    assert reason(("改写下面这句话：“她经常在公园里散步”", "她经常在公园里散步", "“她经常在公园里散步。”"), ZH) == "output-equals-input"
+    assert reason(("Rewrite the sentence in the passive voice", "the cat caught the mouse", "The cat caught the mouse."), EN) == "output-equals-input"
+    # ... but when the task is about punctuation, case or layout, that difference is the answer,
+    assert reason(("给下面的句子加上标点。", "我们玩得很开心", "我们玩得很开心！"), ZH) is None
+    assert reason(("将这些句子分成两段。", "天空很蓝。鸟在唱歌。草是绿的。", "天空很蓝。鸟在唱歌。\n\n草是绿的。"), ZH) is None
+    # ... and on numbers and formulas a change of punctuation or sign is one.
+    assert reason(("把美分换算成美元。", "103", "1.03"), ZH) is None
+    assert reason(("将负数转换为正数。", "-32", "32"), ZH) is None
+
+
+def test_output_equals_input_when_the_task_wants_it_unchanged():
+    # Asked to give the text back, to change it only if needed, or to make sure it already conforms.
+    for ins in ("将以下文本粘贴到新文档中。输出文本。", "为我转录以下句子。", "必要时插入逗号。",
+                "如果句子语气不一致，请重写句子。", "编辑这句话，并确保主语和动词一致。"):
+        assert reason((ins, "明天我会为朋友烤纸杯蛋糕。", "明天我会为朋友烤纸杯蛋糕。"), ZH) is None, ins
+    assert reason(("Paste the following text into a new document.", "This is an example.", "This is an example."), EN) is None
+    # A quoted word is material, not the task: “确保” asks for nothing to be ensured.
+    assert reason(("使用及物动词“确保”重写句子。", "确保数据准确无误。", "确保数据准确无误。"), ZH) == "output-equals-input"
+    # The instruction carries its own sentence and the input is an edited version of it: the
+    # output answers the instruction. When the instruction quotes the input itself, it is a copy.
+    assert reason(("改写下面的句子，使它更简洁：“这本书真的非常非常有趣。”", "这本书很有趣。", "这本书很有趣。"), ZH) is None
+    assert reason(("改写下面的句子，使它更简洁：“这本书真的非常非常有趣。”", "这本书真的非常非常有趣。", "这本书真的非常非常有趣。"), ZH) == "output-equals-input"
+
+
+def test_output_equals_input_correction_and_order_words_that_ask_for_a_change():
+    # 更正式 is not 更正, a new sentence is asked even when it must be grammatical, and reordering
+    # the words of one sentence asks for another sentence.
+    assert reason(("以更正式的方式重写这句话。", "我不想上课。", "我不想上课。"), ZH) == "output-equals-input"
+    assert reason(("根据下面的例句，生成一个新的、语法正确的句子。", "我去商店买了一些橙子。", "我去商店买了一些橙子。"), ZH) == "output-equals-input"
+    assert reason(("重新排列下面句子中的词语，使它更合乎逻辑。", "医生用X射线诊断疾病。", "医生用X射线诊断疾病。"), ZH) == "output-equals-input"
+    # A list already in order, several sentences already in order, a sentence without errors: unchanged is right.
+    assert reason(("按字母顺序排列下列水果。", "苹果、香蕉、橙子", "苹果、香蕉、橙子"), ZH) is None
+    assert reason(("按时间顺序排列下列句子。", "我起床了。我吃了早饭。我去上学了。", "我起床了。我吃了早饭。我去上学了。"), ZH) is None
+    assert reason(("用正确的语法重写这句话。", "他不想来", "他不想来。"), ZH) is None
+
+
+def test_output_language_names_and_code_are_not_english_answers():
+    # Restaurant names and song titles are capitalised; the answer around them is Chinese.
+    names = "市中心附近不错的餐厅包括The Old Anchor，La Laiterie，The Twisted Lemon，Alice's Restaurant and Bar，The Little Piggy，The Boathouse和The Fall Tree。"
+    assert reason(("在市中心附近给我找一家不错的餐厅。", "", names), ZH) is None
+    # Python code with English strings, though no line opens with def or ends with a brace.
+    code = 'if temperature > 25:\n    print("It is hot outside.")\nelse:\n    print("It is a comfortable temperature.")'
+    assert reason(("生成一个 if-else 语句：如果温度大于25度，打印“外面很热”，否则打印“温度很舒适”。", "", code), ZH) is None
+    # English prose stays the wrong language, with Chinese words in it or not.
+    assert reason(("介绍一下长城。", "", "长城 is a series of walls that were built across the northern borders of the ancient empire."), ZH) == "output-language"
+
+
+def test_output_too_short_only_when_the_long_form_is_what_is_asked():
+    # The topic asked, not the essay it is for; a question the hero must answer, not the story;
+    # the summary of an article, not the article.
+    assert reason(("选择一个主题来写一篇文章。", "", "学习外语的好处。"), ZH) is None
+    assert reason(("写一个主人公在故事中必须回答的问题。", "主角是一个迷茫的年轻女孩。", "我想成为什么样的人？"), ZH) is None
+    assert reason(("写一篇文章的摘要。", "文章讨论了电动汽车在中国的兴起和它带来的变化。", "电动汽车正在兴起。"), ZH) is None
+    # A yes/no or one-number question may take one character.
+    assert reason(("这句话是事实吗？回答是或否。", "地球绕着太阳转。", "是"), ZH) is None
+    assert reason(("计算 17 和 5 的和。", "", "22"), ZH) is None
+    # The essay, letter or poem asked, with or without the means named, is still one.
+    assert reason(("用“太阳”和“月亮”来写一首诗。", "", "太阳月亮。"), ZH) == "output-too-short"
+    assert reason(("给老师写一封感谢信。", "", "谢谢老师！"), ZH) == "output-too-short"
 
 
 def test_digits_formulas_urls_and_names_do_not_vote_for_a_script():
