@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Iterable, Iterator, Sequence
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
 from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
-from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256  # noqa: F401 - the recipes import them from here too
+from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256, stage_input  # noqa: F401 - the recipes import them from here too
 from selfinstruct.errors import ConfigError, OutputError
 from selfinstruct.parsing import clean_reply, normalise_input, placeholder_problem, strip_markers
 from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
@@ -660,14 +660,9 @@ def run_evolve(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, e
     from selfinstruct.engine import check_orphaned, make_engine, teacher_settings
 
     out = cfg.out
-    if any(Path(p).resolve() == out.resolve() for p in inputs):
-        raise ConfigError(f"--out {out} is also an input", "write the evolution to a new directory, or evolve a run with generate --evol-rounds")
-    base = read_base(inputs, limit)
-    if not base:
-        raise ConfigError(f"no records to evolve in {', '.join(map(str, inputs))}", "check the input files")
-    lang = cfg.lang or infer_lang(r["instruction"] for r in base)
+    base, lang, source = stage_input(inputs, out, limit, cfg.lang, "to evolve",
+                                     "write the evolution to a new directory, or evolve a run with generate --evol-rounds")
     cfg = dataclasses.replace(cfg, lang=lang)
-    source = {"paths": [Path(p).name for p in inputs], "records": len(base), "limit": limit, "sha256": records_sha256(base)}
     from selfinstruct.batch import cancel_batches, check_batches, run_price_for
 
     price = run_price_for(cfg, run_price(cfg, console))

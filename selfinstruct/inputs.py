@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from selfinstruct.errors import ConfigError
 from selfinstruct.redaction import file_name
 
 
@@ -70,3 +71,19 @@ def read_base(paths: Sequence[Path], limit: int | None = None) -> list[dict]:
         base.append({"id": str(row["id"]), "instruction": row["instruction"] or "", "input": row["input"] or "",
                      "output": row["output"] or "", "meta": meta})
     return base
+
+
+def stage_input(inputs: Sequence[Path], out: Path, limit: int | None, lang: str | None, what: str,
+                out_hint: str) -> tuple[list[dict], str, dict]:
+    """What a stage over a dataset reads: its records, their language (given, else inferred) and the manifest's `input` section.
+
+    Refuses an --out that is one of the inputs (the run would overwrite what it reads) and inputs with no records.
+    """
+    if any(Path(p).resolve() == Path(out).resolve() for p in inputs):
+        raise ConfigError(f"--out {out} is also an input", out_hint)
+    records = read_base(inputs, limit)
+    if not records:
+        raise ConfigError(f"no records {what} in {', '.join(map(str, inputs))}", "check the input files")
+    lang = lang or infer_lang(r["instruction"] for r in records)
+    source = {"paths": [Path(p).name for p in inputs], "records": len(records), "limit": limit, "sha256": records_sha256(records)}
+    return records, lang, source

@@ -12,9 +12,7 @@ import asyncio
 import collections
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
@@ -25,7 +23,7 @@ from selfinstruct.engine import Engine, Tally, one_line, public_url
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.pricing import Price, endpoint_kind, resolve_price
 from selfinstruct.prompts import Template, load_template
-from selfinstruct.rundir import RECORDS, REJECTED, RunDir, dump_line
+from selfinstruct.rundir import RECORDS, REJECTED, RunDir, write_jsonl_atomic
 from selfinstruct.teacher import ModerationUnavailable, RequestFailed, Teacher, TeacherSettings
 
 STAGE = "judge"
@@ -471,16 +469,7 @@ def rewrite_records(run: RunDir, judged: dict[str, dict], gone: set[str]) -> Non
         if rec["id"] in gone:
             continue
         rows.append(judged.get(rec["id"], rec))
-    fd, tmp = tempfile.mkstemp(prefix=f".{RECORDS}.", dir=run.path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.writelines(dump_line(r) for r in rows)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_jsonl_atomic(path, rows)
 
 
 def gated_before(run: RunDir, cfg: GenerateConfig) -> bool:
@@ -606,19 +595,13 @@ def run_judge(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, ap
     from selfinstruct.batch import cancel_batches, check_batches, interrupted_note, run_price_for, transport_factory
     from selfinstruct.dirlock import DirectoryLock
     from selfinstruct.engine import check_orphaned, make_engine
-    from selfinstruct.inputs import infer_lang, read_base, records_sha256
+    from selfinstruct.inputs import stage_input
     from selfinstruct.pricing import run_price
     from selfinstruct.progress import run_displayed
 
     out = cfg.out
-    if any(Path(p).resolve() == out.resolve() for p in inputs):
-        raise ConfigError(f"--out {out} is also an input", "write the judged records to a new directory")
-    records = read_base(inputs, limit)
-    if not records:
-        raise ConfigError(f"no records to judge in {', '.join(map(str, inputs))}", "check the input files")
-    lang = cfg.lang or infer_lang(r["instruction"] for r in records)
+    records, lang, source = stage_input(inputs, out, limit, cfg.lang, "to judge", "write the judged records to a new directory")
     cfg = dataclasses.replace(cfg, lang=lang, judge=True)
-    source = {"paths": [Path(p).name for p in inputs], "records": len(records), "limit": limit, "sha256": records_sha256(records)}
     price = run_price_for(cfg, run_price(cfg, console))
     settings = judge_settings(cfg, lang, console)
     check_key(settings, judge_api_key)

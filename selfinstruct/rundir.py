@@ -6,7 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 from selfinstruct.errors import InputError, OutputError
 
@@ -102,19 +102,28 @@ def check_manifest(manifest: Any, path: Path) -> dict:
     return manifest
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file and rename it over `path`, so a reader never sees half a file."""
+def replace_atomically(path: Path, write: Callable[[TextIO], Any]) -> None:
+    """Write a file through `write` into a temp file and rename it over `path`, so a reader (or a kill) never sees half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, indent=2)
-            fh.write("\n")
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temp file and rename it over `path`, so a reader never sees half a file."""
+    replace_atomically(path, lambda fh: (json.dump(obj, fh, ensure_ascii=False, indent=2), fh.write("\n")))
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
+    """Write JSONL rows whole or not at all (a kill leaves the old file or the new one)."""
+    replace_atomically(path, lambda fh: fh.writelines(dump_line(r) for r in rows))
 
 
 class RunDir:
