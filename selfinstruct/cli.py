@@ -641,6 +641,55 @@ def judge(
         raise typer.Exit(exit_code)
 
 
+@app.command(epilog="Example: selfinstruct pairs belle.jsonl --out belle-pairs --candidates 0.5 --model gpt-4o-mini")
+def pairs(
+    inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
+    out: Path = typer.Option(..., "--out", help="Run directory to write: records.jsonl (kept), rejected.jsonl, verdicts.jsonl, manifest.json; re-run to resume."),
+    candidates: Optional[float] = typer.Option(None, "--candidates", help="ROUGE-L F1 from which a pair is asked about; looser than filter's --similarity, since the teacher decides (default: 0.5)."),
+    field: Optional[str] = typer.Option(None, "--field", help="What the candidate search compares: topic (the instruction without counts and Chinese framing words like 列出/描述/一首, and the input), instruction+input, or instruction (default: topic).", show_default=False),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input records."),
+    lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: the question's language (default: from the input)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model that judges each pair (default: gpt-4o-mini)."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Environment variable holding the key (default: OPENAI_API_KEY)."),
+    price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
+    price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
+    concurrency: Optional[str] = CONCURRENCY,
+    max_concurrency: Optional[int] = MAX_CONCURRENCY,
+    rpm: Optional[int] = typer.Option(None, "--rpm", help="Requests per minute cap."),
+    tpm: Optional[int] = typer.Option(None, "--tpm", help="Tokens per minute cap."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request, connect to last byte (default: 120)."),
+    grace: Optional[float] = typer.Option(None, "--grace", help="Seconds a stop waits for requests in flight before cancelling them (default: 10)."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="Retries per request (default: 6)."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
+    quiet: Optional[bool] = typer.Option(None, "--quiet/--no-quiet", help="No progress display."),
+    local: Optional[bool] = LOCAL,
+    gguf: Optional[Path] = GGUF,
+    ctx_size: Optional[int] = CTX_SIZE,
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of defaults (keys as flag names)."),
+) -> None:
+    """Near-duplicates the teacher confirms: pairs of similar records, each asked "the same task?"; a later record judged the same as a kept one is rejected. Re-run to resume."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "inputs", "limit", "candidates", "field")} | {"dedup_field": field}
+    from rich.console import Console
+
+    from selfinstruct.config import resolve
+    from selfinstruct.pairing import DEFAULT_CANDIDATES, check_candidates, run_pairs
+
+    cfg = resolve(flags, config)
+    if limit is not None and limit < 1:
+        raise ConfigError("--limit must be at least 1", "leave it out to use every record")
+    candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+    check_candidates(candidates)
+    cfg = dataclasses.replace(cfg, out=out)
+    from selfinstruct.local_server import local_teacher
+
+    with local_teacher(cfg, notify=_stderr) as cfg:  # --local: the served model judges the pairs
+        exit_code = run_pairs(cfg, inputs, limit, candidates, os.environ.get(cfg.api_key_env) or None, command_line(),
+                              Console(stderr=True))
+    if exit_code:
+        raise typer.Exit(exit_code)
+
+
 @app.command(epilog="Example: selfinstruct textbook --topics zh --n 50 --out runs/textbook")
 def textbook(
     topics: str = typer.Option(..., "--topics", help="Topics: a text file (one a line), JSONL of {\"topic\": ...}, or zh / en for the shipped lists."),
