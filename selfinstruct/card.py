@@ -13,6 +13,7 @@ from selfinstruct.errors import PublishError
 # Re-exported: evolution and older callers import them from here.
 from selfinstruct.redaction import file_name, local_paths_to_names, mask_secrets, redact  # noqa: F401
 from selfinstruct.rows import DATA_DIR, infer_lang
+from selfinstruct.similarity import FIELD_NAMES, FIELDS
 
 BEGIN = "<!-- selfinstruct:begin (generated from manifest.json; replaced on every push) -->"
 END = "<!-- selfinstruct:end -->"
@@ -242,8 +243,8 @@ def _filters(m: dict) -> tuple[list[dict[str, str]], int, int]:
     for name in names:
         what = FILTERS.get(name, "")
         if name == "near-duplicate" and isinstance(filters.get("similarity"), (int, float)):
-            field = filters.get("field") if filters.get("field") in ("instruction", "instruction+input") else "instruction"
-            what = f"ROUGE-L F1 above {filters['similarity']:g} on the {field} with a seed or an already kept record"
+            field = filters.get("field") if filters.get("field") in FIELDS else "instruction"
+            what = f"ROUGE-L F1 above {filters['similarity']:g} on the {FIELD_NAMES[field]} with a seed or an already kept record"
         rows.append({"name": name, "what": _cell(what), "count": _num(rejected.get(name, 0))})
     # Failed and oversized requests never produced a candidate record: listed, not counted as candidates.
     return rows, int(sum(rejected.values())), int(rejected.get("request-failed", 0)) + int(rejected.get("oversized", 0))
@@ -374,7 +375,7 @@ def _context(build, *, repo_id: str | None, local_dir: Path | None, license: str
 
     sim = _dict(m.get("filters")).get("similarity", cfg.get("similarity"))
     field = _dict(m.get("filters")).get("field")
-    on = f" on {field}" if field in ("instruction", "instruction+input") else ""
+    on = f" on the {FIELD_NAMES[field]}" if field in FIELDS else ""
     near = f"ROUGE-L F1 above {sim:g}{on} (CJK-aware tokens)" if isinstance(sim, (int, float)) else "not recorded"
     filters, rejected_total, failed = _filters(m)
     kept = counts.get("kept", build.rows)

@@ -113,6 +113,7 @@ LOCAL = typer.Option(None, "--local", help="Start a llama.cpp server for this co
 GGUF = typer.Option(None, "--gguf", help="GGUF model file for --local to serve (implies --local).")
 CTX_SIZE = typer.Option(None, "--ctx-size", help="Context of the --local server (default: the longest prompt plus --max-tokens).")
 # How many requests a teacher command keeps in flight, shared by every one of them.
+DEDUP_FIELD = typer.Option(None, "--field", help="What the near-duplicate check compares: topic (the instruction without counts and Chinese framing words like 列出/描述/一首, and the input), instruction+input, or instruction (as Alpaca) (default: topic).")
 CONCURRENCY = typer.Option(None, "--concurrency", metavar="auto|N", help="Requests in flight: auto starts at 1 and grows while the teacher keeps up (cut on timeouts, 429s, 5xx), up to --max-concurrency; a number fixes it (default: auto).")
 MAX_CONCURRENCY = typer.Option(None, "--max-concurrency", help="Ceiling of --concurrency auto (default: 64).")
 
@@ -160,7 +161,7 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: 1.0)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Reply token limit (default: 3072)."),
     similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an instruction is a near-duplicate (default: 0.7)."),
-    dedup_field: Optional[str] = typer.Option(None, "--field", help="What the near-duplicate check compares: instruction+input (the same instruction on other material is another task) or instruction (as Alpaca) (default: instruction+input)."),
+    dedup_field: Optional[str] = DEDUP_FIELD,
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
@@ -250,7 +251,7 @@ def evolve(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default: 1.0)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Answer token limit (default: 3072)."),
     similarity: Optional[float] = typer.Option(None, "--similarity", help="ROUGE-L F1 above which an evolved instruction is a near-duplicate of another record (default: 0.7)."),
-    dedup_field: Optional[str] = typer.Option(None, "--field", help="What the near-duplicate check compares: instruction+input or instruction (as Alpaca) (default: instruction+input)."),
+    dedup_field: Optional[str] = DEDUP_FIELD,
     max_cost: Optional[float] = typer.Option(None, "--max-cost", help="Budget in USD; the run stops before it can be passed."),
     price_in: Optional[float] = typer.Option(None, "--price-in", help="USD per 1M prompt tokens (overrides the table)."),
     price_out: Optional[float] = typer.Option(None, "--price-out", help="USD per 1M completion tokens (overrides the table)."),
@@ -391,7 +392,7 @@ def push(
 def filter_command(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Output directory: kept.jsonl (or .parquet), rejected.jsonl, filter_report.json."),
-    field: str = typer.Option("instruction+input", "--field", help="What the duplicate rules compare: instruction+input (the same instruction on other material is another task), or instruction (as Alpaca) (default: instruction+input).", show_default=False),
+    field: str = typer.Option("topic", "--field", help="What the near-duplicate check compares: topic (the instruction without counts and Chinese framing words like 列出/描述/一首, and the input), instruction+input, or instruction (as Alpaca); exact duplicates are always the same words (default: topic).", show_default=False),
     similarity: float = typer.Option(0.7, "--similarity", help="ROUGE-L F1 above which a record is a near-duplicate (as Alpaca); 1.0 means exact token matches only (default: 0.7).", show_default=False),
     dedup: str = typer.Option("exact", "--dedup", help="exact (the all-pairs answer) or minhash (approximate recall, for millions of records) (default: exact).", show_default=False),
     rules: Optional[str] = typer.Option(None, "--rules", help="Run only these rules, comma-separated, e.g. near-duplicate."),

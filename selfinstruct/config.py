@@ -58,7 +58,7 @@ class GenerateConfig:
     top_p: float | None = 1.0
     max_tokens: int | None = 3072
     similarity: float = 0.7
-    dedup_field: str = "instruction+input"
+    dedup_field: str = "topic"
     max_cost: float | None = None
     price_in: float | None = None
     price_out: float | None = None
@@ -247,6 +247,8 @@ def _has_credentials(url: str | None) -> bool:
 
 def validate(cfg: GenerateConfig) -> None:
     """Reject values no run can use, naming the flag."""
+    from selfinstruct.similarity import FIELDS  # numpy and rapidfuzz: not for every --help
+
     checks = [
         (cfg.n >= 1, "--n must be at least 1", "ask for the number of records you want, e.g. --n 1000"),
         (cfg.per_request >= 1, "--per-request must be at least 1", "the default is 10"),
@@ -257,8 +259,8 @@ def validate(cfg: GenerateConfig) -> None:
         (not (cfg.replicas and cfg.batch), "--batch goes to one endpoint, not several --base-url", "give one --base-url with --batch"),
         (cfg.ctx_size is None or cfg.ctx_size >= 256, "--ctx-size must be at least 256", "leave it out to fit the prompt plus --max-tokens"),
         (0.0 < cfg.similarity <= 1.0, "--similarity must be in (0, 1]", "0.7 is the Self-Instruct threshold"),
-        (cfg.dedup_field in ("instruction", "instruction+input"), f"--field {cfg.dedup_field!r} is not supported",
-         "use instruction+input (the default) or instruction"),
+        (cfg.dedup_field in FIELDS, f"--field {cfg.dedup_field!r} is not supported",
+         "use topic (the default), instruction+input or instruction"),
         (cfg.timeout > 0, "--timeout must be positive", "seconds per request, e.g. 120"),
         (cfg.grace >= 0, "--grace cannot be negative", "seconds a stop waits for requests in flight, e.g. 10"),
         (cfg.retries >= 0, "--retries cannot be negative", "the default is 6"),

@@ -20,7 +20,7 @@ from selfinstruct.prompts import Template, load_template
 from selfinstruct.rows import prompt_text
 from selfinstruct.rules import RuleSettings, check
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir
-from selfinstruct.similarity import DedupIndex, dedup_text
+from selfinstruct.similarity import DedupIndex, topic_text
 
 ASSISTANT = "chat-assistant"
 JUDGE_STAGE = "judge"  # the stage the quality gate writes on the records it rejects (judging.STAGE)
@@ -128,7 +128,7 @@ class Conversation:
             if verdict:
                 refused[rec["id"]] = verdict
             elif self.dedup:
-                match = index.add_if_novel(rec["id"], dedup_text(rec["instruction"], rec["input"]))
+                match = index.add_if_novel(rec["id"], topic_text(rec["instruction"], rec["input"]))
                 if match is not None:
                     refused[rec["id"]] = ("near-duplicate", f"ROUGE-L {match.score:.3f} with {match.key}")
         return refused

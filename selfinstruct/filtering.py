@@ -29,7 +29,7 @@ from selfinstruct.corpus import compared_text, merge, read_one, read_records
 from selfinstruct.errors import ConfigError, InputError, OutputError
 from selfinstruct.rundir import FILTER_KEPT, FILTER_REPORT, LEDGER, RECORDS, REJECTED
 from selfinstruct.rules import REASONS, RULES, RuleSettings, UserRule, check, load_rules, redact_frame, same_text_key, script_of
-from selfinstruct.similarity import BatchDedup, rouge_l
+from selfinstruct.similarity import FIELDS, BatchDedup, rouge_l, topic_text
 
 EXACT_DUPLICATE = "exact-duplicate"
 CONTAMINATED = "contaminated"
@@ -39,8 +39,6 @@ FILTER_RULES = (*REASONS, CONTAMINATED, EXACT_DUPLICATE, NEAR_DUPLICATE)
 FORMATS = tuple(FILTER_KEPT)
 DEDUP_MODES = ("exact", "minhash")
 PII_MODES = ("drop", "redact")
-# What --field may compare (the near-duplicate and contamination stages work on one text).
-FIELDS = ("instruction", "instruction+input")
 # Languages the wrong-language rule can tell apart; any other code would expect Latin script and
 # silently reject a whole Chinese dataset.
 LANGS = ("zh", "zh-Hant", "en", "ja", "ko")
@@ -53,13 +51,19 @@ RULE_SLICE = 20_000
 PARALLEL_RULES_FROM = 100_000
 
 
+def topic_texts(df: pl.DataFrame) -> list[str]:
+    """What --field topic compares, a record at a time (see similarity.topic_text)."""
+    cols = [df[c].cast(pl.String).fill_null("").to_list() for c in ("instruction", "input")]
+    return [topic_text(i, x) for i, x in zip(*cols)]
+
+
 @dataclass(frozen=True)
 class FilterSettings:
     """Everything `selfinstruct filter` was asked to do."""
 
     inputs: tuple[Path, ...]
     out: Path
-    field: str = "instruction+input"
+    field: str = "topic"
     similarity: float = 0.7
     dedup: str = "exact"
     rules: tuple[str, ...] | None = None
@@ -208,6 +212,8 @@ class Filtering:
         self.user_rules: list[UserRule] = load_rules(settings.rule_file, FILTER_RULES) if settings.rule_file else []
         self.enabled = self._enabled_rules()
         self.report.enabled = self.enabled
+        # Exact duplicates are the same words, whatever the near-duplicate check compares.
+        self.exact_field = "instruction+input" if settings.field == "topic" else settings.field
 
     # ---- settings ----------------------------------------------------------------------------
 
@@ -282,7 +288,8 @@ class Filtering:
                 df = merge(frames)
                 if s.pii == "redact" and "pii" in self.enabled:
                     df, self.report.pii_redacted = redact_frame(df)
-                texts = compared_text(df, s.field).to_list()
+                texts = compared_text(df, self.exact_field).to_list()
+                near_texts = topic_texts(df) if s.field == "topic" else texts
                 self.ids = df["id"].to_list()
                 self._check_fields(df)
                 stage.count = df.height
@@ -298,13 +305,13 @@ class Filtering:
             self.score = np.full(n, np.nan)
             self._rules(df, texts, stages)
             if CONTAMINATED in self.enabled:
-                self._contamination(texts, stages)
+                self._contamination(near_texts, stages)
             if EXACT_DUPLICATE in self.enabled:
                 self._exact(texts, stages)
             if NEAR_DUPLICATE in self.enabled:
-                self._near(texts, stages)
+                self._near(near_texts, stages)
                 if EXACT_DUPLICATE in self.enabled:
-                    self._repoint_exact(texts)
+                    self._repoint_exact(near_texts)
             with _StageTimer(self.report, stages, "write") as stage:
                 self._write(df, texts, out, stages.stage("write", n))
                 stage.count = n
@@ -358,11 +365,12 @@ class Filtering:
         s = self.settings
         with _StageTimer(self.report, stages, "contamination") as stage:
             ref = read_records(s.against)
-            ref_texts = compared_text(ref, s.field).to_list()
+            ref_texts = compared_text(ref, self.exact_field).to_list()
+            ref_near = topic_texts(ref) if s.field == "topic" else ref_texts
             ref_ids = ref["id"].to_list()
             rows = self._standing()
             advance = stages.stage("contamination", len(rows))
-            best, score = BatchDedup(s.similarity, on_progress=advance).nearest([texts[i] for i in rows], ref_texts)
+            best, score = BatchDedup(s.similarity, on_progress=advance).nearest([texts[i] for i in rows], ref_near)
             names = ", ".join(p.name for p in s.against)
             for i in np.flatnonzero(best >= 0):
                 row, j = int(rows[i]), int(best[i])
@@ -382,7 +390,7 @@ class Filtering:
                 key = same_text_key(texts[row])
                 seen = first.setdefault(key, row)
                 if seen != row:
-                    self._drop(row, EXACT_DUPLICATE, f"same {self.settings.field} as {self.ids[seen]} after normalisation")
+                    self._drop(row, EXACT_DUPLICATE, f"same {self.exact_field} as {self.ids[seen]} after normalisation")
                     self.dup_of[row] = seen
                     self.score[row] = 1.0
                     self.exact_rows.append(row)
@@ -419,7 +427,7 @@ class Filtering:
                 self.dup_of[row] = target
                 self.score[row] = rouge_l(texts[row], texts[target])
                 self.detail[row] = (
-                    f"same {self.settings.field} as {self.ids[first]} after normalisation, "
+                    f"same {self.exact_field} as {self.ids[first]} after normalisation, "
                     f"which is a {self.reason[first]} of {self.ids[target]}"
                 )
 

@@ -24,7 +24,7 @@ from selfinstruct.prompts import Template, load_template, prompts_dir
 from selfinstruct.rows import prompt_text
 from selfinstruct.rules import RuleSettings, check
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir
-from selfinstruct.similarity import BatchDedup, dedup_text
+from selfinstruct.similarity import BatchDedup, topic_text
 
 ANSWER = "respond"
 PAIR_JUDGE = "pair-judge"
@@ -201,7 +201,7 @@ def refused_before_paying(base: Sequence[dict], rules: RuleSettings, similarity:
         else:
             standing.append(rec)
     if similarity is not None and len(standing) > 1:
-        result = BatchDedup(similarity).run([dedup_text(r["instruction"], r["input"]) for r in standing])
+        result = BatchDedup(similarity).run([topic_text(r["instruction"], r["input"]) for r in standing])
         for i, kept in enumerate(result.duplicate_of):
             if kept >= 0:
                 refused[standing[i]["id"]] = ("near-duplicate", f"ROUGE-L {result.score[i]:.3f} with {standing[int(kept)]['id']}")

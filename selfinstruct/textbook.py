@@ -22,7 +22,7 @@ from selfinstruct.pricing import Price, run_price
 from selfinstruct.prompts import Template, load_template, prompts_dir
 from selfinstruct.rules import RuleSettings, check
 from selfinstruct.rundir import RECORDS, REJECTED, RunDir
-from selfinstruct.similarity import DedupIndex, dedup_text
+from selfinstruct.similarity import DedupIndex, dedup_text, topic_text
 
 JUDGE_STAGE = "judge"  # the stage the quality gate writes on the records it rejects (judging.STAGE)
 
@@ -165,7 +165,7 @@ class Textbook:
             self.seen[rec["id"]] = None
             self.tally.kept += 1
             if self.dedup:
-                self.exercise_index.add(rec["id"], dedup_text(rec["instruction"], rec["input"]))
+                self.exercise_index.add(rec["id"], topic_text(rec["instruction"], rec["input"]))
         for rec in self.run.load(REJECTED):
             if rec["id"] in self.seen:
                 continue
@@ -259,7 +259,7 @@ class Textbook:
                 continue
             verdict = (item.problem, item.detail) if item.problem else check(rec["instruction"], rec["input"], rec["output"], self.rules)
             if verdict is None and self.dedup:
-                match = self.exercise_index.add_if_novel(rec["id"], dedup_text(rec["instruction"], rec["input"]))
+                match = self.exercise_index.add_if_novel(rec["id"], topic_text(rec["instruction"], rec["input"]))
                 if match is not None:
                     verdict = ("near-duplicate", f"ROUGE-L {match.score:.3f} with {match.key}")
             if verdict:

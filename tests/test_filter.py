@@ -14,7 +14,7 @@ from conftest import fixture_path
 
 from selfinstruct.errors import ConfigError
 from selfinstruct.filtering import FilterSettings, Filtering
-from selfinstruct.similarity import dedup_text, rouge_l
+from selfinstruct.similarity import dedup_text, rouge_l, topic_text
 
 ZH_TASKS = [
     "解释一下光合作用的过程。",
@@ -119,12 +119,13 @@ def test_near_duplicates_name_a_kept_record_and_score(tmp_path, mixed):
     kept_by_id = {r["id"]: r for r in kept}
     near = [r for r in rejected if r["reason"] == "near-duplicate"]
     assert near
-    compared = lambda r: dedup_text(r["instruction"], r.get("input") or "")  # instruction + input by default
+    compared = lambda r: topic_text(r["instruction"], r.get("input") or "")  # the topic by default
+    shown = lambda r: dedup_text(r["instruction"], r.get("input") or "")  # what a reader compares
     for r in near:
         assert r["duplicate_of"] in kept_by_id
         assert r["score"] == pytest.approx(rouge_l(compared(r), compared(kept_by_id[r["duplicate_of"]])), abs=1e-4)
         assert r["score"] > 0.7
-        assert r["duplicate_text"] == compared(kept_by_id[r["duplicate_of"]])
+        assert r["duplicate_text"] == shown(kept_by_id[r["duplicate_of"]])
     assert all(r["duplicate_of"] in kept_by_id for r in rejected if r["reason"] == "exact-duplicate")
     assert all(r["duplicate_of"] is None for r in rejected if r["reason"] not in ("near-duplicate", "exact-duplicate"))
 
@@ -154,6 +155,21 @@ def test_field_instruction_plus_input(tmp_path):
     assert len(kept) == 1
     _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",))  # the default: other material, another task
     assert len(kept) == 2
+
+
+def test_field_topic_compares_what_a_task_is_about(tmp_path):
+    """The default drops the same topic asked in other words and keeps one template on two topics; instruction+input does the opposite."""
+    path = jsonl(tmp_path / "x.jsonl", [
+        rec("列出三种减轻压力的方法。"),
+        rec("给出四种可以减轻压力的技巧"),  # the same task: only framing words and the count differ
+        rec("写一首关于春天的诗。"),
+        rec("写一首关于秋天的诗。"),  # one template, another topic
+    ])
+    _, kept, rejected = run_filter(tmp_path, [path], rules=("near-duplicate",))
+    assert [r["id"] for r in kept] == ["x.jsonl:1", "x.jsonl:3", "x.jsonl:4"]
+    assert rejected[0]["id"] == "x.jsonl:2" and rejected[0]["duplicate_of"] == "x.jsonl:1"
+    _, kept, _ = run_filter(tmp_path, [path], rules=("near-duplicate",), field="instruction+input")
+    assert [r["id"] for r in kept] == ["x.jsonl:1", "x.jsonl:2", "x.jsonl:3"]
 
 
 def test_similarity_one_removes_only_exact_token_matches(tmp_path):
@@ -193,7 +209,7 @@ def test_exact_duplicate_of_a_near_duplicate_names_the_kept_record(tmp_path):
     exact = by_id["x.jsonl:3"]
     assert exact["reason"] == "exact-duplicate" and by_id["x.jsonl:2"]["reason"] == "near-duplicate"
     assert exact["duplicate_of"] == "x.jsonl:1" and exact["duplicate_text"] == "解释一下光合作用的过程。"
-    assert exact["score"] == pytest.approx(rouge_l(exact["instruction"], "解释一下光合作用的过程。"), abs=1e-4)
+    assert exact["score"] == pytest.approx(rouge_l(topic_text(exact["instruction"]), topic_text("解释一下光合作用的过程。")), abs=1e-4)
     assert "x.jsonl:2" in exact["detail"] and "x.jsonl:1" in exact["detail"]
 
 
@@ -286,8 +302,8 @@ def test_cli_prints_a_summary(cli, tmp_path, mixed):
         (["{a}", "--format", "csv"], "error: --format 'csv'"),
         (["{a}", "--rule-file", "{bad}"], "rule 'x': bad regex"),
         (["{a}", "--rule-file", "{badfield}"], "rule 'y': no field 'answer' in the input"),
-        (["{a}", "--field", "instruction+context"], "error: --field 'instruction+context' is not supported (hint: use one of instruction, instruction+input)"),
-        (["{a}", "--field", "output"], "error: --field 'output' is not supported (hint: use one of instruction, instruction+input)"),
+        (["{a}", "--field", "instruction+context"], "error: --field 'instruction+context' is not supported (hint: use one of topic, instruction+input, instruction)"),
+        (["{a}", "--field", "output"], "error: --field 'output' is not supported (hint: use one of topic, instruction+input, instruction)"),
         (["{a}", "--field", "instruction+output"], "error: --field 'instruction+output' is not supported"),
         (["{a}", "--lang", "xx"], "error: --lang 'xx' is not supported (hint: use one of zh, zh-Hant, en, ja, ko"),
         (["{a}", "--rules", "contaminated"], "error: the contaminated rule needs --against"),
@@ -397,7 +413,7 @@ def test_fixture_sample_equals_brute_force(tmp_path):
     rows = json.loads(gzip.decompress(fixture_path("alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz").read_bytes()))[:1500]
     path = jsonl(tmp_path / "slice.jsonl", rows)
     _, kept, rejected = run_filter(tmp_path, [path], rules=("near-duplicate",))
-    texts = [dedup_text(r["instruction"], r["input"]) for r in rows]
+    texts = [topic_text(r["instruction"], r["input"]) for r in rows]  # the default --field
     keep = []
     for j, t in enumerate(texts):
         if not any(rouge_l(texts[i], t) > 0.7 + 1e-9 for i in keep):  # above the threshold, as filter decides

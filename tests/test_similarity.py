@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfinstruct.similarity import BatchDedup, DedupIndex, dedup_text, over, rouge_l, tokenize
+from selfinstruct.similarity import BatchDedup, DedupIndex, compared_text, dedup_text, over, rouge_l, tokenize, topic_text
 
 # Few distinct tokens, so random texts collide often enough to make near-duplicates.
 ZH = list("的一是我不人在他有这个上们来到时大地为子中你说生国年着就那和要她出也得里后自以会")[:12]
@@ -137,6 +137,19 @@ def test_rouge_l_chinese_and_english():
     assert rouge_l("the cat sat", "the cat ran") == pytest.approx(2 / 3)
     assert rouge_l("", "") == 1.0
     assert rouge_l("", "猫") == 0.0
+
+
+def test_topic_drops_framing_words_and_counts_only():
+    assert tokenize(topic_text("请列出 3 个提高工作效率的方法。")) == list("提高工作效率")
+    assert tokenize(topic_text("写一首关于秋天的诗")) == list("秋天诗")
+    # The input is compared whole, and English is left as it is: its tokens are the instruction+input's.
+    assert topic_text("总结以下这段话。", "三个和尚没水喝") == "话\n三个和尚没水喝"
+    text = "Write 3 short poems about the sea, please."
+    assert tokenize(topic_text(text, "x y")) == tokenize(dedup_text(text, "x y"))
+    assert compared_text("列出三种减轻压力的方法", "", "topic") == compared_text("给出五种减轻压力的技巧", "", "topic")
+    assert compared_text("写诗", "春天", "instruction") == "写诗"
+    # All framing: the instruction stands for itself rather than matching every other such instruction.
+    assert topic_text("找出不同的一个。") == "找出不同的一个。" and rouge_l(topic_text("给我一个例子"), topic_text("找出不同的一个。")) < 0.7
 
 
 def test_batch_handles_empty_and_identical_texts():
