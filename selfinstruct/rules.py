@@ -519,6 +519,7 @@ def _wrong_script(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
 _ABOUT_MAKING_RE = re.compile(r"步骤|算法|方法|如何|怎么|怎样|技巧|提示|软件|工具|程序|能否|是否|解释|类比|吗[？?]?\s*$|\bsteps?\b|\bhow\b|\balgorithm|\bsoftware|\btools?\b", re.IGNORECASE)
 
 
+_PURPOSE_RE = re.compile(r"来|以便|用来|用于|从而|\bto\b|\bthat\b", re.IGNORECASE)
 _PERCEIVE_TOPIC_RE = re.compile(r"算法|模型|机器学习|程序|代码|\balgorithm|\bmodel\b|\bmachine learning|\bcode\b", re.IGNORECASE)
 _NAMED_WORK_RE = re.compile(r"《[^》]+》")
 
@@ -532,7 +533,9 @@ def _blacklist(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
         # so 解释光合作用，并配一张图片 still asks for a picture.
         start = max(ins.rfind(p, 0, m.start()) for p in "，。；,;！？") + 1
         ends = [e for e in (ins.find(p, m.end()) for p in "，。；,;！？") if e >= 0]
-        if not _ABOUT_MAKING_RE.search(ins[start : min(ends, default=len(ins))]):
+        # What the medium is for (创建一个动画来解释 AI 如何工作) is not a question about making it.
+        clause = _PURPOSE_RE.split(ins[start : min(ends, default=len(ins))][m.end() - start :], maxsplit=1)[0]
+        if not _ABOUT_MAKING_RE.search(ins[start : m.end()] + clause):
             return f"the task asks to make a medium: {m.group(0)!r}"
     m = None if _PERCEIVE_TOPIC_RE.search(ins) else _PERCEIVE_RE.search(ins)
     if m and not _NAMED_WORK_RE.search(inp) and (_MEDIUM_STAND_IN_RE.match(inp) or units(_URL_RE.sub(" ", inp)) < DESCRIBED_MEDIUM_UNITS):

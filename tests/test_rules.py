@@ -172,7 +172,8 @@ def test_blacklist_medium_as_task_not_as_topic():
     for topic in ("写一篇影片评论。", "介绍一个在线照片编辑器。", "解释文件系统的作用。", "短视频平台为什么流行？", "描述一幅画的常见构图。",
                   "列出使用Blender创建3D模型的步骤。", "创建一个类比来解释照片编辑的过程。"):
         assert reason((topic, "", "这是一个足够长的回答，内容完整，讲清楚了要点。"), ZH) is None, topic
-    for task in ("画一张猫的图。", "看这段视频并总结。", "上传文件到网站。", "描述这张照片。", "解释光合作用，并配一张图片。"):
+    for task in ("画一张猫的图。", "看这段视频并总结。", "上传文件到网站。", "描述这张照片。", "解释光合作用，并配一张图片。",
+                 "创建一个动画来解释 AI 是什么以及它是如何工作的。"):  # what the animation is for does not excuse making it
         assert reason((task, "", "这是一个足够长的回答，内容完整，讲清楚了要点。"), ZH) == "blacklist", task
     # A photo the record describes in words can be worked on.
     assert reason(("描述给定的照片。", "一张女孩坐在田野里拿着一篮花的照片，背景是蓝天", "女孩坐在田野里。"), ZH) is None
