@@ -738,7 +738,18 @@ def _output_too_short(ins: str, inp: str, out: str, s: RuleSettings) -> str | No
     return None
 
 
+# SQL whose keywords were machine-translated (从订单中选择计数（*）, 更新用户设置年龄 = 35, 瓦尔查尔 for VARCHAR):
+# one line is enough here, because the task itself names SQL.
+_SQL_TASK_RE = re.compile(r"sql|mysql|sqlite|postgres", re.IGNORECASE)
+_ZH_SQL_RE = re.compile(r"从[^，。；\n]{1,20}?中?选择\s*[*\w（(]|(?<![、，])选择\s*[*（(]|创建(?:表|视图)\s*\S|插入[^，。；、\n]{0,10}[（(]|"
+                        r"更新[^，。；\n]{1,12}?(?:设置|SET)\s*\S|从[^，。；\n]{1,12}?中删除|瓦尔查尔|其中\s*[\w\u4e00-\u9fff]+\s*[=<>]")
+
+
 def _code_translated(ins: str, inp: str, out: str, s: RuleSettings) -> str | None:
+    if _SQL_TASK_RE.search(ins):
+        m = _ZH_SQL_RE.search(out)
+        if m:
+            return f"output SQL has Chinese keywords: {m.group(0).strip()[:40]!r}"
     for field, text in (("output", out), ("input", inp)):
         if not HAN_RE.search(text):
             continue

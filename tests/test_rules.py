@@ -310,3 +310,12 @@ def test_every_refusal_fires_as_written_by_a_model(phrase):
     zh = settings.lang == "zh"
     good = GOOD_ZH if zh else GOOD_EN
     assert reason((good[0], "", f"{written} 这个请求。" if zh else f"{written} do that for you."), settings) == "refusal"
+
+
+def test_translated_sql_is_code_translated_even_on_one_line():
+    for sql in ("更新用户设置年龄 = 35，其中 user_id = 1;", "从订单中选择计数（*）;", "创建表客户 （ id INT, 名字 瓦尔查尔（255） );"):
+        assert reason(("构造一个 SQL 查询。", "", sql), ZH) == "code-translated", sql
+    # Naming SQL's operations, or prose about them, is not translated code.
+    assert reason(("命名用于查询数据库的三个 SQL 操作。", "", "选择、插入、更新。"), ZH) is None
+    assert reason(("什么是 SQL 查询？", "", "SQL 查询是用结构化查询语言编写的语句，用于从数据库中检索、插入、更新或删除信息。"), ZH) is None
+    assert reason(("构造一个 SQL 查询。", "", "UPDATE users SET age = 35 WHERE user_id = 1;"), ZH) is None
