@@ -24,14 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from selfinstruct.rules import REASONS, RuleSettings, check
-from selfinstruct.similarity import BatchDedup, dedup_text, over, rouge_l, tokenize
+from selfinstruct.similarity import BatchDedup, dedup_text, over, rouge_l, tokenize, topic_text
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz"
 AUDIT = REPO / "benchmarks" / "audit"
 # How many pairs of the whole fixture fall in each stratum the labelled pairs were drawn from
 # (char ROUGE-L F1, pairs counted by BatchDedup.similar_pairs): recall is weighted by them.
-STRATA = {"instruction-only>0.7": 7576, "instruction+input>0.7": 5860, "instruction+input 0.5-0.7": 248033}
+# The fourth stratum holds pairs at or below 0.5 whose topic texts (similarity.topic_text, what --field topic compares)
+# score above 0.7: the same topic in other words, which char ROUGE-L never reaches (similar_pairs on topic texts).
+STRATA = {"instruction-only>0.7": 7576, "instruction+input>0.7": 5860, "instruction+input 0.5-0.7": 248033,
+          "topic>0.7, char<=0.5": 17188}
 GOOD = ("ok", "flawed")  # flawed: a translation artifact or a wrong answer, which no rule can see
 
 
@@ -106,9 +109,9 @@ def main() -> None:
         prec = f"{right / len(judged):.2f}" if judged else "-"
         print(f"{rule:<24}{fired[rule]:>9,}{len(judged):>8}{right:>7}{prec:>11}")
 
-    # Kept: what survives the rules, then exact and near-duplicates on instruction + input.
+    # Kept: what survives the rules, then near-duplicates on the topic (the default --field; exact copies included).
     standing = [i for i, v in enumerate(verdicts) if v is None]
-    dedup = BatchDedup(0.7).run([dedup_text(data[i]["instruction"], data[i]["input"]) for i in standing])
+    dedup = BatchDedup(0.7).run([topic_text(data[i]["instruction"], data[i]["input"]) for i in standing])
     kept = {standing[k] for k in np.flatnonzero(dedup.keep)}
     sample = [r for r in records if r["sampled_as"] == "kept" and r["index"] in kept]
     junk = [r for r in sample if r["label"] not in GOOD]
@@ -126,6 +129,7 @@ def main() -> None:
     }
     rare = rarity_rouge([dedup_text(r["instruction"], r["input"]) for r in data])
     measures["rarity-weighted char ROUGE-L, instr.+input"] = lambda a, b: rare(dedup_text(a["instruction"], a["input"]), dedup_text(b["instruction"], b["input"]))
+    measures["char ROUGE-L, topic (the default)"] = lambda a, b: rouge_l(topic_text(a["instruction"], a["input"]), topic_text(b["instruction"], b["input"]))
     words = word_rouge()
     if words is not None:
         measures["jieba word ROUGE-L, instruction+input"] = lambda a, b: words(dedup_text(a["instruction"], a["input"]), dedup_text(b["instruction"], b["input"]))
@@ -135,7 +139,9 @@ def main() -> None:
     weight = {s: STRATA[s] / n for s, n in sampled.items()}
     true = sum(p["duplicate"] for p in pairs)
     print(f"\n== near-duplicate pairs: {len(pairs)} judged, {true} the same task (recall weighted by stratum size)")
-    print(f"{'measure':<44}{'> t':>5}{'flagged':>9}{'precision':>11}{'recall':>8}{'w.recall':>10}")
+    print("(w.: each judged pair stands for its stratum's pairs in the whole fixture; a stratum one measure drew is\n"
+          " found by it whole, so read that measure's recall there with care)")
+    print(f"{'measure':<44}{'> t':>5}{'flagged':>9}{'precision':>11}{'recall':>8}{'w.prec':>8}{'w.recall':>10}")
     for name, score in measures.items():
         scores = [score(data[p["a"]], data[p["b"]]) for p in pairs]
         for t in (0.6, 0.7, 0.8):
@@ -144,10 +150,12 @@ def main() -> None:
             flagged = sum(hit)
             w_tp = sum(weight[p["stratum"]] for h, p in zip(hit, pairs) if h and p["duplicate"])
             w_true = sum(weight[p["stratum"]] for p in pairs if p["duplicate"])
+            w_flagged = sum(weight[p["stratum"]] for h, p in zip(hit, pairs) if h)
+            wprec = f"{w_tp / w_flagged:.2f}" if w_flagged else "-"
             prec = f"{tp / flagged:.2f}" if flagged else "-"
             rec = f"{tp / true:.2f}" if true else "-"
             wrec = f"{w_tp / w_true:.2f}" if w_true else "-"
-            print(f"{name:<44}{t:>5}{flagged:>9}{prec:>11}{rec:>8}{wrec:>10}")
+            print(f"{name:<44}{t:>5}{flagged:>9}{prec:>11}{rec:>8}{wprec:>8}{wrec:>10}")
 
 
 if __name__ == "__main__":

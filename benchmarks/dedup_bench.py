@@ -27,7 +27,7 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Indel
 
-from selfinstruct.similarity import BatchDedup, DedupIndex, Vocabulary, cutoff, dedup_text, over, rouge_l
+from selfinstruct.similarity import FIELDS, BatchDedup, DedupIndex, Vocabulary, compared_text, cutoff, over, rouge_l
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "alpaca-chinese-dataset__alpaca_chinese_part_0-52.json.gz"
@@ -38,9 +38,7 @@ def load(field: str = "instruction") -> list[str]:
     if not FIXTURE.exists():
         sys.exit(f"fixture {FIXTURE} not found: check out ../shared beside the repo")
     rows = json.loads(gzip.decompress(FIXTURE.read_bytes()))
-    if field == "instruction":
-        return [r["instruction"] for r in rows]
-    return [dedup_text(r["instruction"], r["input"]) for r in rows]  # what filter and generate compare by default
+    return [compared_text(r["instruction"], r["input"], field) for r in rows]
 
 
 def brute_pairs(texts: list[str], t: float = T) -> set[tuple[int, int]]:
@@ -80,7 +78,7 @@ def main() -> None:
     ap.add_argument("--rouge-score-subset", type=int, default=1000)
     ap.add_argument("--naive-subset", type=int, default=3000)
     ap.add_argument("--sections", default="1234", help="which of the four sections to run, e.g. 2 or 13")
-    ap.add_argument("--field", choices=("instruction", "instruction+input"), default="instruction+input")
+    ap.add_argument("--field", choices=FIELDS, default="topic")  # what filter and generate compare by default
     args = ap.parse_args()
     texts = load(args.field)
     print(f"fixture: {len(texts):,} records, field {args.field}, duplicates above {T}; {os.cpu_count()} cores")
