@@ -646,7 +646,7 @@ def judge(
 def pairs(
     inputs: list[Path] = typer.Argument(..., help="Run directories, .json/.jsonl (.gz), .parquet or datasets save_to_disk directories; merged in order."),
     out: Path = typer.Option(..., "--out", help="Run directory to write: records.jsonl (kept), rejected.jsonl, verdicts.jsonl, manifest.json; re-run to resume."),
-    candidates: Optional[float] = typer.Option(None, "--candidates", help="ROUGE-L F1 from which a pair is asked about; looser than filter's --similarity, since the teacher decides (default: 0.5)."),
+    candidates: Optional[float] = typer.Option(None, "--candidates", help="ROUGE-L F1 above which a pair is asked about; looser than filter's --similarity, since the teacher decides (default: 0.5)."),
     field: Optional[str] = typer.Option(None, "--field", help="What the candidate search compares: topic (the instruction without counts and Chinese framing words like 列出/描述/一首, and the input), instruction+input, or instruction (default: topic).", show_default=False),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N input records."),
     lang: Optional[str] = typer.Option(None, "--lang", help="zh, zh-Hant or en: the question's language (default: from the input)."),

@@ -86,14 +86,14 @@ def template_name(lang: str) -> str:
 
 
 def check_candidates(value: float) -> None:
-    """--candidates is a ROUGE-L F1 floor: in (0, 1], as filter's --similarity."""
+    """--candidates is a ROUGE-L F1 a pair must score above to be asked: in (0, 1], as filter's --similarity."""
     if not 0.0 < value <= 1.0:
         raise ConfigError(f"--candidates must be in (0, 1], not {value:g}",
                           f"{DEFAULT_CANDIDATES} (the default) asks about pairs filter's 0.7 would not even see; raise it to ask fewer")
 
 
 def candidate_pairs(records: Sequence[dict], threshold: float, field: str) -> list[tuple[int, int, float]]:
-    """Every pair i < j (input order) whose compared texts score ROUGE-L F1 >= threshold, sorted by (i, j)."""
+    """Every pair i < j (input order) whose compared texts score ROUGE-L F1 above the threshold (as filter's), sorted by (i, j)."""
     from selfinstruct.similarity import BatchDedup, compared_text
 
     texts = [compared_text(r["instruction"], r["input"], field) for r in records]
