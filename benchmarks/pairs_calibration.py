@@ -4,9 +4,9 @@ The labels (benchmarks/audit/pairs.jsonl, issue 13) name two records of the 52K 
 fixture by index, with hashes of their text (checked here) and a person's verdict: the same task or
 not. The script runs the real CLI, `selfinstruct pairs`, on those records with the teacher the flags
 give, and reads every verdict back from each run's verdicts.jsonl. So that every labelled pair is
-asked and no unlabelled one is paid for, the pairs are packed into groups whose records share no
-other pair above the group's --candidates (just under its weakest labelled pair), one run a
-group. Then it prints precision and recall of the teacher's "same" against the labels, alone and
+asked and no unlabelled one is paid for, the pairs are packed into groups in which each record is
+in one labelled pair and no other pair scores above the group's --candidates (just under its
+weakest labelled pair), one run a group. Then it prints precision and recall of the teacher's "same" against the labels, alone and
 combined with the surface score filter uses (--field topic, ROUGE-L F1), beside the surface score alone.
 
     python benchmarks/pairs_calibration.py --model gpt-4o-mini --price-in 0.15 --price-out 0.6   # any `selfinstruct pairs` flags
@@ -59,7 +59,11 @@ def under(x: float) -> float:
 
 
 def groups(pairs: list[dict], data: list[dict], field: str) -> list[dict]:
-    """Labelled pairs packed into runs: within a run, no unlabelled pair reaches the run's --candidates (first fit, strongest pairs first)."""
+    """Labelled pairs packed into runs: within a run, each record is in one pair and no other pair scores above the run's --candidates.
+
+    First fit, strongest pairs first. So every pair of a run is asked, and nothing else: a run asks no pair whose
+    earlier record is gone, so two labelled pairs sharing a record go to different runs.
+    """
     index = sorted({p["a"] for p in pairs} | {p["b"] for p in pairs})
     pos = {k: i for i, k in enumerate(index)}
     texts = [compared_text(data[k]["instruction"], data[k]["input"], field) for k in index]
@@ -77,6 +81,8 @@ def groups(pairs: list[dict], data: list[dict], field: str) -> list[dict]:
             unaskable.append(p)  # nothing in common on this field: no --candidates reaches it
             continue
         for run in runs:
+            if i in run["members"] or j in run["members"]:
+                continue  # one pair a record: a pair whose record another verdict took out would not be asked (it is moot)
             members = sorted(run["members"] | {i, j})
             t = under(min(run["floor"], s))
             sub = score[np.ix_(members, members)]

@@ -6,15 +6,14 @@ measure). So `selfinstruct pairs` finds candidate pairs loosely (BatchDedup.simi
 the teacher about each, as WizardLM's elimination step asks whether two instructions are equal.
 A stage on the engine: every verdict is a ledgered request (`same:<a>:<b>`, and `same-again:<a>:<b>`
 for the one retry of an unreadable reply), so a stopped run resumes without paying twice. The
-decisions are made once every verdict is in, greedily in input order (first kept), so the order
-the replies arrive in never changes the result.
+decisions are greedy in input order (first kept); a pair is asked only while its verdict can still
+change one (Greedy), and the files are written once every record is decided.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,28 +100,88 @@ def candidate_pairs(records: Sequence[dict], threshold: float, field: str) -> li
     return sorted((int(min(x, y)), int(max(x, y)), round(float(z), 4)) for x, y, z in zip(a, b, s))
 
 
-def decide(n: int, verdicts: dict[tuple[int, int], str]) -> dict[int, int]:
-    """Greedy in input order, first kept: record j goes when the teacher judged it the same task as an earlier record still kept.
+class Greedy:
+    """The decisions, greedy in input order (first kept), and which pairs they still need a verdict on.
 
-    Returns {rejected index: the kept index it duplicates}; of several kept partners, the earliest.
+    Record k goes when the teacher judged it the same task as an earlier record that is kept; of several, the
+    earliest names it. So a pair (h, k) matters only once h is kept and no earlier partner of k took k out:
+    those are the pairs handed out (`ready`), and a pair whose earlier record went, or whose later record an
+    earlier partner already took out, is never asked. Which pairs are asked depends on the verdicts alone, never
+    on the order they arrive in, so a resumed run asks exactly what an uninterrupted one would have.
     """
-    partners: dict[int, list[int]] = collections.defaultdict(list)
-    for (i, j), verdict in verdicts.items():
-        if verdict == "same":
-            partners[j].append(i)
-    gone: dict[int, int] = {}
-    for j in range(n):
-        kept = [i for i in sorted(partners.get(j, ())) if i not in gone]
-        if kept:
-            gone[j] = kept[0]
-    return gone
+
+    def __init__(self, n: int, pairs: Sequence[tuple[int, int, float]]) -> None:
+        self.before: list[list[int]] = [[] for _ in range(n)]
+        for i, j, _ in sorted(pairs):
+            self.before[j].append(i)
+        self.cursor = [0] * n
+        self.fate: list[str | None] = [None] * n  # kept, gone, or not known yet
+        self.duplicate_of: dict[int, int] = {}
+        self.verdicts: dict[tuple[int, int], str] = {}
+        self.settled_pairs = 0  # pairs of settled records: asked, or moot
+        self._answers = [0] * n
+        self._waiting: dict[int, list[int]] = collections.defaultdict(list)
+        self._handed: set[tuple[int, int]] = set()
+        self._ready: collections.deque[tuple[int, int]] = collections.deque()
+        self._advance(range(n))
+
+    def ready(self) -> tuple[int, int] | None:
+        """The next pair whose verdict a decision waits for, or None."""
+        return self._ready.popleft() if self._ready else None
+
+    def answer(self, i: int, j: int, verdict: str) -> None:
+        """The teacher's verdict on a handed-out pair: same, different or unclear (not the same)."""
+        self.verdicts[(i, j)] = verdict
+        self._answers[j] += 1
+        self._advance([j])
+
+    @property
+    def settled(self) -> bool:
+        return all(f is not None for f in self.fate)
+
+    def judged(self) -> int:
+        """Pairs settled so far: asked, or moot because the records they join are decided."""
+        return self.settled_pairs + sum(n for k, n in enumerate(self._answers) if self.fate[k] is None)
+
+    def _advance(self, todo) -> None:
+        work = collections.deque(todo)
+        while work:
+            k = work.popleft()
+            if self.fate[k] is not None:
+                continue
+            partners = self.before[k]
+            while self.cursor[k] < len(partners):
+                h = partners[self.cursor[k]]
+                if self.fate[h] is None:
+                    self._waiting[h].append(k)  # an earlier record not decided yet: k waits for it
+                    break
+                if self.fate[h] == "kept":
+                    verdict = self.verdicts.get((h, k))
+                    if verdict is None:
+                        if (h, k) not in self._handed:
+                            self._handed.add((h, k))
+                            self._ready.append((h, k))
+                        break
+                    if verdict == "same":
+                        self._settle(k, "gone", work, h)
+                        break
+                self.cursor[k] += 1
+            else:
+                self._settle(k, "kept", work)
+
+    def _settle(self, k: int, fate: str, work: collections.deque, duplicate_of: int | None = None) -> None:
+        self.fate[k] = fate
+        if duplicate_of is not None:
+            self.duplicate_of[k] = duplicate_of
+        self.settled_pairs += len(self.before[k])
+        work.extend(self._waiting.pop(k, ()))
 
 
 # ---- the stage -----------------------------------------------------------------------------------
 
 
 class Pairing:
-    """The pairs stage: a verdict request (and its one retry) per candidate pair; the decisions once all are in."""
+    """The pairs stage: a verdict request (and its one retry) per candidate pair that can still change a decision."""
 
     name = STAGE
     ledger_stages = (STAGE,)
@@ -136,12 +195,12 @@ class Pairing:
         self.window = cfg.concurrency
         self.records = list(records)
         self.pairs = list(pairs)
+        self.scores = {(i, j): s for i, j, s in self.pairs}
         self.source = source
-        self.verdicts: dict[tuple[int, int], str] = {}
+        self.greedy = Greedy(len(self.records), self.pairs)
         self.tally = Tally()
         self.completed = False
         self.sample_reply = ""
-        self._queue = iter(self.pairs)
 
     def _ids(self, i: int, j: int) -> tuple[str, str]:
         return self.records[i]["id"], self.records[j]["id"]
@@ -149,10 +208,11 @@ class Pairing:
     # ---- jobs ---------------------------------------------------------------------------
 
     def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
-        pair = next(self._queue, None)
+        # None while every pair that matters now is in flight: the engine asks again as their verdicts land.
+        pair = self.greedy.ready()
         if pair is None:
             return None
-        return lambda: self._judge(*pair)
+        return lambda: self._judge(*pair, self.scores[pair])
 
     async def _judge(self, i: int, j: int, score: float) -> None:
         """Ask once, and once more with the unreadable reply quoted; a verdict still unreadable is unclear (the pair stays apart)."""
@@ -173,26 +233,26 @@ class Pairing:
             self.sample_reply = content
             previous = one_line(content, 2000) or "(empty reply)"
         self.engine.outcome(0 if verdict == "unclear" else 1)
-        self.verdicts[(i, j)] = verdict
+        self.greedy.answer(i, j, verdict)
 
     # ---- the end ------------------------------------------------------------------------
 
     def finish(self) -> None:
-        """Every verdict is in: decide, then write the kept records, the rejected ones and every verdict."""
-        gone = decide(len(self.records), self.verdicts)
-        scores = {(i, j): s for i, j, s in self.pairs}
+        """Every decision is made: write the kept records, the rejected ones and every verdict asked."""
+        greedy = self.greedy
+        assert greedy.settled, "a record was left undecided"
         kept, rejected = [], []
         for k, record in enumerate(self.records):
-            if k not in gone:
+            if k not in greedy.duplicate_of:
                 kept.append(record)
                 continue
-            i = gone[k]
-            other, score = self.records[i]["id"], scores[(i, k)]
+            i = greedy.duplicate_of[k]
+            other, score = self.records[i]["id"], self.scores[(i, k)]
             rejected.append({**record, "reason": REASON, "duplicate_of": other, "score": score,
                              "detail": f"same task as {other} (ROUGE-L {score:.3f} on {self.settings.field}), "
                                        f"judged the same task by {self.settings.model}"})
-        verdicts = [{"a": self.records[i]["id"], "b": self.records[j]["id"], "score": s, "verdict": self.verdicts.get((i, j), "unclear")}
-                    for i, j, s in self.pairs]
+        verdicts = [{"a": self.records[i]["id"], "b": self.records[j]["id"], "score": self.scores[(i, j)], "verdict": v}
+                    for (i, j), v in sorted(greedy.verdicts.items())]
         self.run.close()
         for name, rows in ((VERDICTS, verdicts), (REJECTED, rejected), (RECORDS, kept)):  # records.jsonl last: it marks the end
             write_jsonl_atomic(self.run.path / name, rows)
@@ -205,15 +265,17 @@ class Pairing:
                 f"A sample reply: {one_line(self.sample_reply)!r} (hint: check --model and its endpoint, then re-run to resume)")
 
     def progress(self) -> tuple[str, int, int]:
-        return "pairs judged", len(self.verdicts), len(self.pairs)
+        return "pairs settled", self.greedy.judged(), len(self.pairs)
 
     def counts(self) -> tuple[int, collections.Counter]:
         return self.tally.kept, self.tally.rejected
 
     def summary(self) -> dict:
-        outcomes = collections.Counter(self.verdicts.values())
+        outcomes = collections.Counter(self.greedy.verdicts.values())
+        # moot: pairs no verdict could change (their earlier record went, or their later one already had).
         return {**self.settings.manifest(), "completed": self.completed, "candidate_pairs": len(self.pairs),
-                "asked": len(self.verdicts), "verdicts": {v: outcomes.get(v, 0) for v in OUTCOMES},
+                "asked": len(self.greedy.verdicts), "moot": len(self.pairs) - len(self.greedy.verdicts) if self.completed else None,
+                "verdicts": {v: outcomes.get(v, 0) for v in OUTCOMES},
                 "kept": self.tally.kept, "rejected": sum(self.tally.rejected.values())}
 
     def describe(self, m: dict) -> None:
@@ -257,9 +319,12 @@ def print_summary(engine: Engine, stage: Pairing, console) -> None:
     usage = engine.usage.get(STAGE) or Tally()
     cost = f"${engine.stage_usd(STAGE):.4f}" if engine.price else "cost unknown (no price for the model)"
     verdicts = ", ".join(f"{k} {v:,}" for k, v in s["verdicts"].items())
-    decided = f"kept {s['kept']:,}, rejected {s['rejected']:,}" if stage.completed else "nothing decided until every pair is judged"
+    if stage.completed:
+        decided = f"{s['moot']:,} moot; kept {s['kept']:,}, rejected {s['rejected']:,}"
+    else:
+        decided = "nothing written until every record is decided"
     console.print(f"pairs ({s['model']}, --candidates {s['candidates']:g} on {s['field']}): {engine.status}; {s['asked']:,} of "
-                  f"{s['candidate_pairs']:,} pairs judged ({verdicts}); {decided}; {usage.requests:,} requests, "
+                  f"{s['candidate_pairs']:,} candidate pairs asked ({verdicts}), {decided}; {usage.requests:,} requests, "
                   f"{usage.prompt_tokens:,}+{usage.completion_tokens:,} tokens, {cost}; {engine.run.path}",
                   soft_wrap=True, highlight=False, markup=False)
 
