@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,16 @@ def same_task_verdict(content: str) -> str:
         return _YES_NO[bare]
     match = _VERDICT.search(text)
     return match.lastgroup if match else "unclear"
+
+
+def request_ids(a: str, b: str) -> tuple[str, str]:
+    """The ledger ids of a pair's question and its one retry: same:<a>:<b>, same-again:<a>:<b>.
+
+    An id holding a colon or a quote is written as a JSON string, so "x:y" + "z" and "x" + "y:z" never share a
+    request id (a resume would replay one pair's verdict for the other).
+    """
+    a, b = (json.dumps(x, ensure_ascii=False) if ":" in x or '"' in x else x for x in (a, b))
+    return f"same:{a}:{b}", f"same-again:{a}:{b}"
 
 
 # ---- settings ------------------------------------------------------------------------------------
@@ -220,7 +231,7 @@ class Pairing:
         a, b = self._ids(i, j)
         previous = None
         verdict = "unclear"
-        for request_id in (f"same:{a}:{b}", f"same-again:{a}:{b}"):
+        for request_id in request_ids(a, b):
             messages = self.settings.template.render(first=first, second=second, previous=previous, lang=self.settings.lang)
             entry = await self.engine.ask(STAGE, request_id, messages, max_tokens=VERDICT_MAX_TOKENS,
                                           fields={"pair": [a, b], "score": score})

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import finished
 from fakes.openai_server import FakeTeacher
-from selfinstruct.pairing import Greedy, candidate_pairs, same_task_verdict
+from selfinstruct.pairing import Greedy, candidate_pairs, request_ids, same_task_verdict
 from test_judge import KEY, cli, read_jsonl, run_cli
 
 SPRING, AUTUMN, SPRING_SHORT = "写一首关于春天的诗", "写一首关于秋天的诗", "写一首关于春天的短诗"
@@ -85,6 +85,12 @@ def manifest(out: Path) -> dict:
 ])
 def test_each_reply_form_is_read(reply, verdict):
     assert same_task_verdict(reply) == verdict
+
+
+def test_request_ids_never_mix_two_pairs():
+    assert request_ids("r0", "r2") == ("same:r0:r2", "same-again:r0:r2")
+    assert request_ids("x:y", "z")[0] != request_ids("x", "y:z")[0]
+    assert request_ids('"x', 'y"')[0] != request_ids("x", "y")[0] != request_ids('"x"', "y")[0]
 
 
 def greedy_by_hand(n: int, verdicts: dict[tuple[int, int], str]) -> dict[int, int]:
