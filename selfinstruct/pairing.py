@@ -41,7 +41,9 @@ VERDICT_MAX_TOKENS = 1024
 
 # The first verdict word in the reply decides; the negations come first in each alternation, so 不相同 is not read as 相同.
 _DIFFERENT = r"不相同|不同|不一样|不一樣|不是同一|并非同一|並非同一|不等同|notthesame|notsame|different|notequal|unequal|distinct"
-_SAME = r"相同|一样|一樣|是同一|同一个任务|同一個任務|等同|same|equal|identical|duplicate"
+# "No difference" says same, though it holds 不同: it starts earlier than the 不同 inside it, so it is found first.
+_SAME = (r"没有不同|沒有不同|没什么不同|沒什麼不同|并无不同|並無不同|没有区别|沒有區別|无区别|無區別"
+         r"|相同|一样|一樣|是同一|同一个任务|同一個任務|等同|same|equal|identical|duplicate")
 _UNSURE = r"无法判断|無法判斷|不确定|不確定|难以判断|難以判斷|cannottell|can'ttell|cannotdetermine|unclear|unsure|notsure"
 _VERDICT = re.compile(f"(?P<unclear>{_UNSURE})|(?P<different>{_DIFFERENT})|(?P<same>{_SAME})")
 # {"same": true}, {"same_task": false} and the like: the key holds the answer, not the word.

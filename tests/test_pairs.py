@@ -78,7 +78,7 @@ def manifest(out: Path) -> dict:
 @pytest.mark.parametrize("reply, verdict", [
     ("相同", "same"), ("不同", "different"), ("不相同", "different"), ("“相同”", "same"), ("**不同**。", "different"),
     ("<think>看起来相同？不，主题不同。</think>\n不同", "different"), ("```\n相同\n```", "same"),
-    ("这两条指令是同一个任务。", "same"), ("它们不是同一个任务。", "different"),
+    ("这两条指令是同一个任务。", "same"), ("它们不是同一个任务。", "different"), ("两者没有不同", "same"), ("并无不同。", "same"),
     ("Same", "same"), ("Different.", "different"), ("Not the same", "different"), ("They are the same task.", "same"),
     ('{"same": false}', "different"), ('{"same_task": true}', "same"), ("是", "same"), ("No", "different"),
     ("无法判断是否相同", "unclear"), ("嗯，让我想想。", "unclear"), ("", "unclear"), ("<think>相同", "unclear"),
