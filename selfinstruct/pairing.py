@@ -33,7 +33,8 @@ STAGE = "pairs"
 REASON = "near-duplicate"
 # Every asked pair with its surface score and verdict: what the decisions rest on, for an audit or a calibration.
 VERDICTS = "verdicts.jsonl"
-OUTCOMES = ("same", "different", "unclear")
+# failed: the request itself failed after its retries; like unclear, the pair stays apart, but it is counted apart.
+OUTCOMES = ("same", "different", "unclear", "failed")
 # Looser than filter's 0.7: the teacher decides, the surface score only picks what it is asked about.
 DEFAULT_CANDIDATES = 0.5
 # A verdict is a word; reasoning models may think first, so leave them room.
@@ -143,7 +144,7 @@ class Greedy:
         return self._ready.popleft() if self._ready else None
 
     def answer(self, i: int, j: int, verdict: str) -> None:
-        """The teacher's verdict on a handed-out pair: same, different or unclear (not the same)."""
+        """The verdict on a handed-out pair: same, or different, unclear or failed (all three: not the same)."""
         self.verdicts[(i, j)] = verdict
         self._answers[j] += 1
         self._advance([j])
@@ -238,14 +239,15 @@ class Pairing:
             entry = await self.engine.ask(STAGE, request_id, messages, max_tokens=VERDICT_MAX_TOKENS,
                                           fields={"pair": [a, b], "score": score})
             if entry["status"] != "ok":
-                break  # failed after its retries: unclear, never a rejection on no evidence
+                verdict = "failed"  # never a rejection on no evidence, and not mistaken for the teacher's doubt
+                break
             content = entry.get("content", "")
             verdict = same_task_verdict(content)
             if verdict != "unclear":
                 break
             self.sample_reply = content
             previous = one_line(content, 2000) or "(empty reply)"
-        self.engine.outcome(0 if verdict == "unclear" else 1)
+        self.engine.outcome(0 if verdict in ("unclear", "failed") else 1)
         self.greedy.answer(i, j, verdict)
 
     # ---- the end ------------------------------------------------------------------------

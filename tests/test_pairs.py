@@ -175,7 +175,7 @@ def test_the_teachers_verdict_decides_and_pairs_below_candidates_are_never_asked
         m = manifest(out)
         assert m["status"] == "completed" and m["counts"]["kept"] == 5 and m["counts"]["rejected"] == {"near-duplicate": 1}
         assert m["pairs"]["candidate_pairs"] == 3 and m["pairs"]["asked"] == 2 and m["pairs"]["moot"] == 1 and m["pairs"]["candidates"] == 0.5
-        assert m["pairs"]["verdicts"] == {"same": 1, "different": 1, "unclear": 0}
+        assert m["pairs"]["verdicts"] == {"same": 1, "different": 1, "unclear": 0, "failed": 0}
         assert m["pairs"]["template"]["name"] == "same_task_zh.jinja" and len(m["pairs"]["template"]["sha256"]) == 64
         ledger = finished(read_jsonl(out / "requests.jsonl"))
         assert sorted(e["request_id"] for e in ledger) == ["same:r0:r1", "same:r0:r2"]
@@ -236,9 +236,20 @@ def test_an_unreadable_reply_is_asked_again_then_unclear_and_kept(tmp_path):
     assert [r["id"] for r in read_jsonl(out / "records.jsonl")] == ["r0", "r1", "r2"]
     assert [(r["id"], r["duplicate_of"]) for r in read_jsonl(out / "rejected.jsonl")] == [("r3", "r2")]
     m = manifest(out)
-    assert m["pairs"]["verdicts"] == {"same": 1, "different": 0, "unclear": 1}
+    assert m["pairs"]["verdicts"] == {"same": 1, "different": 0, "unclear": 1, "failed": 0}
     assert sorted(e["request_id"] for e in finished(read_jsonl(out / "requests.jsonl"))) == [
         "same-again:r0:r1", "same-again:r2:r3", "same:r0:r1", "same:r2:r3"]
+
+
+def test_a_failed_request_is_failed_not_unclear_and_the_pair_stays_apart(tmp_path):
+    inputs = write(tmp_path / "in.jsonl", [SPRING, SPRING_SHORT])
+    out = tmp_path / "out"
+    with FakeTeacher(reply=Replies({(SPRING, SPRING_SHORT)}), p_500=1.0) as fake:
+        result = pairs_cli(fake, inputs, out, "--concurrency", "1", "--retries", "0")
+    assert result.returncode == 0, result.stderr
+    assert [r["id"] for r in read_jsonl(out / "records.jsonl")] == ["r0", "r1"]  # no rejection on no evidence
+    assert manifest(out)["pairs"]["verdicts"] == {"same": 0, "different": 0, "unclear": 0, "failed": 1}
+    assert [v["verdict"] for v in read_jsonl(out / "verdicts.jsonl")] == ["failed"]
 
 
 def dataset(n: int) -> list[str]:
