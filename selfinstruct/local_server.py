@@ -203,6 +203,7 @@ def start(gguf: Path, model: str, context: int, log: Path, deadline: float = STA
     server = LocalServer(f"http://127.0.0.1:{port}/v1", model, context, log, process)
     try:
         wait_until_ready(server, deadline)
+        check_generates(server, deadline)
     except BaseException:
         stop(server)
         raise
@@ -222,6 +223,34 @@ def wait_until_ready(server: LocalServer, deadline: float) -> None:
         if time.monotonic() > until:
             raise TeacherError(f"the local llama.cpp server did not answer within {deadline:g} s", f"see {server.log}")
         time.sleep(0.2)
+
+
+# A llama.cpp compiled for the build machine's every instruction (GGML_NATIVE) may use some this CPU reports but
+# refuses (AMX in a virtual machine): the server loads, lists its model, and dies on the first token.
+REBUILD_HINT = ('reinstall llama.cpp for this CPU\'s common instructions: CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install '
+                '--force-reinstall --no-deps --no-cache-dir "llama-cpp-python[server]"')
+
+
+def check_generates(server: LocalServer, deadline: float) -> None:
+    """Ask for one token, so a server that cannot generate fails here, in one line, not on every request of the run."""
+    body = json.dumps({"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{server.base_url}/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=deadline) as response:
+            response.read()
+        return
+    except (OSError, ValueError, urllib.error.URLError):
+        pass  # an HTTP error from a live server is the run's to meet; only a dead one is refused here
+    try:
+        code = server.process.wait(2)
+    except subprocess.TimeoutExpired:
+        return
+    if code == -signal.SIGILL:
+        raise TeacherError("the local llama.cpp server died on its first token: illegal instruction (llama.cpp was built for "
+                           "instructions this CPU does not allow)", REBUILD_HINT)
+    tail = _log_tail(server.log)
+    raise TeacherError(f"the local llama.cpp server died on its first token with code {code}" + (f": {tail}" if tail else ""),
+                       f"see {server.log}")
 
 
 def stop(server: LocalServer, wait: float = 2.0) -> None:

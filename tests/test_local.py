@@ -246,3 +246,49 @@ def test_respond_local_answers_with_the_real_model(tmp_path):
     answered = [e for e in finished(read_jsonl(out / "requests.jsonl")) if e["status"] == "ok"]
     assert len(answered) == 1 and answered[0]["content"].strip() and not answered[0]["usage"]["estimated"]
     assert gone(server_pid(out / "local-server.log"), within=0.5)
+
+
+# A llama_cpp.server that lists its model and then dies as a build for another CPU does (SIGILL) on the first token.
+_SIGILL_SERVER = '''
+import argparse, json, os, signal
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+parser = argparse.ArgumentParser()
+for flag in ("--model", "--model_alias", "--host", "--port"):
+    parser.add_argument(flag)
+args, _ = parser.parse_known_args()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": args.model_alias}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        os.kill(os.getpid(), signal.SIGILL)
+
+
+HTTPServer((args.host, int(args.port)), Handler).serve_forever()
+'''
+
+
+@needs_local
+def test_a_server_that_dies_on_its_first_token_is_refused_at_start_with_the_rebuild(tmp_path):
+    stub = tmp_path / "stub" / "llama_cpp"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("", encoding="utf-8")
+    (stub / "server.py").write_text(_SIGILL_SERVER, encoding="utf-8")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps({"instruction": "Name a color.", "input": "", "output": "Blue."}) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    env = {"OPENAI_API_KEY": "", "PYTHONPATH": os.pathsep.join([str(tmp_path / "stub"), os.environ.get("PYTHONPATH", "")])}
+    done = run_cli("judge", str(records), "--out", str(out), "--gguf", str(gguf), "--ctx-size", "1024", "--quiet", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "illegal instruction" in error[0] and "GGML_NATIVE=OFF" in error[0], done.stderr
+    assert not (out / "requests.jsonl").exists() or not finished(read_jsonl(out / "requests.jsonl"))  # the run never began
