@@ -223,12 +223,12 @@ def test_an_out_that_is_a_file_is_a_user_error_not_a_crash(tmp_path):
     assert "cannot write the local server's log" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["respond", "judge", "chat", "textbook"])
+@pytest.mark.parametrize("command", ["respond", "judge", "pairs", "chat", "textbook"])
 def test_every_teacher_command_takes_local(tmp_path, command):
     # llama_cpp made unimportable: --local must reach the server start on every teacher command, not only generate.
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"instruction": "Name a colour.", "input": "", "output": "Blue."}) + "\n", encoding="utf-8")
-    args = {"respond": [str(data)], "judge": [str(data)], "chat": [str(data)], "textbook": ["--topics", "en", "--n", "1"]}[command]
+    args = {"respond": [str(data)], "judge": [str(data)], "pairs": [str(data)], "chat": [str(data)], "textbook": ["--topics", "en", "--n", "1"]}[command]
     argv = ["selfinstruct", command, *args, "--local", "--out", str(tmp_path / "run")]
     code = f"import sys; sys.modules['llama_cpp'] = None; from selfinstruct.cli import main; sys.argv = {argv!r}; main()"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
