@@ -137,6 +137,7 @@ JUDGE_MODEL = typer.Option(None, "--judge-model", help="Judge model (default: th
 MODEL = typer.Option(None, "--model", help="Teacher model (default: gpt-4o-mini).")
 MODERATE = typer.Option(None, "--moderate/--no-moderate", help="Send kept records to the endpoint's /v1/moderations; flagged ones are rejected (no endpoint: the judge's safety verdict).")
 LANG = typer.Option(None, "--lang", help="zh, zh-Hant or en: templates and rules (default: from the input).")
+VERDICT_MAX_TOKENS = typer.Option(None, "--max-tokens", help="Verdict token limit, at most 1024 (default: 1024; a reasoning model needs room to think first).")
 DEDUP_FIELD = typer.Option(None, "--field", help="What the near-duplicate check compares: topic (the instruction without counts and Chinese framing words like 列出/描述/一首, and the input), instruction+input, or instruction (as Alpaca) (default: topic).")
 CONCURRENCY = typer.Option(None, "--concurrency", metavar="auto|N", help="Requests in flight: auto starts at 1 and grows while the teacher keeps up (cut on timeouts, 429s, 5xx), up to --max-concurrency; a number fixes it (default: auto).")
 MAX_CONCURRENCY = typer.Option(None, "--max-concurrency", help="Ceiling of --concurrency auto (default: 64).")
@@ -634,7 +635,7 @@ def judge(
     timeout: Optional[float] = TIMEOUT,
     grace: Optional[float] = GRACE,
     retries: Optional[int] = RETRIES,
-    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Verdict token limit, at most 1024 (default: 1024)."),
+    max_tokens: Optional[int] = VERDICT_MAX_TOKENS,
     max_cost: Optional[float] = MAX_COST,
     quiet: Optional[bool] = QUIET,
     batch: Optional[bool] = BATCH,
@@ -686,6 +687,7 @@ def pairs(
     timeout: Optional[float] = TIMEOUT,
     grace: Optional[float] = GRACE,
     retries: Optional[int] = RETRIES,
+    max_tokens: Optional[int] = VERDICT_MAX_TOKENS,
     max_cost: Optional[float] = MAX_COST,
     quiet: Optional[bool] = QUIET,
     local: Optional[bool] = LOCAL,

@@ -40,6 +40,11 @@ DEFAULT_CANDIDATES = 0.5
 # A verdict is a word; reasoning models may think first, so leave them room.
 VERDICT_MAX_TOKENS = 1024
 
+
+def verdict_tokens(cfg: GenerateConfig) -> int:
+    """The verdict's token limit: --max-tokens, at most VERDICT_MAX_TOKENS."""
+    return min(VERDICT_MAX_TOKENS, cfg.max_tokens or VERDICT_MAX_TOKENS)
+
 # The first verdict word in the reply decides; the negations come first in each alternation, so 不相同 is not read as 相同.
 _DIFFERENT = r"不相同|不同|不一样|不一樣|不是同一|并非同一|並非同一|不等同|notthesame|notsame|different|notequal|unequal|distinct"
 # "No difference" says same, though it holds 不同: it starts earlier than the 不同 inside it, so it is found first.
@@ -236,7 +241,7 @@ class Pairing:
         verdict = "unclear"
         for request_id in request_ids(a, b):
             messages = self.settings.template.render(first=first, second=second, previous=previous, lang=self.settings.lang)
-            entry = await self.engine.ask(STAGE, request_id, messages, max_tokens=VERDICT_MAX_TOKENS,
+            entry = await self.engine.ask(STAGE, request_id, messages, max_tokens=verdict_tokens(self.cfg),
                                           fields={"pair": [a, b], "score": score})
             if entry["status"] != "ok":
                 verdict = "failed"  # never a rejection on no evidence, and not mistaken for the teacher's doubt
@@ -294,10 +299,10 @@ class Pairing:
                 "kept": self.tally.kept, "rejected": sum(self.tally.rejected.values())}
 
     def describe(self, m: dict) -> None:
-        keys = ("model", "base_url", "api_key_env", "concurrency", "rpm", "tpm", "timeout", "retries", "max_cost", "price_in", "price_out",
+        keys = ("model", "base_url", "api_key_env", "concurrency", "rpm", "tpm", "timeout", "retries", "max_tokens", "max_cost", "price_in", "price_out",
                 "min_yield", "yield_window", "grace")
         m["config"] = {k: v for k, v in self.cfg.to_dict().items() if k in keys} | {
-            "lang": self.settings.lang, "base_url": public_url(self.cfg.base_url)}
+            "lang": self.settings.lang, "base_url": public_url(self.cfg.base_url), "max_tokens": verdict_tokens(self.cfg)}
         m["input"] = self.source
         m["templates"] = {"same-task": {"name": self.settings.template.name, "sha256": self.settings.template.sha256}}
         m["pairs"] = self.summary()
@@ -383,7 +388,7 @@ def run_pairs(cfg: GenerateConfig, inputs: Sequence[Path], limit: int | None, ca
             console.print(f"resuming {run.path}: {engine.tally.requests:,} verdict requests already paid", soft_wrap=True, highlight=False,
                           markup=False)
         # The same pair should get the same verdict: greedy decoding, and a verdict needs few tokens.
-        teacher = dataclasses.replace(teacher_settings(cfg), temperature=0.0, top_p=None, max_tokens=VERDICT_MAX_TOKENS)
+        teacher = dataclasses.replace(teacher_settings(cfg), temperature=0.0, top_p=None, max_tokens=verdict_tokens(cfg))
         try:
             exit_code = run_displayed(engine, stage, lambda: online_transport(teacher, cfg.replicas, api_key), console, cfg.quiet)
         finally:

@@ -252,6 +252,22 @@ def test_a_failed_request_is_failed_not_unclear_and_the_pair_stays_apart(tmp_pat
     assert [v["verdict"] for v in read_jsonl(out / "verdicts.jsonl")] == ["failed"]
 
 
+def test_max_tokens_limits_the_verdict_at_most_1024(tmp_path):
+    inputs = write(tmp_path / "in.jsonl", [SPRING, SPRING_SHORT])
+    limits = []
+
+    def reply(body, rng):
+        limits.append(body.get("max_tokens") or body.get("max_completion_tokens"))
+        return "不同"
+
+    with FakeTeacher(reply=reply) as fake:
+        for out, extra in ((tmp_path / "a", ["--max-tokens", "8"]), (tmp_path / "b", [])):
+            result = pairs_cli(fake, inputs, out, *extra)
+            assert result.returncode == 0, result.stderr
+    assert limits == [8, 1024]  # a one-word verdict needs little; without the flag, room for a reasoning model
+    assert manifest(tmp_path / "a")["config"]["max_tokens"] == 8
+
+
 def dataset(n: int) -> list[str]:
     """n instructions in families of near-duplicates: many candidate pairs, some judged the same."""
     topics = ["春天", "秋天", "大海", "高山", "城市", "乡村", "月亮", "星空"]
