@@ -6,11 +6,11 @@ import collections
 import dataclasses
 import re
 from pathlib import Path
-from typing import Awaitable, Callable, Sequence
+from typing import Sequence
 
 from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, QueuedStage, Tally, public_url, teacher_mismatches
 from selfinstruct.errors import ConfigError, OutputError
 from selfinstruct.evolution import check_instruction, strip_think, template_suffix
 from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256
@@ -68,10 +68,12 @@ def seed_base(path: Path) -> list[dict]:
              "meta": {"seed_ids": [t.id]}} for t in seeds.tasks]
 
 
-class Conversation:
+class Conversation(QueuedStage):
     """The chat stage: a job per input record; each turn (simulated user, then assistant) is its own request."""
 
     name = "chat"
+    yield_what = "conversations kept a turn"
+    yield_check = "the model and rejected.jsonl"
     ledger_stages = (ASSISTANT, USER)
 
     def __init__(self, cfg: GenerateConfig, engine: Engine, lang: str, base: list[dict], source: dict | None = None,
@@ -145,28 +147,9 @@ class Conversation:
 
     # ---- the engine's questions -----------------------------------------------------------
 
-    @property
-    def window(self) -> int:
-        """Conversations in flight: a conversation asks its turns one after the other, so as many as the teacher takes now (--concurrency auto moves it)."""
-        return getattr(self.engine.transport, "capacity", self.cfg.concurrency)
-
-    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
-        rec = next(self._queue, None)
-        return None if rec is None else (lambda: self._job(rec))
-
-    def finish(self) -> None:
-        pass
-
-    def low_yield(self, useful: int, window: int) -> str | None:
-        sample = one_line(self.sample_reply)
-        return (f"only {useful} of the last {window} conversations kept a turn; stopping instead of spending on. "
-                f"A sample reply: {sample!r} (hint: check the model and rejected.jsonl, then re-run to resume)")
-
     def progress(self) -> tuple[str, int, int]:
         return "conversations", self.done, self.total
 
-    def counts(self) -> tuple[int, collections.Counter]:
-        return self.tally.kept, self.tally.rejected
 
     # ---- one conversation -------------------------------------------------------------------
 

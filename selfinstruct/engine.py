@@ -158,6 +158,41 @@ def one_line(text: str | None, limit: int = 300) -> str:
     return (text or "").strip().replace("\n", "⏎")[:limit]
 
 
+def teacher_capacity(engine: "Engine", cfg) -> int:
+    """Requests the teacher takes at once now: its adaptive capacity (--concurrency auto), else --concurrency."""
+    return getattr(engine.transport, "capacity", None) or cfg.concurrency
+
+
+class QueuedStage:
+    """What a stage with one job per queued item shares: the jobs in queue order, its tallies, its low-yield stop.
+
+    A subclass fills `_queue`, defines `_job(item)`, keeps `tally`, `sample_reply`, `engine` and `cfg`, and names
+    what a useful job gave (`yield_what`) and what to check when few do (`yield_check`).
+    """
+
+    yield_what: str
+    yield_check: str
+
+    @property
+    def window(self) -> int:
+        """Jobs in flight: as many as the teacher takes requests at once now (--concurrency auto moves it)."""
+        return teacher_capacity(self.engine, self.cfg)
+
+    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
+        item = next(self._queue, None)
+        return None if item is None else (lambda: self._job(item))
+
+    def finish(self) -> None:
+        """Nothing left to write: each job wrote its own records."""
+
+    def low_yield(self, useful: int, window: int) -> str | None:
+        return (f"only {useful} of the last {window} {self.yield_what}; stopping instead of spending on. "
+                f"A sample reply: {one_line(self.sample_reply)!r} (hint: check {self.yield_check}, then re-run to resume)")
+
+    def counts(self) -> tuple[int, collections.Counter]:
+        return self.tally.kept, self.tally.rejected
+
+
 def teacher_settings(cfg) -> TeacherSettings:
     """How a run drives its teacher, from its frozen config."""
     return TeacherSettings(

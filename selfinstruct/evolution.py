@@ -13,7 +13,7 @@ from typing import Awaitable, Callable, Iterable, Iterator, Sequence
 
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_capacity, teacher_mismatches
 from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256, stage_input  # noqa: F401 - the recipes import them from here too
 from selfinstruct.errors import ConfigError, OutputError
 from selfinstruct.parsing import clean_reply, normalise_input, placeholder_problem, strip_markers
@@ -313,7 +313,7 @@ class Evolution:
             from selfinstruct.batch import BATCH_WINDOW
 
             return BATCH_WINDOW
-        return 2 * getattr(self.engine.transport, "capacity", self.cfg.concurrency)
+        return 2 * teacher_capacity(self.engine, self.cfg)
 
     # ---- resume -------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from typing import Awaitable, Callable
 from selfinstruct.batch import BATCH_WINDOW
 from selfinstruct.config import GenerateConfig, require_key
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches, teacher_settings
+from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_capacity, teacher_mismatches, teacher_settings
 from selfinstruct.errors import ConfigError, OutputError, RunStopped
 from selfinstruct.parsing import CONTEXT_FIX, ParsedItem, context_cut, parse_reply
 from selfinstruct.pricing import Price, estimate_prompt_tokens, estimate_tokens, run_price
@@ -92,7 +92,7 @@ class Generation:
     @property
     def window(self) -> int:
         """Requests in flight: what the teacher takes now (--concurrency auto moves it); with --batch a wave is one batch."""
-        return BATCH_WINDOW if self.cfg.batch else getattr(self.engine.transport, "capacity", self.cfg.concurrency)
+        return BATCH_WINDOW if self.cfg.batch else teacher_capacity(self.engine, self.cfg)
 
     # ---- resume -------------------------------------------------------------------------
 

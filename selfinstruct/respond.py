@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Mapping, Sequence
 
 from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, QueuedStage, Tally, public_url, teacher_capacity, teacher_mismatches
 from selfinstruct.errors import ConfigError, InputError, OutputError
 from selfinstruct.evolution import check_instruction, strip_think, template_suffix
 from selfinstruct.inputs import infer_lang, input_seeds, read_base, records_sha256
@@ -217,10 +217,12 @@ def load_answer_templates(lang: str) -> tuple[Template, Template]:
 # ---- the stage -----------------------------------------------------------------------------------
 
 
-class Response:
+class Response(QueuedStage):
     """The respond stage: each input record answered by one model (or several, then judged in pairs), a job per record."""
 
     name = "respond"
+    yield_what = "records got a usable answer"
+    yield_check = "the model and rejected.jsonl"
 
     def __init__(self, cfg: GenerateConfig, engine: Engine, lang: str, base: list[dict], *, routes: Mapping[str, str],
                  system_prompts: SystemPrompts | None = None, source: dict | None = None, seeds: dict | None = None) -> None:
@@ -295,27 +297,10 @@ class Response:
             from selfinstruct.batch import BATCH_WINDOW
 
             return BATCH_WINDOW
-        return getattr(self.engine.transport, "capacity", None) or self.cfg.concurrency
-
-    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
-        rec = next(self._queue, None)
-        if rec is None:
-            return None
-        return lambda: self._job(rec)
-
-    def finish(self) -> None:
-        pass
-
-    def low_yield(self, useful: int, window: int) -> str | None:
-        sample = one_line(self.sample_reply)
-        return (f"only {useful} of the last {window} records got a usable answer; stopping instead of spending on. "
-                f"A sample reply: {sample!r} (hint: check the model and rejected.jsonl, then re-run to resume)")
+        return teacher_capacity(self.engine, self.cfg)
 
     def progress(self) -> tuple[str, int, int]:
         return "respond", self.done, self.total
-
-    def counts(self) -> tuple[int, collections.Counter]:
-        return self.tally.kept, self.tally.rejected
 
     # ---- one record -------------------------------------------------------------------------
 

@@ -9,11 +9,10 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from selfinstruct.config import GenerateConfig
 from selfinstruct.dirlock import DirectoryLock
-from selfinstruct.engine import Engine, Tally, one_line, public_url, teacher_mismatches
+from selfinstruct.engine import Engine, QueuedStage, Tally, public_url, teacher_mismatches
 from selfinstruct.errors import InputError, OutputError
 from selfinstruct.evolution import strip_think, template_suffix
 from selfinstruct.inputs import infer_lang
@@ -122,10 +121,12 @@ def load_templates(lang: str) -> tuple[Template, Template]:
 # ---- the stage -----------------------------------------------------------------------------------
 
 
-class Textbook:
+class Textbook(QueuedStage):
     """The textbook stage: a job per unit, a section request, then (unless the section is rejected) an exercises request."""
 
     name = "textbook"
+    yield_what = "sections gave a usable exercise"
+    yield_check = "the model, sections.jsonl and rejected.jsonl"
     ledger_stages = (SECTION, EXERCISES)
 
     def __init__(self, cfg: GenerateConfig, engine: Engine, lang: str, topics: Choices) -> None:
@@ -177,28 +178,9 @@ class Textbook:
 
     # ---- the engine's questions -----------------------------------------------------------
 
-    @property
-    def window(self) -> int:
-        """Sections in flight: a unit asks its two requests one after the other, so as many as the teacher takes now (--concurrency auto moves it)."""
-        return getattr(self.engine.transport, "capacity", self.cfg.concurrency)
-
-    def next_job(self, running: int) -> Callable[[], Awaitable[None]] | None:
-        uid = next(self._queue, None)
-        return None if uid is None else (lambda: self._job(uid))
-
-    def finish(self) -> None:
-        pass
-
-    def low_yield(self, useful: int, window: int) -> str | None:
-        sample = one_line(self.sample_reply)
-        return (f"only {useful} of the last {window} sections gave a usable exercise; stopping instead of spending on. "
-                f"A sample reply: {sample!r} (hint: check the model, sections.jsonl and rejected.jsonl, then re-run to resume)")
-
     def progress(self) -> tuple[str, int, int]:
         return "sections", self.done, self.cfg.n
 
-    def counts(self) -> tuple[int, collections.Counter]:
-        return self.tally.kept, self.tally.rejected
 
     # ---- one unit ---------------------------------------------------------------------------
 
