@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,3 +42,15 @@ def write_seeds(tmp_path):
 def finished(ledger: list[dict]) -> list[dict]:
     """The ledger lines of requests that came back (ok or failed), without the `dispatched` lines written before each request left."""
     return [entry for entry in ledger if entry.get("status") in ("ok", "failed")]
+
+
+def run_selfinstruct(*args: str, key: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real CLI in a child process, with `key` as OPENAI_API_KEY and no SELFINSTRUCT_ settings from outside."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SELFINSTRUCT_")} | {"OPENAI_API_KEY": key}
+    return subprocess.run([sys.executable, "-m", "selfinstruct", *args], env=environ, cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a JSONL file; none when the file does not exist."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from datasets import Dataset
 
-from conftest import REPO, finished
+from conftest import finished, read_jsonl, run_selfinstruct
 from fakes.evol_replies import make_instruction
 from fakes.openai_server import FakeTeacher
 from fakes.recipe_replies import ChatReplies
@@ -28,13 +26,7 @@ KEY = "sk-test-CHAT-0123456789abcdef"
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SELFINSTRUCT_")} | {"OPENAI_API_KEY": KEY}
-    return subprocess.run([sys.executable, "-m", "selfinstruct", *args], env=environ, cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()] if path.exists() else []
+    return run_selfinstruct(*args, key=KEY, timeout=timeout)
 
 
 def zh_dataset(path: Path, triggers: dict[int, str]) -> Path:
