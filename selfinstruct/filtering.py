@@ -289,7 +289,9 @@ class Filtering:
                 if s.pii == "redact" and "pii" in self.enabled:
                     df, self.report.pii_redacted = redact_frame(df)
                 texts = compared_text(df, self.exact_field).to_list()
-                near_texts = topic_texts(df) if s.field == "topic" else texts
+                # The topics only for the stages that compare them (0.3 s on 52K records otherwise spent for nothing).
+                compares = CONTAMINATED in self.enabled or NEAR_DUPLICATE in self.enabled
+                near_texts = topic_texts(df) if s.field == "topic" and compares else texts
                 self.ids = df["id"].to_list()
                 self._check_fields(df)
                 stage.count = df.height
